@@ -1,0 +1,262 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics` (open, for probes and scrapes)
+//! and `/admin/*` (status and control; behind `server.admin_token` when set).
+//!
+//! Answers describe credentials by provider, id, path, state and times: never a token.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::{header, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::clock;
+use crate::error::{ProxyError, Reason};
+use crate::metrics::Metrics;
+use crate::pool::{looked_at, Pool, ProviderPool};
+use crate::proxy::constant_time_eq;
+use crate::token::Credential;
+
+pub struct AdminState {
+    pub pool: Arc<Pool>,
+    pub metrics: Arc<Metrics>,
+    pub admin_token: Option<SecretString>,
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    let admin = Router::new()
+        .route("/admin/credentials", get(credentials))
+        .route("/admin/refresh", post(refresh_all))
+        .route(
+            "/admin/credentials/{provider}/{id}/refresh",
+            post(refresh_one),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(admin)
+        .fallback(|| async {
+            ProxyError::new(
+                Reason::NotFound,
+                "no such admin endpoint; see /healthz, /readyz, /metrics, /admin/credentials",
+            )
+        })
+        .with_state(state)
+}
+
+async fn require_token(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    if let Some(expected) = &s.admin_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), expected.expose_secret().as_bytes()) {
+            return ProxyError::new(
+                Reason::Unauthorized,
+                "send `Authorization: Bearer <server.admin_token>`",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+#[derive(Serialize)]
+struct CredentialView {
+    provider: String,
+    id: String,
+    path: Option<String>,
+    kind: &'static str,
+    state: &'static str,
+    usable: bool,
+    expires_at: Option<String>,
+    expires_in_seconds: Option<i64>,
+    last_refresh_at: Option<String>,
+    last_error: Option<String>,
+    consecutive_failures: u32,
+    writable: bool,
+}
+
+fn view(c: &Credential) -> CredentialView {
+    let snap = c.snapshot();
+    let now = clock::now_ms();
+    CredentialView {
+        provider: c.provider.name.clone(),
+        id: c.id.clone(),
+        path: c.location(),
+        kind: c.kind,
+        state: snap.state.as_str(),
+        usable: snap.usable,
+        expires_at: snap.expires_at_ms.map(clock::rfc3339),
+        expires_in_seconds: snap.expires_at_ms.map(|t| (t - now).div_euclid(1000)),
+        last_refresh_at: snap.last_refresh_at_ms.map(clock::rfc3339),
+        last_error: snap.last_error,
+        consecutive_failures: snap.consecutive_failures,
+        writable: c.writable(),
+    }
+}
+
+async fn credentials(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    let list: Vec<_> = s.pool.all_credentials().map(|c| view(&c)).collect();
+    Json(json!({ "credentials": list }))
+}
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+    for c in s.pool.all_credentials() {
+        s.metrics.observe_credential(&c);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Ready when every provider with credentials has a usable one, and at least one
+/// provider has credentials at all.
+async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
+    let mut ready = true;
+    let mut any = false;
+    let providers: Vec<_> = s
+        .pool
+        .providers
+        .iter()
+        .map(|p| {
+            let (report, has, ok) = provider_readiness(p);
+            any |= has;
+            ready &= !has || ok;
+            report
+        })
+        .collect();
+    let ready = ready && any;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({ "ready": ready, "providers": providers })),
+    )
+        .into_response()
+}
+
+fn provider_readiness(p: &ProviderPool) -> (serde_json::Value, bool, bool) {
+    let creds = p.credentials();
+    let usable = creds.iter().filter(|c| c.is_usable()).count();
+    let message = if creds.is_empty() {
+        let looked: Vec<String> = looked_at(&p.config)
+            .iter()
+            .map(|p| format!("{} (missing)", p.display()))
+            .collect();
+        format!(
+            "no credentials{}; to add one, {}",
+            if looked.is_empty() {
+                String::new()
+            } else {
+                format!(" (looked at {})", looked.join(", "))
+            },
+            p.config.reauth_hint()
+        )
+    } else if usable == 0 {
+        let why: Vec<String> = creds
+            .iter()
+            .map(|c| {
+                let snap = c.snapshot();
+                match snap.last_error {
+                    Some(e) => format!("{}: {} ({e})", c.id, snap.state.as_str()),
+                    None => format!("{}: {}", c.id, snap.state.as_str()),
+                }
+            })
+            .collect();
+        format!("no usable credential: {}", why.join("; "))
+    } else {
+        format!("{usable} of {} credentials usable", creds.len())
+    };
+    let report = json!({
+        "provider": p.config.name,
+        "credentials": creds.len(),
+        "usable": usable,
+        "message": message,
+    });
+    (report, !creds.is_empty(), usable > 0)
+}
+
+#[derive(Serialize)]
+struct RefreshOutcome {
+    provider: String,
+    id: String,
+    ok: bool,
+    state: &'static str,
+    expires_at: Option<String>,
+    error: Option<String>,
+}
+
+async fn refresh_credential(c: Arc<Credential>) -> RefreshOutcome {
+    let result = if c.is_api_key() {
+        Ok(c.current())
+    } else {
+        c.force_refresh().await
+    };
+    let snap = c.snapshot();
+    RefreshOutcome {
+        provider: c.provider.name.clone(),
+        id: c.id.clone(),
+        ok: result.is_ok(),
+        state: snap.state.as_str(),
+        expires_at: snap.expires_at_ms.map(clock::rfc3339),
+        error: result.err().map(|e| e.to_string()),
+    }
+}
+
+async fn refresh_all(State(s): State<Arc<AdminState>>) -> Response {
+    let tasks: Vec<_> = s
+        .pool
+        .all_credentials()
+        .filter(|c| !c.is_api_key())
+        .map(refresh_credential)
+        .collect();
+    let results = futures_util::future::join_all(tasks).await;
+    let ok = results.iter().all(|r| r.ok);
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    (status, Json(json!({ "ok": ok, "results": results }))).into_response()
+}
+
+async fn refresh_one(
+    State(s): State<Arc<AdminState>>,
+    Path((provider, id)): Path<(String, String)>,
+) -> Response {
+    let Some(c) = s.pool.provider(&provider).and_then(|p| p.find(&id)) else {
+        return ProxyError::new(
+            Reason::NotFound,
+            format!("no credential {provider}/{id}; GET /admin/credentials lists them"),
+        )
+        .into_response();
+    };
+    let outcome = refresh_credential(c).await;
+    let status = if outcome.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    (status, Json(outcome)).into_response()
+}

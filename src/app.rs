@@ -1,0 +1,155 @@
+//! Wiring: builds the shared HTTP clients, metrics and pool from a `Config`, binds the
+//! proxy and admin listeners, and runs them until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::proxy::{self, ProxyState};
+use crate::token::Refresher;
+
+/// A running tokenrelay: its bound addresses and a handle to stop it.
+pub struct App {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub pool: Arc<Pool>,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<JoinHandle<std::io::Result<()>>>,
+    grace: Duration,
+}
+
+impl App {
+    /// Loads the credentials, binds both listeners and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<App> {
+        let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+        let refresh_client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.refresh.timeout)
+            .timeout(config.refresh.timeout)
+            .user_agent(concat!("tokenrelay/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("cannot build the token-endpoint HTTP client")?;
+        let refresher = Arc::new(Refresher {
+            client: refresh_client,
+            config: config.refresh.clone(),
+            metrics: Arc::clone(&metrics),
+        });
+        let pool = Arc::new(Pool::load(&config, &refresher)?);
+
+        // One client for every upstream request: connection reuse, no redirects, no total
+        // timeout (streams can be long), but bounded connect and idle reads.
+        let upstream_client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.server.upstream_connect_timeout)
+            .read_timeout(config.server.upstream_idle_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .build()
+            .context("cannot build the upstream HTTP client")?;
+
+        let proxy_state = Arc::new(ProxyState {
+            pool: Arc::clone(&pool),
+            client: upstream_client,
+            metrics: Arc::clone(&metrics),
+            max_request_body: config.server.max_request_body,
+            client_keys: config.server.client_keys.clone(),
+            pool_config: config.pool.clone(),
+        });
+        let proxy_app = Router::new()
+            .fallback(proxy::handle)
+            .with_state(proxy_state);
+        let admin_app = admin::router(Arc::new(AdminState {
+            pool: Arc::clone(&pool),
+            metrics: Arc::clone(&metrics),
+            admin_token: config.server.admin_token.clone(),
+        }));
+
+        let proxy_listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (server.listen)", config.server.listen)
+            })?;
+        let admin_listener = TcpListener::bind(config.server.admin_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (server.admin_listen)",
+                    config.server.admin_listen
+                )
+            })?;
+        let proxy_addr = proxy_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        let (shutdown, _) = watch::channel(false);
+        let servers = [(proxy_listener, proxy_app), (admin_listener, admin_app)]
+            .into_iter()
+            .map(|(listener, app)| {
+                let mut stop = shutdown.subscribe();
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })
+                        .await
+                })
+            })
+            .collect();
+        tracing::info!(proxy = %proxy_addr, admin = %admin_addr, config = %config.source, "tokenrelay listening");
+        Ok(App {
+            proxy_addr,
+            admin_addr,
+            pool,
+            metrics,
+            shutdown,
+            servers,
+            grace: config.server.shutdown_grace,
+        })
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish for up to
+    /// `server.shutdown_grace`, then returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let all = futures_util::future::join_all(self.servers);
+        if tokio::time::timeout(self.grace, all).await.is_err() {
+            tracing::warn!(grace = ?self.grace, "shutdown grace period over; closing remaining connections");
+        }
+    }
+}
+
+/// Runs tokenrelay until SIGTERM or Ctrl-C, then drains and returns.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let app = App::start(config).await?;
+    wait_for_stop_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    app.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; stopping only on Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

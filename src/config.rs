@@ -1,0 +1,737 @@
+//! Configuration: a `RawConfig` as serde reads it from TOML, then one function,
+//! [`Config::from_raw`], that validates it into a [`Config`] with parsed addresses,
+//! URLs, durations, sizes and resolved secrets.
+//!
+//! Every error names the file, the key and the problem. This module never touches
+//! the network and never reads a credential file (it only checks that named files
+//! exist); credential parsing lives in `credential`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use url::Url;
+
+/// Built-in preset for Google's Gemini API. No client id ships with it: Google's terms
+/// forbid reusing the Gemini CLI's OAuth client, so credentials carry their own.
+const GEMINI_UPSTREAM: &str = "https://generativelanguage.googleapis.com";
+const GEMINI_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
+const GEMINI_DEFAULT_CREDENTIALS: &str = "~/.config/gcloud/application_default_credentials.json";
+/// Built-in preset for Qwen (public OAuth client, no secret).
+const QWEN_UPSTREAM: &str = "https://portal.qwen.ai";
+const QWEN_TOKEN_URL: &str = "https://chat.qwen.ai/api/v1/oauth2/token";
+const QWEN_CLIENT_ID: &str = "f0304373b74a44d2b584a3fb70ca9e56";
+const QWEN_DEFAULT_CREDENTIALS: &str = "~/.qwen/oauth_creds.json";
+const DEFAULT_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+/// A configuration problem, always naming where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the config file: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: `{key}`: {problem}")]
+    Invalid {
+        file: String,
+        key: String,
+        problem: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    server: RawServer,
+    refresh: RawRefresh,
+    pool: RawPool,
+    providers: Option<BTreeMap<String, RawProvider>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    client_keys: Vec<String>,
+    admin_token: Option<String>,
+    allow_unauthenticated: bool,
+    max_request_body: Option<String>,
+    upstream_connect_timeout: Option<String>,
+    upstream_idle_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRefresh {
+    lead_time: Option<String>,
+    min_validity: Option<String>,
+    timeout: Option<String>,
+    max_backoff: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPool {
+    strategy: Option<String>,
+    default_cooldown: Option<String>,
+    max_cooldown: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawProvider {
+    upstream: Option<String>,
+    token_url: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    scopes: Option<Vec<String>>,
+    credentials: Option<Vec<RawCredentialEntry>>,
+    api_keys: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawCredentialEntry {
+    Path(String),
+    Table(RawCredentialTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredentialTable {
+    path: String,
+    id: Option<String>,
+    #[serde(default)]
+    optional: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration came from (a path, or "built-in defaults").
+    pub source: String,
+    pub server: ServerConfig,
+    pub refresh: RefreshConfig,
+    pub pool: PoolConfig,
+    pub providers: Vec<ProviderConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub client_keys: Vec<SecretString>,
+    pub admin_token: Option<SecretString>,
+    pub allow_unauthenticated: bool,
+    pub max_request_body: usize,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RefreshConfig {
+    pub lead_time: Duration,
+    pub min_validity: Duration,
+    pub timeout: Duration,
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    RoundRobin,
+    FillFirst,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub strategy: Strategy,
+    pub default_cooldown: Duration,
+    pub max_cooldown: Duration,
+}
+
+/// Which family a provider belongs to: decides re-authentication hints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    Gemini,
+    Qwen,
+    Custom,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub upstream: Url,
+    pub token_url: Url,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretString>,
+    pub scopes: Vec<String>,
+    pub credentials: Vec<CredentialEntry>,
+    pub api_keys: Vec<SecretString>,
+}
+
+impl ProviderConfig {
+    /// The command that gets this provider a fresh credential, for error messages.
+    pub fn reauth_hint(&self) -> String {
+        match self.kind {
+            ProviderKind::Gemini => "run `gcloud auth application-default login --client-id-file=client_secret.json --scopes=https://www.googleapis.com/auth/cloud-platform,https://www.googleapis.com/auth/generative-language.retriever` with your own OAuth client".to_string(),
+            ProviderKind::Qwen => "run `qwen` and sign in again (it rewrites ~/.qwen/oauth_creds.json), or add a DashScope key to providers.qwen.api_keys".to_string(),
+            ProviderKind::Custom => format!("obtain a new refresh token from {} and replace the credential file", self.token_url),
+        }
+    }
+
+    /// A Qwen `resource_url` may use plain http only when the provider's own upstream does
+    /// (local and test setups).
+    pub fn allows_http_resource_url(&self) -> bool {
+        self.upstream.scheme() == "http"
+    }
+}
+
+/// One `credentials` entry: a file, a directory (its `*.json` files) or a glob.
+#[derive(Debug, Clone)]
+pub struct CredentialEntry {
+    /// As written, for messages.
+    pub spec: String,
+    /// `~` expanded.
+    pub pattern: PathBuf,
+    pub id: Option<String>,
+    /// A missing file is fine (the presets' default locations, `optional = true`).
+    pub optional: bool,
+    /// The config key or environment variable it came from.
+    pub origin: String,
+}
+
+/// A credential file found by expanding the entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialPath {
+    pub path: PathBuf,
+    pub id: Option<String>,
+}
+
+impl CredentialEntry {
+    /// Expands the entry into files. A required literal file that does not exist is an
+    /// error; a glob or directory may match nothing.
+    pub fn resolve(&self) -> Result<Vec<CredentialPath>, String> {
+        let spec = self.pattern.to_string_lossy();
+        if spec.contains(['*', '?', '[']) {
+            let paths = glob::glob(&spec).map_err(|e| format!("bad glob {:?}: {e}", self.spec))?;
+            let mut out: Vec<_> = paths
+                .filter_map(Result::ok)
+                .filter(|p| p.is_file() && !is_hidden(p))
+                .map(|path| CredentialPath { path, id: None })
+                .collect();
+            out.sort_by(|a, b| a.path.cmp(&b.path));
+            return Ok(out);
+        }
+        if self.pattern.is_dir() {
+            let entries = std::fs::read_dir(&self.pattern)
+                .map_err(|e| format!("cannot list directory {:?}: {e}", self.spec))?;
+            let mut out: Vec<_> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.extension().is_some_and(|x| x == "json") && p.is_file() && !is_hidden(p)
+                })
+                .map(|path| CredentialPath { path, id: None })
+                .collect();
+            out.sort_by(|a, b| a.path.cmp(&b.path));
+            return Ok(out);
+        }
+        if self.pattern.is_file() {
+            return Ok(vec![CredentialPath {
+                path: self.pattern.clone(),
+                id: self.id.clone(),
+            }]);
+        }
+        if self.optional {
+            return Ok(Vec::new());
+        }
+        Err(format!(
+            "credential file {:?} does not exist (create it, fix the path, or mark the entry `{{ path = \"...\", optional = true }}`)",
+            self.spec
+        ))
+    }
+}
+
+fn is_hidden(p: &Path) -> bool {
+    p.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
+/// Reads environment variables through a function so tests need not mutate the process
+/// environment.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl Config {
+    /// The configuration tokenrelay uses when started without arguments: `./config.toml`
+    /// when present, else the built-in defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env = |k: &str| std::env::var(k).ok();
+        match path {
+            Some(p) => Self::from_file(p, &env),
+            None if Path::new("config.toml").is_file() => {
+                Self::from_file(Path::new("config.toml"), &env)
+            }
+            None => Self::from_toml("", "built-in defaults", &env),
+        }
+    }
+
+    pub fn from_file(path: &Path, env: EnvLookup) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::from_toml(&text, &file, env)
+    }
+
+    /// Parses and validates TOML text; `file` names it in errors.
+    pub fn from_toml(text: &str, file: &str, env: EnvLookup) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Validator { file, env }.config(raw)
+    }
+}
+
+struct Validator<'a> {
+    file: &'a str,
+    env: EnvLookup<'a>,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let server = self.server(raw.server)?;
+        let refresh = RefreshConfig {
+            lead_time: self.duration("refresh.lead_time", raw.refresh.lead_time, "5m")?,
+            min_validity: self.duration("refresh.min_validity", raw.refresh.min_validity, "60s")?,
+            timeout: self.duration("refresh.timeout", raw.refresh.timeout, "15s")?,
+            max_backoff: self.duration("refresh.max_backoff", raw.refresh.max_backoff, "5m")?,
+        };
+        if refresh.timeout.is_zero() {
+            return Err(self.err("refresh.timeout", "must be greater than zero"));
+        }
+        let strategy = match raw.pool.strategy.as_deref() {
+            None | Some("round_robin") => Strategy::RoundRobin,
+            Some("fill_first") => Strategy::FillFirst,
+            Some(other) => {
+                return Err(self.err(
+                    "pool.strategy",
+                    format!("unknown strategy {other:?}; use \"round_robin\" or \"fill_first\""),
+                ))
+            }
+        };
+        let pool = PoolConfig {
+            strategy,
+            default_cooldown: self.duration(
+                "pool.default_cooldown",
+                raw.pool.default_cooldown,
+                "60s",
+            )?,
+            max_cooldown: self.duration("pool.max_cooldown", raw.pool.max_cooldown, "1h")?,
+        };
+
+        let mut raw_providers = raw.providers.unwrap_or_else(|| {
+            ["gemini", "qwen"]
+                .into_iter()
+                .map(|n| (n.to_string(), RawProvider::default()))
+                .collect()
+        });
+        // The environment variables existing deployments use add credentials (and
+        // enable the provider when the file did not mention it).
+        for (var, name) in [
+            ("GEMINI_CLI_OAUTH_CREDENTIALS", "gemini"),
+            ("QWEN_CODE_OAUTH_CREDENTIALS", "qwen"),
+        ] {
+            if (self.env)(var).is_some_and(|v| !v.trim().is_empty()) {
+                raw_providers.entry(name.to_string()).or_default();
+            }
+        }
+        let mut providers = Vec::new();
+        for (name, p) in raw_providers {
+            providers.push(self.provider(&name, p)?);
+        }
+        Ok(Config {
+            source: self.file.to_string(),
+            server,
+            refresh,
+            pool,
+            providers,
+        })
+    }
+
+    fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
+        let listen = self.addr(
+            "server.listen",
+            "TOKENRELAY_LISTEN",
+            raw.listen,
+            "127.0.0.1:8080",
+        )?;
+        let admin_listen = self.addr(
+            "server.admin_listen",
+            "TOKENRELAY_ADMIN_LISTEN",
+            raw.admin_listen,
+            "127.0.0.1:9090",
+        )?;
+        let client_keys = raw
+            .client_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| self.secret(&format!("server.client_keys[{i}]"), k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let admin_token = match raw.admin_token.as_deref() {
+            None | Some("") => None,
+            Some(t) => Some(self.secret("server.admin_token", t)?),
+        };
+        if !listen.ip().is_loopback() && client_keys.is_empty() && !raw.allow_unauthenticated {
+            return Err(self.err(
+                "server.listen",
+                format!("{listen} is reachable from other hosts but `server.client_keys` is empty: anyone could spend your credentials. Set `server.client_keys`, or set `server.allow_unauthenticated = true` if a network policy protects the port"),
+            ));
+        }
+        if !admin_listen.ip().is_loopback() && admin_token.is_none() && !raw.allow_unauthenticated {
+            return Err(self.err(
+                "server.admin_listen",
+                format!("{admin_listen} is reachable from other hosts but `server.admin_token` is empty. Set `server.admin_token`, or set `server.allow_unauthenticated = true` if a network policy protects the port"),
+            ));
+        }
+        let max_request_body = match raw.max_request_body.as_deref() {
+            None => 32 << 20,
+            Some(s) => parse_size(s).map_err(|p| self.err("server.max_request_body", p))?,
+        };
+        Ok(ServerConfig {
+            listen,
+            admin_listen,
+            client_keys,
+            admin_token,
+            allow_unauthenticated: raw.allow_unauthenticated,
+            max_request_body,
+            upstream_connect_timeout: self.duration(
+                "server.upstream_connect_timeout",
+                raw.upstream_connect_timeout,
+                "10s",
+            )?,
+            upstream_idle_timeout: self.duration(
+                "server.upstream_idle_timeout",
+                raw.upstream_idle_timeout,
+                "5m",
+            )?,
+            shutdown_grace: self.duration("server.shutdown_grace", raw.shutdown_grace, "30s")?,
+        })
+    }
+
+    fn provider(&self, name: &str, raw: RawProvider) -> Result<ProviderConfig, ConfigError> {
+        let key = |k: &str| format!("providers.{name}.{k}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(self.err(
+                format!("providers.{name}"),
+                "provider names may use only letters, digits, '-' and '_' (they are the first path segment)",
+            ));
+        }
+        let (kind, upstream, token_url, client_id, default_creds, env_var) = match name {
+            "gemini" => (
+                ProviderKind::Gemini,
+                Some(GEMINI_UPSTREAM),
+                Some(GEMINI_TOKEN_URL),
+                None,
+                Some(GEMINI_DEFAULT_CREDENTIALS),
+                Some("GEMINI_CLI_OAUTH_CREDENTIALS"),
+            ),
+            "qwen" => (
+                ProviderKind::Qwen,
+                Some(QWEN_UPSTREAM),
+                Some(QWEN_TOKEN_URL),
+                Some(QWEN_CLIENT_ID),
+                Some(QWEN_DEFAULT_CREDENTIALS),
+                Some("QWEN_CODE_OAUTH_CREDENTIALS"),
+            ),
+            _ => (ProviderKind::Custom, None, None, None, None, None),
+        };
+        let upstream = match raw.upstream.as_deref().or(upstream) {
+            Some(u) => self.url(&key("upstream"), u)?,
+            None => {
+                return Err(self.err(
+                    key("upstream"),
+                    "required for a custom provider (e.g. \"https://api.example.com\")",
+                ))
+            }
+        };
+        let token_url = match raw.token_url.as_deref().or(token_url) {
+            Some(u) => self.url(&key("token_url"), u)?,
+            None => {
+                return Err(self.err(
+                    key("token_url"),
+                    "required for a custom provider (the OAuth token endpoint)",
+                ))
+            }
+        };
+        let client_id = raw
+            .client_id
+            .filter(|c| !c.is_empty())
+            .or(client_id.map(String::from));
+        let client_secret = match raw.client_secret.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(self.secret(&key("client_secret"), s)?),
+        };
+        let mut credentials = Vec::new();
+        match raw.credentials {
+            Some(entries) => {
+                for (i, e) in entries.into_iter().enumerate() {
+                    let origin = format!("providers.{name}.credentials[{i}]");
+                    let (spec, id, optional) = match e {
+                        RawCredentialEntry::Path(p) => (p, None, false),
+                        RawCredentialEntry::Table(t) => (t.path, t.id, t.optional),
+                    };
+                    if let Some(id) = &id {
+                        validate_id(id).map_err(|p| self.err(format!("{origin}.id"), p))?;
+                    }
+                    credentials.push(self.entry(spec, id, optional, origin)?);
+                }
+            }
+            None => {
+                // The preset's well-known location; skipped when there is no HOME.
+                if let Some(Ok(e)) =
+                    default_creds.map(|d| self.entry(d.to_string(), None, true, key("credentials")))
+                {
+                    credentials.push(e);
+                }
+            }
+        }
+        if let Some(var) = env_var {
+            if let Some(v) = (self.env)(var) {
+                for p in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    credentials.push(self.entry(p.to_string(), None, false, var.to_string())?);
+                }
+            }
+        }
+        for c in &credentials {
+            c.resolve().map_err(|p| self.err(c.origin.clone(), p))?;
+        }
+        let api_keys = raw
+            .api_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| self.secret(&key(&format!("api_keys[{i}]")), k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let scopes = raw
+            .scopes
+            .unwrap_or_else(|| vec![DEFAULT_SCOPE.to_string()]);
+        Ok(ProviderConfig {
+            name: name.to_string(),
+            kind,
+            upstream,
+            token_url,
+            client_id,
+            client_secret,
+            scopes,
+            credentials,
+            api_keys,
+        })
+    }
+
+    fn entry(
+        &self,
+        spec: String,
+        id: Option<String>,
+        optional: bool,
+        origin: String,
+    ) -> Result<CredentialEntry, ConfigError> {
+        if spec.trim().is_empty() {
+            return Err(self.err(origin, "empty path"));
+        }
+        let pattern = expand_tilde(&spec, self.env).map_err(|p| self.err(origin.clone(), p))?;
+        Ok(CredentialEntry {
+            spec,
+            pattern,
+            id,
+            optional,
+            origin,
+        })
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        value: Option<String>,
+        default: &str,
+    ) -> Result<Duration, ConfigError> {
+        let s = value.as_deref().unwrap_or(default);
+        parse_duration(s).map_err(|p| self.err(key, p))
+    }
+
+    fn addr(
+        &self,
+        key: &str,
+        env_var: &str,
+        value: Option<String>,
+        default: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        let (key, s) = match (self.env)(env_var).filter(|v| !v.is_empty()) {
+            Some(v) => (env_var.to_string(), v),
+            None => (
+                key.to_string(),
+                value.unwrap_or_else(|| default.to_string()),
+            ),
+        };
+        s.parse().map_err(|_| {
+            self.err(
+                key,
+                format!("{s:?} is not an address like \"127.0.0.1:8080\" or \"[::1]:8080\""),
+            )
+        })
+    }
+
+    fn url(&self, key: &str, s: &str) -> Result<Url, ConfigError> {
+        let url = Url::parse(s).map_err(|e| self.err(key, format!("{s:?} is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(self.err(
+                key,
+                format!("{s:?} must be an http:// or https:// URL with a host"),
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(self.err(key, "must not carry a user name or password"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(self.err(key, "must not carry a query string or fragment"));
+        }
+        Ok(url)
+    }
+
+    /// A secret given literally, as `env:NAME` or as `file:PATH`.
+    fn secret(&self, key: &str, spec: &str) -> Result<SecretString, ConfigError> {
+        if let Some(var) = spec.strip_prefix("env:") {
+            return match (self.env)(var) {
+                Some(v) if !v.trim().is_empty() => Ok(SecretString::from(v.trim().to_string())),
+                _ => Err(self.err(
+                    key,
+                    format!("environment variable {var} is not set or empty"),
+                )),
+            };
+        }
+        if let Some(path) = spec.strip_prefix("file:") {
+            let p = expand_tilde(path, self.env).map_err(|p| self.err(key, p))?;
+            let v = std::fs::read_to_string(&p)
+                .map_err(|e| self.err(key, format!("cannot read secret file {path:?}: {e}")))?;
+            let v = v.trim();
+            if v.is_empty() {
+                return Err(self.err(key, format!("secret file {path:?} is empty")));
+            }
+            return Ok(SecretString::from(v.to_string()));
+        }
+        if spec.trim().is_empty() {
+            return Err(self.err(key, "empty value"));
+        }
+        Ok(SecretString::from(spec.to_string()))
+    }
+}
+
+/// Credential ids appear in URLs, metrics and logs.
+pub fn validate_id(id: &str) -> Result<(), String> {
+    if !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} is not a valid id: use 1-128 letters, digits, '-', '_' or '.'"
+        ))
+    }
+}
+
+fn expand_tilde(spec: &str, env: EnvLookup) -> Result<PathBuf, String> {
+    if spec == "~" || spec.starts_with("~/") {
+        let home = env("HOME")
+            .filter(|h| !h.is_empty())
+            .ok_or("`~` used but HOME is not set")?;
+        return Ok(PathBuf::from(format!("{home}{}", &spec[1..])));
+    }
+    Ok(PathBuf::from(spec))
+}
+
+/// Parses "90s", "5m", "1h30m", "250ms".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like \"30s\", \"5m\" or \"1h\": {e}"))
+}
+
+/// Parses "32MiB", "512KiB", "10MB", "1048576".
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let bad =
+        || format!("{s:?} is not a size like \"32MiB\", \"512KiB\", \"10MB\" or a number of bytes");
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult)
+        .and_then(|v| usize::try_from(v).ok())
+        .ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(k: &str) -> Option<String> {
+        (k == "HOME").then(|| "/nonexistent".to_string())
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("32MiB"), Ok(32 << 20));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert!(parse_size("12 parsecs").is_err());
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("5x").is_err());
+    }
+
+    #[test]
+    fn defaults_give_both_presets_with_optional_default_files() {
+        let c = Config::from_toml("", "built-in defaults", &no_env).unwrap();
+        let names: Vec<_> = c.providers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["gemini", "qwen"]);
+        assert!(c
+            .providers
+            .iter()
+            .all(|p| p.credentials.iter().all(|e| e.optional)));
+        assert_eq!(c.server.max_request_body, 32 << 20);
+    }
+}

@@ -1,0 +1,209 @@
+//! Prometheus metrics. Names and labels are a contract (DESIGN.md): dashboards and alert
+//! rules use them. Counters are updated where things happen; gauges that describe a
+//! credential (expiry, state, usable) are set from the credentials at scrape time, so they
+//! are never stale. Labels carry provider names, credential ids and outcomes, never a
+//! secret.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::token::{Credential, State};
+
+pub struct Metrics {
+    registry: Registry,
+    pub refresh_total: IntCounterVec,
+    pub refresh_duration: HistogramVec,
+    pub expiry_ts: GaugeVec,
+    pub last_success_ts: GaugeVec,
+    pub usable: IntGaugeVec,
+    pub state: IntGaugeVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_retries: IntCounterVec,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub persist_total: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+pub const REFRESH_OUTCOMES: [&str; 4] = ["success", "auth_error", "network_error", "server_error"];
+pub const RETRY_REASONS: [&str; 3] = ["unauthorized", "rate_limited", "connect_error"];
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let gauge =
+            |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, prometheus::Error> {
+                let g = GaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
+        let int_gauge =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+                let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
+        let histogram = |name: &str,
+                         help: &str,
+                         buckets: Vec<f64>|
+         -> Result<HistogramVec, prometheus::Error> {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets),
+                &["provider"],
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let pc = &["provider", "credential"];
+        let m = Metrics {
+            refresh_total: counter(
+                "tokenrelay_token_refresh_total",
+                "Token refresh attempts by outcome (auth_error means re-authenticate).",
+                &["provider", "credential", "outcome"],
+            )?,
+            refresh_duration: histogram(
+                "tokenrelay_token_refresh_duration_seconds",
+                "Time taken by token-endpoint calls.",
+                vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            )?,
+            expiry_ts: gauge(
+                "tokenrelay_token_expiry_timestamp_seconds",
+                "When the current access token expires (Unix seconds; 0 if unknown).",
+                pc,
+            )?,
+            last_success_ts: gauge(
+                "tokenrelay_token_last_refresh_success_timestamp_seconds",
+                "When the token was last refreshed successfully (Unix seconds; 0 if never).",
+                pc,
+            )?,
+            usable: int_gauge(
+                "tokenrelay_credential_usable",
+                "1 if the credential can serve requests now.",
+                pc,
+            )?,
+            state: int_gauge(
+                "tokenrelay_credential_state",
+                "1 for the credential's current state.",
+                &["provider", "credential", "state"],
+            )?,
+            upstream_requests: counter(
+                "tokenrelay_upstream_requests_total",
+                "Requests sent upstream, by credential and upstream status.",
+                &["provider", "credential", "status"],
+            )?,
+            upstream_retries: counter(
+                "tokenrelay_upstream_retries_total",
+                "Upstream attempts retried with another token or credential.",
+                &["provider", "reason"],
+            )?,
+            requests: counter(
+                "tokenrelay_requests_total",
+                "Client requests by the status tokenrelay answered.",
+                &["provider", "status"],
+            )?,
+            request_duration: histogram(
+                "tokenrelay_request_duration_seconds",
+                "Time from request to response headers.",
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ],
+            )?,
+            persist_total: counter(
+                "tokenrelay_credential_persist_total",
+                "Write-backs of refreshed tokens to the credential store.",
+                &["provider", "credential", "outcome"],
+            )?,
+            build_info: int_gauge(
+                "tokenrelay_build_info",
+                "Always 1; the version label says which build.",
+                &["version"],
+            )?,
+            registry,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(m)
+    }
+
+    /// Creates every provider-labelled series at zero.
+    pub fn init_provider(&self, provider: &str) {
+        self.refresh_duration.with_label_values(&[provider]);
+        self.request_duration.with_label_values(&[provider]);
+        for r in RETRY_REASONS {
+            self.upstream_retries.with_label_values(&[provider, r]);
+        }
+        self.requests.with_label_values(&[provider, "200"]);
+    }
+
+    /// Creates every series of a credential at zero.
+    pub fn init_credential(&self, provider: &str, credential: &str) {
+        for o in REFRESH_OUTCOMES {
+            self.refresh_total
+                .with_label_values(&[provider, credential, o]);
+        }
+        for o in ["success", "failure"] {
+            self.persist_total
+                .with_label_values(&[provider, credential, o]);
+        }
+        self.upstream_requests
+            .with_label_values(&[provider, credential, "200"]);
+        self.last_success_ts
+            .with_label_values(&[provider, credential]);
+    }
+
+    /// Removes a credential's series (it left the pool).
+    pub fn forget_credential(&self, provider: &str, credential: &str) {
+        let _ = self.expiry_ts.remove_label_values(&[provider, credential]);
+        let _ = self
+            .last_success_ts
+            .remove_label_values(&[provider, credential]);
+        let _ = self.usable.remove_label_values(&[provider, credential]);
+        for s in State::ALL {
+            let _ = self
+                .state
+                .remove_label_values(&[provider, credential, s.as_str()]);
+        }
+        for o in REFRESH_OUTCOMES {
+            let _ = self
+                .refresh_total
+                .remove_label_values(&[provider, credential, o]);
+        }
+    }
+
+    /// Sets the gauges that describe credentials, from their current snapshot.
+    pub fn observe_credential(&self, c: &Credential) {
+        let p = c.provider.name.as_str();
+        let id = c.id.as_str();
+        let snap = c.snapshot();
+        self.expiry_ts
+            .with_label_values(&[p, id])
+            .set(snap.expires_at_ms.map_or(0.0, |ms| ms as f64 / 1000.0));
+        self.usable
+            .with_label_values(&[p, id])
+            .set(i64::from(snap.usable));
+        for s in State::ALL {
+            self.state
+                .with_label_values(&[p, id, s.as_str()])
+                .set(i64::from(s == snap.state));
+        }
+    }
+
+    /// The Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

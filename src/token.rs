@@ -1,0 +1,818 @@
+//! The token lifecycle of one credential: the token in memory, its state, and refresh.
+//!
+//! Invariants:
+//! - The request path reads the current token from memory (`ArcSwap`): no lock, no I/O.
+//! - At most one refresh per credential is in flight; every request waiting for it shares
+//!   its outcome (success or failure), so N waiters cause one token-endpoint call.
+//! - A refresh runs in its own task: a client that disconnects cannot cancel it between
+//!   the token endpoint's answer and the write-back.
+//! - A refresh token returned by the endpoint is saved to the store before the new access
+//!   token is published; if saving fails it is kept in memory (never dropped).
+//! - Before calling the endpoint the store is re-read: a token another writer stored is
+//!   adopted instead of spending the refresh token again.
+//! - Permanent failures (`needs_reauth`) stop automatic refresh until the file changes or a
+//!   manual refresh succeeds; transient failures back off exponentially with jitter and
+//!   never lead to `needs_reauth`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::time::Instant;
+use url::Url;
+
+use crate::clock;
+use crate::config::{ProviderConfig, RefreshConfig};
+use crate::credential::{CredentialFile, Shape, TokenUpdate};
+use crate::metrics::Metrics;
+use crate::oauth::{self, RefreshError, RefreshGrant};
+use crate::store::CredentialStore;
+
+/// When the access token stops working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Static API keys and tokens without an expiry and nothing to refresh them with.
+    Never,
+    /// Unix milliseconds.
+    At(i64),
+    /// No token, or a token whose lifetime is unknown but which can be refreshed.
+    Unknown,
+}
+
+/// An immutable snapshot of a credential's token; replaced whole on refresh.
+pub struct Token {
+    /// Increases with every replacement; a 401 on generation `g` refreshes only if the
+    /// token is still generation `g`.
+    pub generation: u64,
+    access: Option<SecretString>,
+    /// `Authorization: Bearer …`, built once, marked sensitive.
+    pub bearer: Option<HeaderValue>,
+    pub expiry: Expiry,
+    refresh: Option<SecretString>,
+    client_id: Option<String>,
+    client_secret: Option<SecretString>,
+    resource_url: Option<String>,
+    /// Where requests with this token go.
+    pub base: Url,
+    /// `x-goog-user-project` from an ADC `quota_project_id`.
+    pub user_project: Option<HeaderValue>,
+}
+
+impl Token {
+    /// Whether the token stays valid for at least `min_validity` from `now_ms`.
+    pub fn is_fresh(&self, now_ms: i64, min_validity: Duration) -> bool {
+        self.bearer.is_some()
+            && match self.expiry {
+                Expiry::Never => true,
+                Expiry::At(t) => t - now_ms >= min_validity.as_millis() as i64,
+                Expiry::Unknown => false,
+            }
+    }
+
+    /// Whether it is valid at all right now.
+    pub fn is_valid(&self, now_ms: i64) -> bool {
+        self.is_fresh(now_ms, Duration::ZERO)
+    }
+
+    pub fn expires_at_ms(&self) -> Option<i64> {
+        match self.expiry {
+            Expiry::At(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    fn same_access(&self, other: &Token) -> bool {
+        match (&self.access, &other.access) {
+            (Some(a), Some(b)) => a.expose_secret() == b.expose_secret(),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    fn same_refresh(&self, other: &Token) -> bool {
+        match (&self.refresh, &other.refresh) {
+            (Some(a), Some(b)) => a.expose_secret() == b.expose_secret(),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+fn bearer(token: &SecretString) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret())).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
+/// The upstream base for a credential: its `resource_url` (scheme added when missing) or
+/// the provider's `upstream`. A `resource_url` must be https without userinfo, unless the
+/// provider's own upstream is http.
+pub fn base_url(provider: &ProviderConfig, resource_url: Option<&str>) -> Result<Url, String> {
+    let Some(r) = resource_url else {
+        return Ok(provider.upstream.clone());
+    };
+    let with_scheme = if r.contains("://") {
+        r.to_string()
+    } else {
+        format!("https://{r}")
+    };
+    let url =
+        Url::parse(&with_scheme).map_err(|e| format!("resource_url {r:?} is not a URL: {e}"))?;
+    let scheme_ok =
+        url.scheme() == "https" || (url.scheme() == "http" && provider.allows_http_resource_url());
+    if !scheme_ok {
+        return Err(format!(
+            "resource_url {r:?} must use https (http only when providers.{}.upstream is http)",
+            provider.name
+        ));
+    }
+    if url.host().is_none() || !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "resource_url {r:?} must name a host and carry no user name or password"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "resource_url {r:?} must not carry a query or fragment"
+        ));
+    }
+    Ok(url)
+}
+
+/// The states of DESIGN.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Ready,
+    Refreshing,
+    Backoff,
+    CoolingDown,
+    Expired,
+    NeedsReauth,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::Ready,
+        State::Refreshing,
+        State::Backoff,
+        State::CoolingDown,
+        State::Expired,
+        State::NeedsReauth,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Ready => "ready",
+            State::Refreshing => "refreshing",
+            State::Backoff => "backoff",
+            State::CoolingDown => "cooling_down",
+            State::Expired => "expired",
+            State::NeedsReauth => "needs_reauth",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Status {
+    needs_reauth: bool,
+    consecutive_failures: u32,
+    /// The last failure, as a message fit for operators (no secrets).
+    last_error: Option<String>,
+    /// Whether the last failure was a transient token-endpoint failure.
+    last_error_transient: bool,
+    last_refresh_at_ms: Option<i64>,
+    /// No automatic refresh attempt before this (transient backoff).
+    retry_at: Option<Instant>,
+    /// Not used for requests before this (upstream 429).
+    cooldown_until: Option<Instant>,
+}
+
+/// A read-only view of a credential's status, for the admin API, metrics and errors.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub state: State,
+    pub expires_at_ms: Option<i64>,
+    pub last_refresh_at_ms: Option<i64>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+    pub cooldown_remaining: Option<Duration>,
+    pub retry_in: Option<Duration>,
+    pub usable: bool,
+}
+
+/// What the refresh machinery shares across credentials.
+pub struct Refresher {
+    pub client: reqwest::Client,
+    pub config: RefreshConfig,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Where a credential's secret comes from.
+pub enum Source {
+    Store(Arc<dyn CredentialStore>),
+    ApiKey,
+}
+
+/// One credential in a provider's pool.
+pub struct Credential {
+    pub provider: Arc<ProviderConfig>,
+    pub id: String,
+    /// `authorized_user`, `cli`, `generic`, `service_account` or `api_key`.
+    pub kind: &'static str,
+    source: Source,
+    refresher: Arc<Refresher>,
+    token: ArcSwap<Token>,
+    status: Mutex<Status>,
+    refreshing: AtomicBool,
+    /// Serialises refresh attempts; waiters compare `attempts` to share an outcome.
+    gate: tokio::sync::Mutex<Option<Result<(), RefreshError>>>,
+    attempts: AtomicU64,
+}
+
+/// What a caller needs from a refresh.
+#[derive(Clone, Copy)]
+enum Want {
+    /// A token fresh for `min_validity`.
+    Fresh,
+    /// A token other than generation `g` (which upstream rejected).
+    Replace(u64),
+    /// A token-endpoint call even if the token is fresh (manual refresh).
+    Forced,
+}
+
+impl Credential {
+    /// A credential backed by a store, from what the store holds now.
+    pub fn from_store(
+        provider: Arc<ProviderConfig>,
+        id: String,
+        store: Arc<dyn CredentialStore>,
+        file: CredentialFile,
+        refresher: Arc<Refresher>,
+    ) -> Result<Credential, String> {
+        let kind = file.shape.as_str();
+        let token = token_from_file(&provider, &file, 0)?;
+        let cred = Credential::new(provider, id, kind, Source::Store(store), token, refresher);
+        if let Some(problem) = cred.cannot_refresh_reason(&cred.token.load()) {
+            let mut st = cred.lock_status();
+            st.last_error = Some(problem.to_string());
+            if !cred.token.load().is_valid(clock::now_ms()) {
+                st.needs_reauth = true;
+            }
+        }
+        Ok(cred)
+    }
+
+    /// A static API key: never expires, never refreshes.
+    pub fn api_key(
+        provider: Arc<ProviderConfig>,
+        id: String,
+        key: &SecretString,
+        refresher: Arc<Refresher>,
+    ) -> Credential {
+        let token = Token {
+            generation: 0,
+            bearer: bearer(key),
+            access: Some(key.clone()),
+            expiry: Expiry::Never,
+            refresh: None,
+            client_id: None,
+            client_secret: None,
+            resource_url: None,
+            base: provider.upstream.clone(),
+            user_project: None,
+        };
+        Credential::new(provider, id, "api_key", Source::ApiKey, token, refresher)
+    }
+
+    fn new(
+        provider: Arc<ProviderConfig>,
+        id: String,
+        kind: &'static str,
+        source: Source,
+        token: Token,
+        refresher: Arc<Refresher>,
+    ) -> Credential {
+        Credential {
+            provider,
+            id,
+            kind,
+            source,
+            refresher,
+            token: ArcSwap::from_pointee(token),
+            status: Mutex::new(Status::default()),
+            refreshing: AtomicBool::new(false),
+            gate: tokio::sync::Mutex::new(None),
+            attempts: AtomicU64::new(0),
+        }
+    }
+
+    pub fn location(&self) -> Option<String> {
+        match &self.source {
+            Source::Store(s) => Some(s.location()),
+            Source::ApiKey => None,
+        }
+    }
+
+    pub fn writable(&self) -> bool {
+        match &self.source {
+            Source::Store(s) => s.writable(),
+            Source::ApiKey => false,
+        }
+    }
+
+    pub fn is_api_key(&self) -> bool {
+        matches!(self.source, Source::ApiKey)
+    }
+
+    /// The current token, from memory.
+    pub fn current(&self) -> Arc<Token> {
+        self.token.load_full()
+    }
+
+    fn lock_status(&self) -> MutexGuard<'_, Status> {
+        // A poisoned status only means a panic elsewhere; the data is still consistent
+        // (every update is a plain assignment).
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why this credential cannot refresh at all, if it cannot.
+    fn cannot_refresh_reason(&self, token: &Token) -> Option<RefreshError> {
+        if matches!(self.source, Source::ApiKey) || token.expiry == Expiry::Never {
+            return None;
+        }
+        if token.refresh.is_none() {
+            return Some(RefreshError::NoRefreshToken);
+        }
+        if token.client_id.is_none() && self.provider.client_id.is_none() {
+            return Some(RefreshError::NoClientId {
+                provider: self.provider.name.clone(),
+            });
+        }
+        None
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let now_ms = clock::now_ms();
+        let token = self.token.load();
+        let st = self.lock_status();
+        let cooldown_remaining = st
+            .cooldown_until
+            .and_then(|t| t.checked_duration_since(now))
+            .filter(|d| !d.is_zero());
+        let retry_in = st
+            .retry_at
+            .and_then(|t| t.checked_duration_since(now))
+            .filter(|d| !d.is_zero());
+        let valid = token.is_valid(now_ms);
+        let state = if st.needs_reauth {
+            State::NeedsReauth
+        } else if cooldown_remaining.is_some() {
+            State::CoolingDown
+        } else if self.refreshing.load(Ordering::Relaxed) {
+            State::Refreshing
+        } else if st.consecutive_failures > 0 && st.last_error_transient {
+            if valid {
+                State::Backoff
+            } else {
+                State::Expired
+            }
+        } else {
+            State::Ready
+        };
+        // Usable: can serve a request now, or can try to get a token for one now.
+        let usable = match state {
+            State::NeedsReauth | State::CoolingDown => false,
+            State::Expired => retry_in.is_none(),
+            _ => true,
+        };
+        Snapshot {
+            state,
+            expires_at_ms: token.expires_at_ms(),
+            last_refresh_at_ms: st.last_refresh_at_ms,
+            last_error: st.last_error.clone(),
+            consecutive_failures: st.consecutive_failures,
+            cooldown_remaining,
+            retry_in,
+            usable,
+        }
+    }
+
+    /// Whether a request may use this credential now (no network call to decide).
+    pub fn is_usable(&self) -> bool {
+        self.snapshot().usable
+    }
+
+    /// Keeps the credential out of rotation for `d` (an upstream rate limit).
+    pub fn cool_down(&self, d: Duration) {
+        let until = Instant::now() + d;
+        let mut st = self.lock_status();
+        if st.cooldown_until.is_none_or(|u| u < until) {
+            st.cooldown_until = Some(until);
+        }
+    }
+
+    /// A token valid for at least `refresh.min_validity`, refreshed inline if needed.
+    pub async fn fresh_token(self: &Arc<Self>) -> Result<Arc<Token>, RefreshError> {
+        let token = self.token.load_full();
+        if token.is_fresh(clock::now_ms(), self.refresher.config.min_validity) {
+            return Ok(token);
+        }
+        self.refresh_shared(Want::Fresh).await
+    }
+
+    /// After upstream rejected generation `rejected`: a different token, refreshing only if
+    /// no one has replaced it meanwhile. `None` when this credential cannot refresh.
+    pub async fn replace_token(
+        self: &Arc<Self>,
+        rejected: u64,
+    ) -> Option<Result<Arc<Token>, RefreshError>> {
+        if self.is_api_key() || self.token.load().expiry == Expiry::Never {
+            return None;
+        }
+        Some(self.refresh_shared(Want::Replace(rejected)).await)
+    }
+
+    /// A manual refresh: calls the token endpoint even if the token is fresh, and clears
+    /// `needs_reauth` and backoff first.
+    pub async fn force_refresh(self: &Arc<Self>) -> Result<Arc<Token>, RefreshError> {
+        self.refresh_shared(Want::Forced).await
+    }
+
+    async fn refresh_shared(self: &Arc<Self>, want: Want) -> Result<Arc<Token>, RefreshError> {
+        let seen = self.attempts.load(Ordering::Acquire);
+        let me = Arc::clone(self);
+        // Its own task: dropping the request must not cancel a refresh half-way.
+        let task = tokio::spawn(async move {
+            let mut gate = me.gate.lock().await;
+            if me.attempts.load(Ordering::Acquire) != seen && !matches!(want, Want::Forced) {
+                // An attempt finished while we waited: share its outcome.
+                if let Some(outcome) = gate.as_ref() {
+                    return outcome.clone().map(|()| me.token.load_full());
+                }
+            }
+            let outcome = me.refresh_locked(want).await;
+            *gate = Some(outcome.as_ref().map(|_| ()).map_err(Clone::clone));
+            me.attempts.fetch_add(1, Ordering::AcqRel);
+            outcome
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(RefreshError::Network(format!("refresh task failed: {e}"))),
+        }
+    }
+
+    /// Runs with the gate held.
+    async fn refresh_locked(&self, want: Want) -> Result<Arc<Token>, RefreshError> {
+        let current = self.token.load_full();
+        let min_validity = self.refresher.config.min_validity;
+        let satisfied = |t: &Token| match want {
+            Want::Fresh => t.is_fresh(clock::now_ms(), min_validity),
+            Want::Replace(g) => t.generation != g && t.is_fresh(clock::now_ms(), Duration::ZERO),
+            Want::Forced => false,
+        };
+        if satisfied(&current) {
+            return Ok(current);
+        }
+        if let Want::Forced = want {
+            let mut st = self.lock_status();
+            st.needs_reauth = false;
+            st.retry_at = None;
+        } else {
+            let st = self.lock_status();
+            if st.needs_reauth || st.retry_at.is_some_and(|t| t > Instant::now()) {
+                return Err(self.remembered_error(&st));
+            }
+        }
+        let Source::Store(store) = &self.source else {
+            return Err(RefreshError::NoRefreshToken);
+        };
+
+        self.refreshing.store(true, Ordering::Relaxed);
+        let _reset = ResetOnDrop(&self.refreshing);
+
+        // Another process (or the user re-authenticating) may have stored a newer token.
+        let current = match self.adopt_from_store(store, &current).await {
+            Some(adopted) => {
+                if satisfied(&adopted) {
+                    return Ok(adopted);
+                }
+                adopted
+            }
+            None => current,
+        };
+        if let Some(e) = self.cannot_refresh_reason(&current) {
+            self.record_failure(&e, Duration::ZERO);
+            return Err(e);
+        }
+        let (Some(refresh_token), Some(client_id)) = (
+            current.refresh.as_ref(),
+            current
+                .client_id
+                .as_deref()
+                .or(self.provider.client_id.as_deref()),
+        ) else {
+            return Err(RefreshError::NoRefreshToken);
+        };
+        // A file's own client goes with its own secret; the provider's with the provider's.
+        let client_secret = if current.client_id.is_some() {
+            current.client_secret.as_ref()
+        } else {
+            self.provider.client_secret.as_ref()
+        };
+        let cfg = &self.refresher.config;
+        let started = Instant::now();
+        let result = oauth::refresh(
+            &self.refresher.client,
+            RefreshGrant {
+                token_url: &self.provider.token_url,
+                refresh_token,
+                client_id,
+                client_secret,
+            },
+            cfg.timeout,
+        )
+        .await;
+        let took = started.elapsed();
+        let metrics = &self.refresher.metrics;
+        metrics
+            .refresh_duration
+            .with_label_values(&[&self.provider.name])
+            .observe(took.as_secs_f64());
+        match result {
+            Ok(update) => Ok(self.install(store, &current, update, took).await),
+            Err(e) => {
+                self.record_failure(&e, took);
+                Err(e)
+            }
+        }
+    }
+
+    /// Saves the refreshed token, then publishes it.
+    async fn install(
+        &self,
+        store: &Arc<dyn CredentialStore>,
+        current: &Token,
+        update: TokenUpdate,
+        took: Duration,
+    ) -> Arc<Token> {
+        let provider = &self.provider.name;
+        let m = &self.refresher.metrics;
+        let rotated = update.refresh_token.is_some();
+        let save_store = Arc::clone(store);
+        let save_update = update.clone();
+        let saved = tokio::task::spawn_blocking(move || save_store.save(&save_update))
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::store::StoreError::Io {
+                    path: String::new(),
+                    op: "write back",
+                    source: std::io::Error::other(e.to_string()),
+                })
+            });
+        match saved {
+            Ok(wrote) => {
+                if wrote {
+                    m.persist_total
+                        .with_label_values(&[provider, &self.id, "success"])
+                        .inc();
+                }
+            }
+            Err(e) => {
+                m.persist_total
+                    .with_label_values(&[provider, &self.id, "failure"])
+                    .inc();
+                if rotated {
+                    tracing::error!(target: "tokenrelay::refresh", provider = %provider, credential = %self.id, error = %e,
+                        "could not save the rotated refresh token; it is kept in memory only and is lost on restart: make the file writable");
+                } else {
+                    tracing::warn!(target: "tokenrelay::refresh", provider = %provider, credential = %self.id, error = %e,
+                        "could not write the refreshed token back; using it from memory");
+                }
+            }
+        }
+        let now = clock::now_ms();
+        let resource_url = update
+            .resource_url
+            .clone()
+            .or_else(|| current.resource_url.clone());
+        let base = match base_url(&self.provider, resource_url.as_deref()) {
+            Ok(b) => b,
+            Err(problem) => {
+                tracing::warn!(target: "tokenrelay::refresh", provider = %provider, credential = %self.id, %problem,
+                    "ignoring the resource_url from the token endpoint");
+                current.base.clone()
+            }
+        };
+        let expires_at = now + update.expires_in_secs as i64 * 1000;
+        let token = Arc::new(Token {
+            generation: current.generation + 1,
+            bearer: bearer(&update.access_token),
+            access: Some(update.access_token),
+            expiry: Expiry::At(expires_at),
+            refresh: update.refresh_token.or_else(|| current.refresh.clone()),
+            client_id: current.client_id.clone(),
+            client_secret: current.client_secret.clone(),
+            resource_url,
+            base,
+            user_project: current.user_project.clone(),
+        });
+        self.token.store(Arc::clone(&token));
+        {
+            let mut st = self.lock_status();
+            st.needs_reauth = false;
+            st.consecutive_failures = 0;
+            st.last_error = None;
+            st.last_error_transient = false;
+            st.retry_at = None;
+            st.last_refresh_at_ms = Some(now);
+        }
+        m.refresh_total
+            .with_label_values(&[provider, &self.id, "success"])
+            .inc();
+        m.last_success_ts
+            .with_label_values(&[provider, &self.id])
+            .set(now as f64 / 1000.0);
+        tracing::info!(target: "tokenrelay::refresh", provider = %provider, credential = %self.id, outcome = "success",
+            duration_ms = took.as_millis() as u64, expires_at = %clock::rfc3339(expires_at), rotated, "token refreshed");
+        token
+    }
+
+    fn record_failure(&self, e: &RefreshError, took: Duration) {
+        let provider = &self.provider.name;
+        self.refresher
+            .metrics
+            .refresh_total
+            .with_label_values(&[provider, &self.id, e.outcome()])
+            .inc();
+        let mut st = self.lock_status();
+        st.consecutive_failures = st.consecutive_failures.saturating_add(1);
+        st.last_error = Some(e.to_string());
+        st.last_error_transient = !e.is_permanent();
+        if e.is_permanent() {
+            st.needs_reauth = true;
+            st.retry_at = None;
+            drop(st);
+            tracing::error!(target: "tokenrelay::refresh", provider = %provider, credential = %self.id, outcome = e.outcome(),
+                duration_ms = took.as_millis() as u64, error = %e, hint = %self.provider.reauth_hint(),
+                "refresh failed permanently; the credential needs re-authentication");
+        } else {
+            let delay = backoff(
+                st.consecutive_failures,
+                self.refresher.config.max_backoff,
+                e.retry_after(),
+            );
+            st.retry_at = Some(Instant::now() + delay);
+            drop(st);
+            tracing::warn!(target: "tokenrelay::refresh", provider = %provider, credential = %self.id, outcome = e.outcome(),
+                duration_ms = took.as_millis() as u64, error = %e, retry_in_ms = delay.as_millis() as u64,
+                "refresh failed; will retry");
+        }
+    }
+
+    /// The error a credential in needs_reauth or backoff answers without a network call.
+    fn remembered_error(&self, st: &Status) -> RefreshError {
+        let message = st
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "refresh failed".into());
+        if st.needs_reauth {
+            RefreshError::Rejected {
+                status: 0,
+                code: "needs_reauth".into(),
+                description: Some(message),
+            }
+        } else {
+            RefreshError::Network(format!("{message} (in backoff)"))
+        }
+    }
+
+    /// Re-reads the store; adopts its token when it differs from ours (another writer
+    /// refreshed, or the user re-authenticated). Returns the adopted token.
+    async fn adopt_from_store(
+        &self,
+        store: &Arc<dyn CredentialStore>,
+        current: &Arc<Token>,
+    ) -> Option<Arc<Token>> {
+        let s = Arc::clone(store);
+        let file = match tokio::task::spawn_blocking(move || s.load()).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                tracing::warn!(target: "tokenrelay::credentials", provider = %self.provider.name, credential = %self.id, error = %e,
+                    "could not re-read the credential before refreshing; using the copy in memory");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        if file.shape == Shape::ServiceAccount {
+            return None;
+        }
+        let candidate = match token_from_file(&self.provider, &file, current.generation + 1) {
+            Ok(t) => t,
+            Err(problem) => {
+                tracing::warn!(target: "tokenrelay::credentials", provider = %self.provider.name, credential = %self.id, %problem,
+                    "ignoring the credential file's new contents");
+                return None;
+            }
+        };
+        let newer_access = !candidate.same_access(current)
+            && candidate.is_valid(clock::now_ms())
+            && candidate.expires_at_ms().unwrap_or(i64::MAX)
+                >= current.expires_at_ms().unwrap_or(i64::MIN);
+        let new_refresh = !candidate.same_refresh(current) && candidate.refresh.is_some();
+        if !newer_access && !new_refresh {
+            return None;
+        }
+        // Keep our access token if the file's is not better.
+        let candidate = if newer_access {
+            candidate
+        } else {
+            Token {
+                access: current.access.clone(),
+                bearer: current.bearer.clone(),
+                expiry: current.expiry,
+                ..candidate
+            }
+        };
+        let adopted = Arc::new(candidate);
+        self.token.store(Arc::clone(&adopted));
+        if new_refresh {
+            let mut st = self.lock_status();
+            st.needs_reauth = false;
+            st.retry_at = None;
+        }
+        tracing::info!(target: "tokenrelay::credentials", provider = %self.provider.name, credential = %self.id,
+            new_access_token = newer_access, new_refresh_token = new_refresh, "adopted a token stored by another writer");
+        Some(adopted)
+    }
+}
+
+struct ResetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ResetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Builds the in-memory token from a parsed credential file.
+pub fn token_from_file(
+    provider: &ProviderConfig,
+    file: &CredentialFile,
+    generation: u64,
+) -> Result<Token, String> {
+    let base = base_url(provider, file.resource_url.as_deref())?;
+    let expiry = match (&file.access_token, file.expires_at_ms, &file.refresh_token) {
+        (Some(_), Some(t), _) => Expiry::At(t),
+        (Some(_), None, None) => Expiry::Never,
+        _ => Expiry::Unknown,
+    };
+    let user_project = match &file.quota_project_id {
+        Some(p) => Some(
+            HeaderValue::from_str(p)
+                .map_err(|_| "quota_project_id is not a valid header value".to_string())?,
+        ),
+        None => None,
+    };
+    Ok(Token {
+        generation,
+        bearer: file.access_token.as_ref().and_then(bearer),
+        access: file.access_token.clone(),
+        expiry,
+        refresh: file.refresh_token.clone(),
+        client_id: file.client_id.clone(),
+        client_secret: file.client_secret.clone(),
+        resource_url: file.resource_url.clone(),
+        base,
+        user_project,
+    })
+}
+
+/// Exponential backoff with full jitter: a random delay in [base/2, base] where base is
+/// 1 s · 2^(failures−1), capped at `max`; a server's retry hint is honoured up to `max`.
+pub fn backoff(failures: u32, max: Duration, hint: Option<Duration>) -> Duration {
+    let exp = Duration::from_secs(1u64 << failures.saturating_sub(1).min(20));
+    let base = exp.min(max);
+    let jittered = base.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+    match hint {
+        Some(h) => h.min(max).max(jittered),
+        None => jittered,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let max = Duration::from_secs(300);
+        assert!(backoff(1, max, None) <= Duration::from_secs(1));
+        assert!(backoff(4, max, None) >= Duration::from_secs(4));
+        assert!(backoff(30, max, None) <= max);
+        assert_eq!(backoff(1, max, Some(Duration::from_secs(3600))), max);
+    }
+}
