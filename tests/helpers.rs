@@ -1,0 +1,561 @@
+//! `spawn_app()` and the fakes it starts on 127.0.0.1:0: a token endpoint that behaves like
+//! Google's (no rotation, `invalid_grant` for revoked tokens) or Qwen's (a new refresh
+//! token on every refresh, the old one dead afterwards), and an upstream that accepts only
+//! access tokens the token endpoint issued (or that a test seeded) and can trickle SSE.
+//! `TEST_LOG=1` shows tokenrelay's logs.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Form, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokenrelay::{App, Config};
+
+pub fn now_ms() -> i64 {
+    tokenrelay::clock::now_ms()
+}
+
+fn init_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(
+                    std::env::var("TEST_LOG")
+                        .unwrap_or_default()
+                        .replace('1', "debug"),
+                ))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// Access tokens the fake upstream accepts; shared with the fake token endpoint.
+#[derive(Clone, Default)]
+pub struct ValidTokens(Arc<Mutex<HashSet<String>>>);
+
+impl ValidTokens {
+    pub fn add(&self, t: &str) {
+        self.0.lock().unwrap().insert(t.to_string());
+    }
+    fn contains(&self, t: &str) -> bool {
+        self.0.lock().unwrap().contains(t)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Google,
+    Qwen,
+}
+
+/// What the fake token endpoint answers besides normal grants.
+#[derive(Clone)]
+pub enum TokenFault {
+    Status(u16, Value),
+    Delay(Duration),
+}
+
+pub struct TokenEndpointState {
+    flavor: Flavor,
+    refresh_tokens: Mutex<HashSet<String>>,
+    pub calls: AtomicUsize,
+    issued: AtomicUsize,
+    lifetime_secs: Mutex<u64>,
+    fault: Mutex<Option<TokenFault>>,
+    pub forms: Mutex<Vec<HashMap<String, String>>>,
+    valid: ValidTokens,
+    /// Client ids the endpoint accepts.
+    clients: Mutex<HashSet<String>>,
+}
+
+#[derive(Clone)]
+pub struct FakeTokenEndpoint {
+    pub url: String,
+    pub state: Arc<TokenEndpointState>,
+}
+
+impl FakeTokenEndpoint {
+    pub async fn start(flavor: Flavor, valid: ValidTokens) -> Self {
+        let state = Arc::new(TokenEndpointState {
+            flavor,
+            refresh_tokens: Mutex::default(),
+            calls: AtomicUsize::new(0),
+            issued: AtomicUsize::new(0),
+            lifetime_secs: Mutex::new(3599),
+            fault: Mutex::default(),
+            forms: Mutex::default(),
+            valid,
+            clients: Mutex::default(),
+        });
+        let app = Router::new()
+            .route("/token", post(token))
+            .with_state(Arc::clone(&state));
+        let addr = serve(app).await;
+        FakeTokenEndpoint {
+            url: format!("http://{addr}/token"),
+            state,
+        }
+    }
+
+    pub fn allow_refresh_token(&self, rt: &str) {
+        self.state
+            .refresh_tokens
+            .lock()
+            .unwrap()
+            .insert(rt.to_string());
+    }
+    pub fn revoke(&self, rt: &str) {
+        self.state.refresh_tokens.lock().unwrap().remove(rt);
+    }
+    pub fn allow_client(&self, id: &str) {
+        self.state.clients.lock().unwrap().insert(id.to_string());
+    }
+    pub fn set_fault(&self, f: Option<TokenFault>) {
+        *self.state.fault.lock().unwrap() = f;
+    }
+    #[allow(dead_code)] // for lifecycle tests with short-lived tokens
+    pub fn set_lifetime(&self, secs: u64) {
+        *self.state.lifetime_secs.lock().unwrap() = secs;
+    }
+    pub fn calls(&self) -> usize {
+        self.state.calls.load(Ordering::SeqCst)
+    }
+    pub fn last_form(&self) -> HashMap<String, String> {
+        self.state
+            .forms
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+async fn token(
+    State(s): State<Arc<TokenEndpointState>>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    s.calls.fetch_add(1, Ordering::SeqCst);
+    s.forms.lock().unwrap().push(form.clone());
+    let fault = s.fault.lock().unwrap().clone();
+    match fault {
+        Some(TokenFault::Status(code, body)) => {
+            return (StatusCode::from_u16(code).unwrap(), Json(body)).into_response();
+        }
+        Some(TokenFault::Delay(d)) => tokio::time::sleep(d).await,
+        None => {}
+    }
+    let dead = || {
+        match s.flavor {
+        Flavor::Google => (StatusCode::BAD_REQUEST, Json(json!({"error":"invalid_grant","error_description":"Token has been expired or revoked."}))).into_response(),
+        Flavor::Qwen => (StatusCode::BAD_REQUEST, Json(json!({"error":"invalid_request","error_description":"Invalid refresh token or client_id"}))).into_response(),
+    }
+    };
+    if form.get("grant_type").map(String::as_str) != Some("refresh_token") {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error":"unsupported_grant_type"})),
+        )
+            .into_response();
+    }
+    let client_ok = form
+        .get("client_id")
+        .is_some_and(|c| s.clients.lock().unwrap().contains(c));
+    if !client_ok {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"error":"invalid_client","error_description":"The OAuth client was not found."}))).into_response();
+    }
+    let Some(rt) = form.get("refresh_token") else {
+        return dead();
+    };
+    if !s.refresh_tokens.lock().unwrap().contains(rt) {
+        return dead();
+    }
+    let n = s.issued.fetch_add(1, Ordering::SeqCst) + 1;
+    let access = format!("access-{n}-{}", rand_suffix());
+    s.valid.add(&access);
+    let lifetime = *s.lifetime_secs.lock().unwrap();
+    match s.flavor {
+        Flavor::Google => Json(json!({
+            "access_token": access, "expires_in": lifetime,
+            "scope": "https://www.googleapis.com/auth/cloud-platform", "token_type": "Bearer"
+        }))
+        .into_response(),
+        Flavor::Qwen => {
+            let new_rt = format!("refresh-{n}-{}", rand_suffix());
+            {
+                let mut rts = s.refresh_tokens.lock().unwrap();
+                rts.remove(rt);
+                rts.insert(new_rt.clone());
+            }
+            Json(json!({
+                "access_token": access, "refresh_token": new_rt, "token_type": "Bearer",
+                "expires_in": lifetime, "resource_url": Value::Null
+            }))
+            .into_response()
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// One request as the fake upstream saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub struct UpstreamState {
+    valid: ValidTokens,
+    pub seen: Mutex<Vec<Seen>>,
+    flavor: Flavor,
+    /// Tokens that get a 429 (with this Retry-After, seconds) instead of an answer.
+    pub rate_limited: Mutex<HashMap<String, u64>>,
+}
+
+#[derive(Clone)]
+pub struct FakeUpstream {
+    pub url: String,
+    pub state: Arc<UpstreamState>,
+}
+
+impl FakeUpstream {
+    pub async fn start(flavor: Flavor, valid: ValidTokens) -> Self {
+        let state = Arc::new(UpstreamState {
+            valid,
+            seen: Mutex::default(),
+            flavor,
+            rate_limited: Mutex::default(),
+        });
+        let addr = serve(
+            Router::new()
+                .fallback(upstream)
+                .with_state(Arc::clone(&state)),
+        )
+        .await;
+        FakeUpstream {
+            url: format!("http://{addr}"),
+            state,
+        }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+}
+
+/// Accepts valid bearer tokens only. `/sse` trickles three events 300 ms apart;
+/// `/status/{code}` answers that status; everything else echoes what it saw.
+async fn upstream(State(s): State<Arc<UpstreamState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    s.seen.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        path_and_query: path_and_query.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let token = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !s.valid.contains(token) {
+        let body = match s.flavor {
+            Flavor::Google => include_str!("fixtures/responses/google_401_unauthenticated.json"),
+            Flavor::Qwen => include_str!("fixtures/responses/qwen_401_invalid_api_key.json"),
+        };
+        return (
+            StatusCode::UNAUTHORIZED,
+            [("content-type", "application/json")],
+            body,
+        )
+            .into_response();
+    }
+    if let Some(secs) = s.rate_limited.lock().unwrap().get(token) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                ("retry-after", secs.to_string()),
+                ("content-type", "application/json".into()),
+            ],
+            include_str!("fixtures/responses/google_429_resource_exhausted.json"),
+        )
+            .into_response();
+    }
+    let path = parts.uri.path();
+    if path.ends_with("/sse") {
+        let stream = async_stream(3, Duration::from_millis(300));
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        let code = code.parse().unwrap_or(500);
+        return (
+            StatusCode::from_u16(code).unwrap(),
+            Json(json!({"status": code})),
+        )
+            .into_response();
+    }
+    Json(json!({"ok": true, "path": path_and_query, "bytes": body.len()})).into_response()
+}
+
+fn async_stream(
+    n: usize,
+    gap: Duration,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::unfold(0, move |i| async move {
+        if i == n {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        let event = format!("data: {{\"event\":{i}}}\n\n");
+        Some((Ok(Bytes::from(event)), i + 1))
+    })
+}
+
+/// A credential file for a test, written with mode 0644 (as users often leave them).
+pub fn write_cred(dir: &Path, name: &str, value: &Value) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_vec_pretty(value).unwrap()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    path
+}
+
+pub fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// A running tokenrelay in front of the fakes.
+pub struct TestApp {
+    pub app: Option<App>,
+    pub proxy: String,
+    pub admin: String,
+    pub tokens: FakeTokenEndpoint,
+    pub upstream: FakeUpstream,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+pub struct Spawn {
+    flavor: Flavor,
+    extra_toml: String,
+    provider_toml: String,
+    files: Vec<(String, Value)>,
+    token_url: Option<String>,
+    refresh_tokens: Vec<String>,
+    access_tokens: Vec<String>,
+}
+
+/// Starts the fakes and tokenrelay with one provider named after the flavor
+/// (`qwen` or `gemini`) whose credentials are the files added with `.cred()`.
+pub fn spawn_app(flavor: Flavor) -> Spawn {
+    Spawn {
+        flavor,
+        extra_toml: String::new(),
+        provider_toml: String::new(),
+        files: Vec::new(),
+        token_url: None,
+        refresh_tokens: Vec::new(),
+        access_tokens: Vec::new(),
+    }
+}
+
+impl Spawn {
+    pub fn cred(mut self, name: &str, value: Value) -> Self {
+        self.files.push((name.to_string(), value));
+        self
+    }
+    /// Extra TOML appended at top level (e.g. a `[refresh]` table).
+    pub fn toml(mut self, t: &str) -> Self {
+        self.extra_toml.push_str(t);
+        self.extra_toml.push('\n');
+        self
+    }
+    /// Extra keys inside the provider's table.
+    pub fn provider_keys(mut self, t: &str) -> Self {
+        self.provider_toml.push_str(t);
+        self.provider_toml.push('\n');
+        self
+    }
+    /// A refresh token the fake token endpoint accepts.
+    pub fn refresh_token(mut self, rt: &str) -> Self {
+        self.refresh_tokens.push(rt.to_string());
+        self
+    }
+    /// An access token the fake upstream accepts.
+    pub fn access_token(mut self, at: &str) -> Self {
+        self.access_tokens.push(at.to_string());
+        self
+    }
+    pub fn token_url(mut self, url: &str) -> Self {
+        self.token_url = Some(url.to_string());
+        self
+    }
+
+    pub async fn start(self) -> TestApp {
+        init_logs();
+        let valid = ValidTokens::default();
+        let tokens = FakeTokenEndpoint::start(self.flavor, valid.clone()).await;
+        let upstream = FakeUpstream::start(self.flavor, valid.clone()).await;
+        for rt in &self.refresh_tokens {
+            tokens.allow_refresh_token(rt);
+        }
+        for at in &self.access_tokens {
+            valid.add(at);
+        }
+        tokens.allow_client(QWEN_CLIENT);
+        tokens.allow_client(GOOGLE_CLIENT);
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        for (name, v) in &self.files {
+            write_cred(&creds, name, v);
+        }
+        let name = match self.flavor {
+            Flavor::Google => "gemini",
+            Flavor::Qwen => "qwen",
+        };
+        let token_url = self.token_url.clone().unwrap_or_else(|| tokens.url.clone());
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n[providers.{name}]\nupstream = \"{up}\"\ntoken_url = \"{token_url}\"\ncredentials = [\"{creds}\"]\n{pk}",
+            extra = self.extra_toml,
+            up = upstream.url,
+            creds = creds.display(),
+            pk = self.provider_toml,
+        );
+        let mut t = TestApp {
+            app: None,
+            proxy: String::new(),
+            admin: String::new(),
+            tokens,
+            upstream,
+            dir,
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+        };
+        t.launch(&toml).await;
+        t
+    }
+}
+
+impl TestApp {
+    pub fn config(toml: &str) -> Config {
+        let env = |k: &str| (k == "HOME").then(|| "/nonexistent-home".to_string());
+        Config::from_toml(toml, "test.toml", &env).expect("test config is valid")
+    }
+
+    async fn launch(&mut self, toml: &str) {
+        let app = App::start(Self::config(toml))
+            .await
+            .expect("tokenrelay starts");
+        self.proxy = format!("http://{}", app.proxy_addr);
+        self.admin = format!("http://{}", app.admin_addr);
+        self.app = Some(app);
+    }
+
+    pub fn cred_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join("creds").join(name)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.proxy))
+            .json(&body)
+            .send()
+            .await
+            .expect("request reaches tokenrelay")
+    }
+
+    pub async fn admin_json(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.admin))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn credential(&self, id: &str) -> Value {
+        let (_, v) = self.admin_json("/admin/credentials").await;
+        v["credentials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+pub const QWEN_CLIENT: &str = "f0304373b74a44d2b584a3fb70ca9e56";
+pub const GOOGLE_CLIENT: &str = "000000000000-example.apps.googleusercontent.com";
+
+/// A CLI-shape (Qwen Code) credential whose token is valid for an hour.
+pub fn qwen_cred(access: &str, refresh: &str) -> Value {
+    json!({
+        "access_token": access, "token_type": "Bearer", "refresh_token": refresh,
+        "resource_url": Value::Null, "expiry_date": now_ms() + 3_600_000
+    })
+}
+
+/// A CLI-shape credential whose token expired a minute ago, with a field tokenrelay
+/// does not know.
+pub fn expired_qwen(refresh: &str) -> Value {
+    json!({
+        "access_token": "stale-token", "token_type": "Bearer", "refresh_token": refresh,
+        "expiry_date": now_ms() - 60_000, "custom_field": {"kept": true}
+    })
+}
