@@ -70,6 +70,14 @@ impl Pool {
             let provider = Arc::new(p.clone());
             refresher.metrics.init_provider(&provider.name);
             let creds = load_provider(&provider, refresher)?;
+            if creds.is_empty() {
+                let looked: Vec<String> = looked_at(&provider)
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                tracing::warn!(target: "tokenrelay::credentials", provider = %provider.name, looked_at = %looked.join(", "),
+                    hint = %provider.reauth_hint(), "provider has no credentials");
+            }
             for c in &creds {
                 refresher.metrics.init_credential(&provider.name, &c.id);
             }
