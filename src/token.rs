@@ -230,6 +230,10 @@ pub struct Credential {
     /// Serialises refresh attempts; waiters compare `attempts` to share an outcome.
     gate: tokio::sync::Mutex<Option<Result<(), RefreshError>>>,
     attempts: AtomicU64,
+    /// Fingerprint of the refresh token the store held when we last read or wrote it. A
+    /// different one in the store means another writer put it there; the same one after a
+    /// failed save means the store is behind us and must not be adopted.
+    stored_refresh: AtomicU64,
 }
 
 /// What a caller needs from a refresh.
@@ -255,6 +259,8 @@ impl Credential {
         let kind = file.shape.as_str();
         let token = token_from_file(&provider, &file, 0)?;
         let cred = Credential::new(provider, id, kind, Source::Store(store), token, refresher);
+        cred.stored_refresh
+            .store(fingerprint(file.refresh_token.as_ref()), Ordering::Relaxed);
         if let Some(problem) = cred.cannot_refresh_reason(&cred.token.load()) {
             let mut st = cred.lock_status();
             st.last_error = Some(problem.to_string());
@@ -306,6 +312,7 @@ impl Credential {
             refreshing: AtomicBool::new(false),
             gate: tokio::sync::Mutex::new(None),
             attempts: AtomicU64::new(0),
+            stored_refresh: AtomicU64::new(0),
         }
     }
 
@@ -415,13 +422,24 @@ impl Credential {
         }
     }
 
-    /// A token valid for at least `refresh.min_validity`, refreshed inline if needed.
+    /// A token valid for at least `refresh.min_validity`, refreshed inline if needed. If
+    /// the refresh fails, a token that is still valid is used while it lasts.
     pub async fn fresh_token(self: &Arc<Self>) -> Result<Arc<Token>, RefreshError> {
         let token = self.token.load_full();
         if token.is_fresh(clock::now_ms(), self.refresher.config.min_validity) {
             return Ok(token);
         }
-        self.refresh_shared(Want::Fresh).await
+        match self.refresh_shared(Want::Fresh).await {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                let current = self.token.load_full();
+                if current.is_valid(clock::now_ms()) && !self.lock_status().needs_reauth {
+                    Ok(current)
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 
     /// After upstream rejected generation `rejected`: a different token, refreshing only if
@@ -580,6 +598,10 @@ impl Credential {
                         .with_label_values(&[provider, &self.id, "success"])
                         .inc();
                 }
+                if let Some(rt) = &update.refresh_token {
+                    self.stored_refresh
+                        .store(fingerprint(Some(rt)), Ordering::Relaxed);
+                }
             }
             Err(e) => {
                 m.persist_total
@@ -722,7 +744,13 @@ impl Credential {
             && candidate.is_valid(clock::now_ms())
             && candidate.expires_at_ms().unwrap_or(i64::MAX)
                 >= current.expires_at_ms().unwrap_or(i64::MIN);
-        let new_refresh = !candidate.same_refresh(current) && candidate.refresh.is_some();
+        // Only a refresh token another writer put in the store is news; the store holding
+        // an older one than memory (our save failed) is not.
+        let file_refresh = fingerprint(candidate.refresh.as_ref());
+        let store_changed =
+            self.stored_refresh.swap(file_refresh, Ordering::Relaxed) != file_refresh;
+        let new_refresh =
+            store_changed && candidate.refresh.is_some() && !candidate.same_refresh(current);
         if !newer_access && !new_refresh {
             return None;
         }
@@ -748,6 +776,16 @@ impl Credential {
             new_access_token = newer_access, new_refresh_token = new_refresh, "adopted a token stored by another writer");
         Some(adopted)
     }
+}
+
+/// A process-local fingerprint of a secret (keyed SipHash), to tell whether a stored
+/// refresh token changed without keeping a second copy of it.
+fn fingerprint(secret: Option<&SecretString>) -> u64 {
+    use std::hash::BuildHasher;
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let keys = KEYS.get_or_init(std::collections::hash_map::RandomState::new);
+    secret.map_or(0, |s| keys.hash_one(s.expose_secret()))
 }
 
 struct ResetOnDrop<'a>(&'a AtomicBool);

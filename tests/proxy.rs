@@ -312,13 +312,20 @@ async fn other_statuses_pass_through_untouched() {
         .access_token("good-access")
         .start()
         .await;
-    for code in [400u16, 404, 500, 503] {
+    for code in [302u16, 400, 404, 500, 503] {
         let r = t.post(&format!("/qwen/status/{code}"), json!({})).await;
         assert_eq!(r.status().as_u16(), code);
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["status"], code);
     }
     assert_eq!(t.tokens.calls(), 0);
+    assert!(
+        t.upstream
+            .seen()
+            .iter()
+            .all(|s| s.path_and_query != "/followed"),
+        "a redirect was followed"
+    );
 }
 
 #[tokio::test]

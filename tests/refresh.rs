@@ -326,3 +326,77 @@ async fn slow_token_endpoint_times_out_as_a_network_error() {
     // Transient: never needs_reauth.
     assert_eq!(t.credential("a").await["state"], "expired");
 }
+
+/// A store that reads a file but cannot write (a read-only mount, as root sees it too).
+struct ReadOnly(tokenrelay::store::FileStore);
+
+impl tokenrelay::store::CredentialStore for ReadOnly {
+    fn location(&self) -> String {
+        self.0.location()
+    }
+    fn load(
+        &self,
+    ) -> Result<tokenrelay::credential::CredentialFile, tokenrelay::store::StoreError> {
+        self.0.load()
+    }
+    fn save(
+        &self,
+        _: &tokenrelay::credential::TokenUpdate,
+    ) -> Result<bool, tokenrelay::store::StoreError> {
+        Err(tokenrelay::store::StoreError::Io {
+            path: self.location(),
+            op: "write back",
+            source: std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem),
+        })
+    }
+    fn writable(&self) -> bool {
+        false
+    }
+}
+
+#[tokio::test]
+async fn rotated_refresh_token_is_kept_in_memory_when_the_file_cannot_be_written() {
+    use std::sync::Arc;
+    use tokenrelay::store::CredentialStore;
+    let t = spawn_app(Flavor::Qwen)
+        .refresh_token("rt-original")
+        .start()
+        .await;
+    let path = write_cred(t.dir.path(), "ro.json", &expired_qwen("rt-original"));
+    let before = std::fs::read(&path).unwrap();
+    let config = TestApp::config(&format!(
+        "[providers.qwen]\nupstream = \"{}\"\ntoken_url = \"{}\"\ncredentials = []\n",
+        t.upstream.url, t.tokens.url
+    ));
+    let metrics = Arc::new(tokenrelay::metrics::Metrics::new().unwrap());
+    let refresher = Arc::new(tokenrelay::token::Refresher {
+        client: reqwest::Client::new(),
+        config: config.refresh.clone(),
+        metrics: Arc::clone(&metrics),
+    });
+    let store: Arc<dyn CredentialStore> =
+        Arc::new(ReadOnly(tokenrelay::store::FileStore::new(path.clone())));
+    let file = store.load().unwrap();
+    let provider = Arc::new(config.providers[0].clone());
+    let cred = Arc::new(
+        tokenrelay::token::Credential::from_store(provider, "ro".into(), store, file, refresher)
+            .unwrap(),
+    );
+
+    // Each refresh rotates; the second and third succeed only if the rotated token in
+    // memory is used, not the dead one still in the file.
+    for _ in 0..3 {
+        cred.force_refresh()
+            .await
+            .expect("refresh with the token from memory");
+    }
+    assert_eq!(t.tokens.calls(), 3);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file was not touched"
+    );
+    assert!(!cred.writable());
+    let m = metrics.render();
+    assert!(m.contains(r#"tokenrelay_credential_persist_total{credential="ro",outcome="failure",provider="qwen"} 3"#), "{m}");
+}
