@@ -32,6 +32,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
     let admin = Router::new()
         .route("/admin/credentials", get(credentials))
         .route("/admin/refresh", post(refresh_all))
+        .route("/admin/reload", post(reload))
         .route(
             "/admin/credentials/{provider}/{id}/refresh",
             post(refresh_one),
@@ -222,6 +223,16 @@ async fn refresh_credential(c: Arc<Credential>) -> RefreshOutcome {
         expires_at: snap.expires_at_ms.map(clock::rfc3339),
         error: result.err().map(|e| e.to_string()),
     }
+}
+
+async fn reload(State(s): State<Arc<AdminState>>) -> Response {
+    let report = s.pool.reload().await;
+    let status = if report.errors.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    (status, Json(report)).into_response()
 }
 
 async fn refresh_all(State(s): State<Arc<AdminState>>) -> Response {

@@ -27,6 +27,8 @@ pub struct App {
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<std::io::Result<()>>>,
     grace: Duration,
+    /// Watches the credential directories; dropping it stops the watch.
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl App {
@@ -46,6 +48,8 @@ impl App {
             metrics: Arc::clone(&metrics),
         });
         let pool = Arc::new(Pool::load(&config, &refresher)?);
+        pool.start_schedulers();
+        let watcher = watch_credentials(&pool);
 
         // One client for every upstream request: connection reuse, no redirects, no total
         // timeout (streams can be long), but bounded connect and idle reads.
@@ -115,12 +119,14 @@ impl App {
             shutdown,
             servers,
             grace: config.server.shutdown_grace,
+            _watcher: watcher,
         })
     }
 
     /// Stops accepting connections, lets in-flight requests finish for up to
     /// `server.shutdown_grace`, then returns.
     pub async fn shutdown(self) {
+        self.pool.retire_all();
         let _ = self.shutdown.send(true);
         let all = futures_util::future::join_all(self.servers);
         if tokio::time::timeout(self.grace, all).await.is_err() {
@@ -129,13 +135,82 @@ impl App {
     }
 }
 
-/// Runs tokenrelay until SIGTERM or Ctrl-C, then drains and returns.
+/// Runs tokenrelay until SIGTERM or Ctrl-C, then drains and returns. SIGHUP reloads the
+/// credentials.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let app = App::start(config).await?;
+    let pool = Arc::clone(&app.pool);
+    let hup = tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!(target: "tokenrelay::credentials", "SIGHUP: reloading credentials");
+            pool.reload().await;
+        }
+    });
     wait_for_stop_signal().await;
+    hup.abort();
     tracing::info!("shutting down: draining in-flight requests");
     app.shutdown().await;
     Ok(())
+}
+
+/// Reloads the pool when a file in a credential directory changes. Watching the
+/// directory (not the file) also sees Kubernetes swapping its `..data` symlink.
+fn watch_credentials(pool: &Arc<Pool>) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let dirs = pool.watched_dirs();
+    if dirs.is_empty() {
+        return None;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let handler = move |event: notify::Result<notify::Event>| {
+        let relevant =
+            event.is_ok_and(|e| !e.kind.is_access() && e.paths.iter().any(|p| !is_own_artifact(p)));
+        if relevant {
+            let _ = tx.send(());
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(target: "tokenrelay::credentials", error = %e,
+                "cannot watch credential files; reload with SIGHUP or POST /admin/reload");
+            return None;
+        }
+    };
+    for dir in &dirs {
+        match watcher.watch(dir, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                tracing::debug!(target: "tokenrelay::credentials", dir = %dir.display(), "watching")
+            }
+            Err(e) => {
+                tracing::warn!(target: "tokenrelay::credentials", dir = %dir.display(), error = %e, "cannot watch")
+            }
+        }
+    }
+    let pool = Arc::clone(pool);
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Let a burst of events (an editor's save, a symlink swap) settle first.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            while rx.try_recv().is_ok() {}
+            pool.reload().await;
+        }
+    });
+    Some(watcher)
+}
+
+/// Files tokenrelay itself creates beside credentials: temp files, locks, stale locks.
+fn is_own_artifact(p: &std::path::Path) -> bool {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    name.ends_with(".tmp") || name.ends_with(".lock") || name.contains(".stale.")
 }
 
 async fn wait_for_stop_signal() {

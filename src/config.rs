@@ -76,6 +76,7 @@ struct RawRefresh {
     min_validity: Option<String>,
     timeout: Option<String>,
     max_backoff: Option<String>,
+    state_dir: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,6 +145,8 @@ pub struct RefreshConfig {
     pub min_validity: Duration,
     pub timeout: Duration,
     pub max_backoff: Duration,
+    /// Where refreshed tokens of read-only credential files are kept.
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,6 +329,12 @@ impl Validator<'_> {
             min_validity: self.duration("refresh.min_validity", raw.refresh.min_validity, "60s")?,
             timeout: self.duration("refresh.timeout", raw.refresh.timeout, "15s")?,
             max_backoff: self.duration("refresh.max_backoff", raw.refresh.max_backoff, "5m")?,
+            state_dir: match raw.refresh.state_dir.as_deref() {
+                None | Some("") => None,
+                Some(d) => {
+                    Some(expand_tilde(d, self.env).map_err(|p| self.err("refresh.state_dir", p))?)
+                }
+            },
         };
         if refresh.timeout.is_zero() {
             return Err(self.err("refresh.timeout", "must be greater than zero"));

@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
-use crate::credential::TokenUpdate;
+use crate::credential::{ServiceAccountKey, TokenUpdate};
 
 /// Why a refresh did not produce a token. Messages never contain a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,6 +38,10 @@ pub enum RefreshError {
     },
     #[error("token endpoint sent a malformed answer: {0}")]
     Malformed(String),
+    #[error("the service-account private key is unusable: {0}")]
+    BadKey(String),
+    #[error("another process has held the refresh lock {0} for too long")]
+    LockBusy(String),
 }
 
 fn describe(d: &Option<String>) -> String {
@@ -52,6 +56,7 @@ impl RefreshError {
             RefreshError::Rejected { .. }
                 | RefreshError::NoRefreshToken
                 | RefreshError::NoClientId { .. }
+                | RefreshError::BadKey(_)
         )
     }
 
@@ -60,8 +65,11 @@ impl RefreshError {
         match self {
             RefreshError::Rejected { .. }
             | RefreshError::NoRefreshToken
-            | RefreshError::NoClientId { .. } => "auth_error",
-            RefreshError::Network(_) | RefreshError::Timeout(_) => "network_error",
+            | RefreshError::NoClientId { .. }
+            | RefreshError::BadKey(_) => "auth_error",
+            RefreshError::Network(_) | RefreshError::Timeout(_) | RefreshError::LockBusy(_) => {
+                "network_error"
+            }
             RefreshError::Server { .. } | RefreshError::Malformed(_) => "server_error",
         }
     }
@@ -85,12 +93,16 @@ const PERMANENT_CODES: &[&str] = &[
     "invalid_request",
 ];
 
-/// The parameters of a refresh-token grant.
-pub struct RefreshGrant<'a> {
-    pub token_url: &'a Url,
-    pub refresh_token: &'a SecretString,
-    pub client_id: &'a str,
-    pub client_secret: Option<&'a SecretString>,
+/// The grants tokenrelay sends to a token endpoint.
+pub enum Grant<'a> {
+    /// RFC 6749 §6.
+    RefreshToken {
+        refresh_token: &'a SecretString,
+        client_id: &'a str,
+        client_secret: Option<&'a SecretString>,
+    },
+    /// RFC 7523 §2.1, as Google service accounts use it.
+    JwtBearer { assertion: SecretString },
 }
 
 #[derive(Deserialize)]
@@ -107,23 +119,37 @@ struct ErrorAnswer {
     error_description: Option<String>,
 }
 
-/// Sends one refresh-token grant. `client` carries the refresh timeout.
-pub async fn refresh(
+/// Sends one grant to `token_url`, form-encoded, and classifies the answer.
+pub async fn request_token(
     client: &reqwest::Client,
-    grant: RefreshGrant<'_>,
+    token_url: &Url,
+    grant: Grant<'_>,
     timeout: Duration,
 ) -> Result<TokenUpdate, RefreshError> {
-    let mut form: Vec<(&str, &str)> = vec![
-        ("grant_type", "refresh_token"),
-        ("refresh_token", grant.refresh_token.expose_secret()),
-        ("client_id", grant.client_id),
-    ];
-    if let Some(s) = grant.client_secret {
-        form.push(("client_secret", s.expose_secret()));
-    }
+    let form: Vec<(&str, &str)> = match &grant {
+        Grant::RefreshToken {
+            refresh_token,
+            client_id,
+            client_secret,
+        } => {
+            let mut form = vec![
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token.expose_secret()),
+                ("client_id", *client_id),
+            ];
+            if let Some(s) = client_secret {
+                form.push(("client_secret", s.expose_secret()));
+            }
+            form
+        }
+        Grant::JwtBearer { assertion } => vec![
+            ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+            ("assertion", assertion.expose_secret()),
+        ],
+    };
     let body = serde_urlencoded_form(&form);
     let send = client
-        .post(grant.token_url.clone())
+        .post(token_url.clone())
         .header(
             http::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",
@@ -226,6 +252,57 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = err.source();
     }
     parts.join(": ")
+}
+
+/// Signs the JWT a service account exchanges for an access token (RS256): issued by the
+/// account, for `scopes`, addressed to the token endpoint, valid for an hour.
+pub fn service_account_assertion(
+    key: &ServiceAccountKey,
+    token_url: &Url,
+    scopes: &[String],
+    now_secs: i64,
+) -> Result<SecretString, RefreshError> {
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use base64::Engine as _;
+    let pem = key.private_key.expose_secret();
+    let der_b64: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat();
+    let der = STANDARD
+        .decode(der_b64.trim())
+        .map_err(|_| RefreshError::BadKey("private_key is not PEM".into()))?;
+    let pair = ring::signature::RsaKeyPair::from_pkcs8(&der)
+        .map_err(|e| RefreshError::BadKey(format!("private_key is not a PKCS#8 RSA key ({e})")))?;
+    let mut header = serde_json::json!({"alg": "RS256", "typ": "JWT"});
+    if let Some(kid) = &key.private_key_id {
+        header["kid"] = kid.clone().into();
+    }
+    let claims = serde_json::json!({
+        "iss": key.client_email,
+        "scope": scopes.join(" "),
+        "aud": token_url.as_str(),
+        "iat": now_secs,
+        "exp": now_secs + 3600,
+    });
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut sig = vec![0; pair.public().modulus_len()];
+    pair.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut sig,
+    )
+    .map_err(|_| RefreshError::BadKey("signing failed".into()))?;
+    Ok(SecretString::from(format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(sig)
+    )))
 }
 
 fn serde_urlencoded_form(pairs: &[(&str, &str)]) -> String {

@@ -1,17 +1,19 @@
-//! The credential pools, one per provider: loading them from the configuration and
-//! choosing the order in which a request tries them.
+//! The credential pools, one per provider: loading them from the configuration,
+//! reloading them without a restart, and choosing the order in which a request tries them.
 //!
-//! Selection is lock-free: the credential list is an `ArcSwap` snapshot (so a reload can
-//! replace it while requests hold the old one) and the round-robin cursor an atomic.
+//! Selection is lock-free: the credential list is an `ArcSwap` snapshot (a reload replaces
+//! it while requests keep the one they took, so in-flight requests finish on removed
+//! credentials) and the round-robin cursor is an atomic.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use serde::Serialize;
 
-use crate::config::{Config, ProviderConfig, Strategy};
+use crate::config::{Config, CredentialPath, ProviderConfig, ProviderKind, Strategy};
 use crate::store::{CredentialStore, FileStore};
 use crate::token::{Credential, Refresher};
 
@@ -49,8 +51,20 @@ impl ProviderPool {
     }
 }
 
+/// What a reload changed.
+#[derive(Debug, Default, Serialize)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub kept: usize,
+    pub errors: Vec<String>,
+}
+
 pub struct Pool {
     pub providers: Vec<Arc<ProviderPool>>,
+    refresher: Arc<Refresher>,
+    /// One reload at a time (file watcher, SIGHUP and the admin API may race).
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Pool {
@@ -62,20 +76,32 @@ impl Pool {
         self.providers.iter().flat_map(|p| p.credentials().to_vec())
     }
 
-    /// Loads every provider's credentials. A file that cannot be read or parsed is an
-    /// error naming it: at start-up, a broken credential should be fixed, not ignored.
+    /// Loads every provider's credentials. At start-up a file that cannot be read or
+    /// parsed is an error naming it: a broken credential should be fixed, not ignored.
     pub fn load(config: &Config, refresher: &Arc<Refresher>) -> Result<Pool, LoadError> {
         let mut providers = Vec::new();
         for p in &config.providers {
             let provider = Arc::new(p.clone());
             refresher.metrics.init_provider(&provider.name);
-            let creds = load_provider(&provider, refresher)?;
+            let mut ids = HashSet::new();
+            let mut creds = Vec::new();
+            for found in resolve(&provider).map_err(LoadError)? {
+                let cred =
+                    load_credential(&provider, &found, &mut ids, refresher).map_err(LoadError)?;
+                creds.push(cred);
+            }
+            for (i, key) in provider.api_keys.iter().enumerate() {
+                let id = unique_id(&mut ids, Some(format!("api-key-{}", i + 1)), Path::new(""));
+                creds.push(Arc::new(Credential::api_key(
+                    Arc::clone(&provider),
+                    id,
+                    key,
+                    Arc::clone(refresher),
+                )));
+            }
             if creds.is_empty() {
-                let looked: Vec<String> = looked_at(&provider)
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect();
-                tracing::warn!(target: "tokenrelay::credentials", provider = %provider.name, looked_at = %looked.join(", "),
+                tracing::warn!(target: "tokenrelay::credentials", provider = %provider.name,
+                    looked_at = %looked_at(&provider).iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
                     hint = %provider.reauth_hint(), "provider has no credentials");
             }
             for c in &creds {
@@ -88,66 +114,208 @@ impl Pool {
                 strategy: config.pool.strategy,
             }));
         }
-        Ok(Pool { providers })
+        Ok(Pool {
+            providers,
+            refresher: Arc::clone(refresher),
+            reloading: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Starts the background refresh of every credential.
+    pub fn start_schedulers(&self) {
+        for c in self.all_credentials().filter(|c| !c.is_api_key()) {
+            tokio::spawn(Arc::clone(&c).run_scheduler());
+        }
+    }
+
+    /// Stops every background refresh (shutdown).
+    pub fn retire_all(&self) {
+        for c in self.all_credentials() {
+            c.retire();
+        }
+    }
+
+    /// Re-expands the credential entries: new files join the pool, removed ones leave it
+    /// (requests already using them finish), and every kept one re-reads its file, so a
+    /// re-authenticated `needs_reauth` credential comes back. A file that no longer parses
+    /// is reported and keeps its credential as it was.
+    pub async fn reload(&self) -> ReloadReport {
+        let _one = self.reloading.lock().await;
+        let mut report = ReloadReport::default();
+        for pool in &self.providers {
+            let provider = &pool.config;
+            let current = pool.credentials();
+            let found = match resolve(provider) {
+                Ok(f) => f,
+                Err(e) => {
+                    // A listed file went missing: the others still count.
+                    report.errors.push(e.clone());
+                    resolve_lenient(provider)
+                }
+            };
+            let mut by_path: HashMap<String, Arc<Credential>> = current
+                .iter()
+                .filter_map(|c| c.location().map(|l| (l, Arc::clone(c))))
+                .collect();
+            let mut ids: HashSet<String> = current.iter().map(|c| c.id.clone()).collect();
+            let mut next = Vec::new();
+            for f in &found {
+                match by_path.remove(&f.path.display().to_string()) {
+                    Some(c) => {
+                        c.reload().await;
+                        next.push(c);
+                        report.kept += 1;
+                    }
+                    None => match load_credential(provider, f, &mut ids, &self.refresher) {
+                        Ok(c) => {
+                            self.refresher
+                                .metrics
+                                .init_credential(&provider.name, &c.id);
+                            tokio::spawn(Arc::clone(&c).run_scheduler());
+                            report.added.push(format!("{}/{}", provider.name, c.id));
+                            next.push(c);
+                        }
+                        Err(e) => {
+                            tracing::error!(target: "tokenrelay::credentials", provider = %provider.name, error = %e,
+                                "credential not loaded");
+                            report.errors.push(e);
+                        }
+                    },
+                }
+            }
+            // API keys come from the configuration, which a reload does not re-read.
+            next.extend(current.iter().filter(|c| c.is_api_key()).cloned());
+            for (path, gone) in by_path {
+                gone.retire();
+                self.refresher
+                    .metrics
+                    .forget_credential(&provider.name, &gone.id);
+                tracing::info!(target: "tokenrelay::credentials", provider = %provider.name, credential = %gone.id,
+                    path = %path, "credential left the pool");
+                report
+                    .removed
+                    .push(format!("{}/{}", provider.name, gone.id));
+            }
+            pool.credentials.store(Arc::new(next));
+        }
+        tracing::info!(target: "tokenrelay::credentials", added = report.added.len(), removed = report.removed.len(),
+            kept = report.kept, errors = report.errors.len(), "credentials reloaded");
+        report
+    }
+
+    /// The directories whose changes should trigger a reload.
+    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = self
+            .providers
+            .iter()
+            .flat_map(|p| p.config.credentials.iter())
+            .filter_map(|e| watch_dir(&e.pattern))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
     }
 }
 
-fn load_provider(
-    provider: &Arc<ProviderConfig>,
-    refresher: &Arc<Refresher>,
-) -> Result<Vec<Arc<Credential>>, LoadError> {
-    let mut ids = HashSet::new();
-    let mut seen_paths = HashSet::new();
+/// The directory to watch for an entry: the directory itself, a file's directory, or a
+/// glob's longest literal prefix.
+fn watch_dir(pattern: &Path) -> Option<PathBuf> {
+    if pattern.is_dir() {
+        return Some(pattern.to_path_buf());
+    }
+    let literal: PathBuf = pattern
+        .components()
+        .take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[']))
+        .collect();
+    let dir = if literal == pattern {
+        pattern.parent()?
+    } else {
+        literal.as_path()
+    };
+    dir.is_dir().then(|| dir.to_path_buf())
+}
+
+/// Every credential file of a provider, duplicates (same file twice) removed.
+fn resolve(provider: &ProviderConfig) -> Result<Vec<CredentialPath>, String> {
+    let mut seen = HashSet::new();
     let mut out = Vec::new();
     for entry in &provider.credentials {
-        let paths = entry
+        for found in entry
             .resolve()
-            .map_err(|p| LoadError(format!("{}: {p}", entry.origin)))?;
-        for found in paths {
+            .map_err(|p| format!("{}: {p}", entry.origin))?
+        {
             let canonical =
                 std::fs::canonicalize(&found.path).unwrap_or_else(|_| found.path.clone());
-            if !seen_paths.insert(canonical) {
-                continue;
+            if seen.insert(canonical) {
+                out.push(found);
             }
-            let id = unique_id(&mut ids, found.id.clone(), &found.path);
-            let store: Arc<dyn CredentialStore> = Arc::new(FileStore::new(found.path.clone()));
-            let file = store.load().map_err(|e| {
-                LoadError(format!(
-                    "{e} (credential of provider {}; fix the file or remove it from {})",
-                    provider.name, entry.origin
-                ))
-            })?;
-            let shape = file.shape;
-            let cred = Credential::from_store(
-                Arc::clone(provider),
-                id,
-                Arc::clone(&store),
-                file,
-                Arc::clone(refresher),
-            )
-            .map_err(|p| LoadError(format!("{}: {p}", found.path.display())))?;
-            let snap = cred.snapshot();
-            tracing::info!(target: "tokenrelay::credentials", provider = %provider.name, credential = %cred.id,
-                path = %found.path.display(), shape = shape.as_str(), writable = store.writable(),
-                expires_at = %snap.expires_at_ms.map(crate::clock::rfc3339).unwrap_or_else(|| "unknown".into()),
-                "credential loaded");
-            if let Some(problem) = &snap.last_error {
-                tracing::error!(target: "tokenrelay::credentials", provider = %provider.name, credential = %cred.id,
-                    path = %found.path.display(), %problem, "credential cannot be refreshed");
-            }
-            out.push(Arc::new(cred));
         }
     }
-    for (i, key) in provider.api_keys.iter().enumerate() {
-        let id = unique_id(&mut ids, Some(format!("api-key-{}", i + 1)), Path::new(""));
-        out.push(Arc::new(Credential::api_key(
-            Arc::clone(provider),
-            id,
-            key,
-            Arc::clone(refresher),
-        )));
-    }
     Ok(out)
+}
+
+/// Like `resolve`, skipping entries that fail.
+fn resolve_lenient(provider: &ProviderConfig) -> Vec<CredentialPath> {
+    let mut seen = HashSet::new();
+    provider
+        .credentials
+        .iter()
+        .filter_map(|e| e.resolve().ok())
+        .flatten()
+        .filter(|f| seen.insert(std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone())))
+        .collect()
+}
+
+fn load_credential(
+    provider: &Arc<ProviderConfig>,
+    found: &CredentialPath,
+    ids: &mut HashSet<String>,
+    refresher: &Arc<Refresher>,
+) -> Result<Arc<Credential>, String> {
+    let mut candidate_ids = ids.clone();
+    let id = unique_id(&mut candidate_ids, found.id.clone(), &found.path);
+    let mut file_store = FileStore::new(found.path.clone());
+    if let Some(dir) = &refresher.config.state_dir {
+        file_store = file_store.with_state(dir.join(&provider.name).join(format!("{id}.json")));
+    }
+    let store: Arc<dyn CredentialStore> = Arc::new(file_store);
+    let file = store.load().map_err(|e| {
+        format!(
+            "{e} (a credential of provider {}; fix the file or remove it from the configuration)",
+            provider.name
+        )
+    })?;
+    let shape = file.shape;
+    let cred = Credential::from_store(
+        Arc::clone(provider),
+        id,
+        Arc::clone(&store),
+        file,
+        Arc::clone(refresher),
+    )
+    .map_err(|p| format!("{}: {p}", found.path.display()))?;
+    ids.insert(cred.id.clone());
+    let snap = cred.snapshot();
+    let writable = store.writable();
+    tracing::info!(target: "tokenrelay::credentials", provider = %provider.name, credential = %cred.id,
+        path = %found.path.display(), shape = shape.as_str(), writable,
+        expires_at = %snap.expires_at_ms.map(crate::clock::rfc3339).unwrap_or_else(|| "unknown".into()),
+        "credential loaded");
+    if let Some(problem) = &snap.last_error {
+        tracing::error!(target: "tokenrelay::credentials", provider = %provider.name, credential = %cred.id,
+            path = %found.path.display(), %problem, "credential cannot be refreshed");
+    }
+    if !store.persistent() {
+        if provider.kind == ProviderKind::Qwen || provider.kind == ProviderKind::Custom {
+            tracing::warn!(target: "tokenrelay::credentials", provider = %provider.name, credential = %cred.id,
+                path = %found.path.display(),
+                "READ-ONLY credential with a rotating refresh token and no [refresh] state_dir: each refresh replaces the refresh token, and the new one lives only in memory. After a restart the file's old token is dead and the account must re-authenticate. Set [refresh] state_dir to a writable directory.");
+        } else {
+            tracing::info!(target: "tokenrelay::credentials", provider = %provider.name, credential = %cred.id,
+                path = %found.path.display(), "read-only credential: refreshed tokens are kept in memory");
+        }
+    }
+    Ok(Arc::new(cred))
 }
 
 /// The configured id, else the file stem made safe; suffixed `-2`, `-3`… when taken.
@@ -182,7 +350,7 @@ fn unique_id(taken: &mut HashSet<String>, configured: Option<String>, path: &Pat
     id
 }
 
-/// Paths the presets look at, for the readiness message when nothing was found.
+/// Where a provider looks for credentials, for "nothing found" messages.
 pub fn looked_at(provider: &ProviderConfig) -> Vec<PathBuf> {
     provider
         .credentials
@@ -214,5 +382,15 @@ mod tests {
             unique_id(&mut taken, Some("work".into()), Path::new("/x.json")),
             "work"
         );
+    }
+
+    #[test]
+    fn globs_are_watched_at_their_literal_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(watch_dir(&d.join("*.json")), Some(d.to_path_buf()));
+        assert_eq!(watch_dir(&d.join("creds.json")), Some(d.to_path_buf()));
+        assert_eq!(watch_dir(d), Some(d.to_path_buf()));
+        assert_eq!(watch_dir(Path::new("/nonexistent/x.json")), None);
     }
 }

@@ -1,25 +1,40 @@
-//! Where credentials live. The token lifecycle talks to a [`CredentialStore`] (load,
+//! Where credentials live. The token lifecycle talks to a [`CredentialStore`] (load, lock,
 //! save) and never to the file system directly; [`FileStore`] is the first
 //! implementation. A networked store (Redis) for replicas on many machines would sit
 //! behind the same trait with the same guarantees.
 //!
 //! Store methods block (file I/O); callers run them on the blocking pool. Guarantees of
-//! `FileStore::save`: the file is replaced atomically (temp file in the same directory,
-//! fsync, rename, fsync of the directory), so a crash leaves the old or the new file and
-//! never a truncated one; every field the file had survives; the mode is 0600 or
-//! stricter; symlinks are followed so the file they point at is replaced.
+//! `FileStore`:
+//! - `save` replaces a file atomically (temp file in the same directory, fsync, rename,
+//!   fsync of the directory): a crash leaves the old or the new file, never a truncated
+//!   one. Every field the file had survives; the mode is 0600 or stricter; symlinks are
+//!   followed so the file they point at is replaced.
+//! - `try_lock` is the protocol Qwen Code uses: `<stem>.lock` beside the file, created
+//!   with O_EXCL, holding a random id; older than 30 s it is stale and is broken by
+//!   renaming it aside first, so only the stale file is ever removed. A lock is released
+//!   only by its owner (the id must match).
+//! - A read-only source (a Kubernetes Secret mount) with a `state_dir` keeps refreshed
+//!   tokens in `state_dir/<provider>/<id>.json` (0600), tagged with a fingerprint of the
+//!   source. The copy is used while the source is unchanged; once the source changes (the
+//!   user re-authenticated) the source wins.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value};
 
 use crate::clock;
 use crate::credential::{self, CredentialFile, ParseError, TokenUpdate};
+
+/// A lock older than this is abandoned (its holder died).
+pub const LOCK_STALE_AFTER: Duration = Duration::from_secs(30);
+/// The state copy's record of which source it was derived from.
+const SOURCE_FINGERPRINT: &str = "tokenrelay_source_fingerprint";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -38,6 +53,17 @@ pub enum StoreError {
     },
 }
 
+/// Held while refreshing; dropping it releases the lock.
+pub type LockGuard = Box<dyn Send + Sync>;
+
+pub enum TryLock {
+    Acquired(LockGuard),
+    /// Someone else holds it; try again shortly.
+    Busy,
+    /// The store cannot be locked (read-only directory): nobody else can write it either.
+    Unavailable,
+}
+
 /// What a store holds for one credential.
 pub trait CredentialStore: Send + Sync + 'static {
     /// Where it lives, for logs and the admin API (a path, never a secret).
@@ -47,15 +73,25 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// Stores a refreshed token in the credential's own shape. `Ok(false)` when the
     /// stored shape has nothing to update.
     fn save(&self, update: &TokenUpdate) -> Result<bool, StoreError>;
-    /// Whether `save` can succeed (a read-only Kubernetes Secret mount cannot).
+    /// Whether the credential's own file can be written back (a read-only Kubernetes
+    /// Secret mount cannot).
     fn writable(&self) -> bool;
+    /// Whether refreshed tokens survive a restart (the file or a state copy).
+    fn persistent(&self) -> bool {
+        self.writable()
+    }
+    /// One attempt at the cross-process refresh lock.
+    fn try_lock(&self) -> Result<TryLock, StoreError> {
+        Ok(TryLock::Unavailable)
+    }
 }
 
-/// A credential JSON file on disk.
+/// A credential JSON file on disk, with an optional writable state copy.
 pub struct FileStore {
     path: PathBuf,
-    /// The last document read successfully: the base for a write-back if the file on
-    /// disk has meanwhile become unreadable, so no field is ever lost.
+    state: Option<PathBuf>,
+    /// The last document read or written: the base for a write-back if the file on disk
+    /// has meanwhile become unreadable, so no field is ever lost.
     last_doc: Mutex<Option<Map<String, Value>>>,
 }
 
@@ -63,8 +99,15 @@ impl FileStore {
     pub fn new(path: PathBuf) -> Self {
         FileStore {
             path,
+            state: None,
             last_doc: Mutex::new(None),
         }
+    }
+
+    /// Keeps refreshed tokens of a read-only source in `state_file`.
+    pub fn with_state(mut self, state_file: PathBuf) -> Self {
+        self.state = Some(state_file);
+        self
     }
 
     fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -75,15 +118,18 @@ impl FileStore {
         }
     }
 
-    fn read_doc(&self, path: &Path) -> Result<(CredentialFile, Map<String, Value>), StoreError> {
-        let bytes = fs::read(path).map_err(self.io("read"))?;
+    fn parse(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<(CredentialFile, Map<String, Value>), StoreError> {
         let mtime_ms = fs::metadata(path)
             .ok()
             .and_then(|m| m.modified().ok())
             .map(clock::system_time_ms)
             .unwrap_or_else(clock::now_ms);
-        credential::parse(&bytes, mtime_ms).map_err(|source| StoreError::Parse {
-            path: self.path.display().to_string(),
+        credential::parse(bytes, mtime_ms).map_err(|source| StoreError::Parse {
+            path: path.display().to_string(),
             source,
         })
     }
@@ -93,6 +139,70 @@ impl FileStore {
             *last = Some(doc.clone());
         }
     }
+
+    /// The state copy, if there is one and it was derived from the source as it is now.
+    fn current_state(&self, source_bytes: &[u8]) -> Option<(CredentialFile, Map<String, Value>)> {
+        let state = self.state.as_ref()?;
+        let bytes = fs::read(state).ok()?;
+        let parsed = self.parse(state, &bytes);
+        match parsed {
+            Ok((file, doc))
+                if doc.get(SOURCE_FINGERPRINT).and_then(Value::as_str)
+                    == Some(&fingerprint(source_bytes)) =>
+            {
+                Some((file, doc))
+            }
+            Ok(_) => {
+                tracing::info!(target: "tokenrelay::credentials", path = %self.path.display(), state = %state.display(),
+                    "the credential file changed since tokens were saved in state_dir; the file wins");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(target: "tokenrelay::credentials", error = %e, "ignoring an unreadable state copy");
+                None
+            }
+        }
+    }
+
+    fn save_state(&self, state: &Path, update: &TokenUpdate) -> Result<bool, StoreError> {
+        let source = fs::read(&self.path).map_err(self.io("read"))?;
+        let mut doc = match self.current_state(&source) {
+            Some((_, doc)) => doc,
+            None => self.parse(&self.path, &source)?.1,
+        };
+        let changed = credential::apply_update(&mut doc, update, clock::now_ms());
+        doc.insert(
+            SOURCE_FINGERPRINT.into(),
+            Value::String(fingerprint(&source)),
+        );
+        if !changed && fs::metadata(state).is_ok() {
+            return Ok(false);
+        }
+        if let Some(dir) = state.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(self.io("create state_dir"))?;
+        }
+        write_atomically(state, &to_bytes(&doc)?, 0o600, None)
+            .map_err(self.io("write the state copy"))?;
+        self.remember(&doc);
+        Ok(true)
+    }
+
+    fn target(&self) -> PathBuf {
+        fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone())
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        let target = self.target();
+        let stem = target
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        target.with_file_name(format!("{stem}.lock"))
+    }
 }
 
 impl CredentialStore for FileStore {
@@ -101,16 +211,37 @@ impl CredentialStore for FileStore {
     }
 
     fn load(&self) -> Result<CredentialFile, StoreError> {
-        let (file, doc) = self.read_doc(&self.path)?;
+        let bytes = fs::read(&self.path).map_err(self.io("read"))?;
+        if let Some((file, doc)) = self.current_state(&bytes) {
+            self.remember(&doc);
+            return Ok(file);
+        }
+        let (file, doc) = self.parse(&self.path, &bytes)?;
         self.remember(&doc);
         Ok(file)
     }
 
     fn save(&self, update: &TokenUpdate) -> Result<bool, StoreError> {
+        if !self.writable() {
+            return match &self.state {
+                Some(state) => self.save_state(state, update),
+                None => Err(StoreError::Io {
+                    path: self.location(),
+                    op: "write back",
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        "the directory is read-only; set [refresh] state_dir to keep refreshed tokens across restarts",
+                    ),
+                }),
+            };
+        }
         // Replace the file a symlink points at, not the symlink.
         let target = fs::canonicalize(&self.path).map_err(self.io("resolve"))?;
         let meta = fs::metadata(&target).map_err(self.io("stat"))?;
-        let mut doc = match self.read_doc(&target) {
+        let on_disk = fs::read(&target)
+            .map_err(self.io("read"))
+            .and_then(|b| self.parse(&target, &b));
+        let mut doc = match on_disk {
             Ok((_, doc)) => doc,
             Err(e) => {
                 let last = self.last_doc.lock().ok().and_then(|l| l.clone());
@@ -127,24 +258,140 @@ impl CredentialStore for FileStore {
         if !credential::apply_update(&mut doc, update, clock::now_ms()) {
             return Ok(false);
         }
-        let mut bytes = serde_json::to_vec_pretty(&doc).map_err(|e| StoreError::Io {
-            path: self.path.display().to_string(),
-            op: "serialize",
-            source: e.into(),
-        })?;
-        bytes.push(b'\n');
         let mode = meta.permissions().mode() & 0o600;
-        write_atomically(&target, &bytes, mode, Some((meta.uid(), meta.gid())))
-            .map_err(self.io("write back"))?;
+        write_atomically(
+            &target,
+            &to_bytes(&doc)?,
+            mode,
+            Some((meta.uid(), meta.gid())),
+        )
+        .map_err(self.io("write back"))?;
         self.remember(&doc);
         Ok(true)
     }
 
     fn writable(&self) -> bool {
-        let target = fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
-        let dir = target.parent().unwrap_or(Path::new("."));
-        is_writable_dir(dir)
+        let target = self.target();
+        is_writable_dir(target.parent().unwrap_or(Path::new(".")))
     }
+
+    fn persistent(&self) -> bool {
+        self.writable() || self.state.is_some()
+    }
+
+    fn try_lock(&self) -> Result<TryLock, StoreError> {
+        let path = self.lock_path();
+        if !is_writable_dir(path.parent().unwrap_or(Path::new("."))) {
+            return Ok(TryLock::Unavailable);
+        }
+        match FileLock::try_acquire(&path) {
+            Ok(Some(lock)) => Ok(TryLock::Acquired(Box::new(lock))),
+            Ok(None) => Ok(TryLock::Busy),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                Ok(TryLock::Unavailable)
+            }
+            Err(source) => Err(StoreError::Io {
+                path: path.display().to_string(),
+                op: "take the refresh lock",
+                source,
+            }),
+        }
+    }
+}
+
+fn to_bytes(doc: &Map<String, Value>) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = serde_json::to_vec_pretty(doc).map_err(|e| StoreError::Io {
+        path: String::new(),
+        op: "serialize",
+        source: e.into(),
+    })?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+/// FNV-1a: a stable fingerprint of a source file, to tell whether it changed.
+fn fingerprint(bytes: &[u8]) -> String {
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}-{}", bytes.len())
+}
+
+/// A lock file owned by this process, identified by a random id.
+struct FileLock {
+    path: PathBuf,
+    id: String,
+}
+
+impl FileLock {
+    fn try_acquire(path: &Path) -> std::io::Result<Option<FileLock>> {
+        let id = format!("{:032x}", rand::random::<u128>());
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut f) => {
+                f.write_all(id.as_bytes())?;
+                Ok(Some(FileLock {
+                    path: path.to_path_buf(),
+                    id,
+                }))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if is_stale(path) {
+                    break_stale(path);
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        // Only the owner removes it: if ours was broken as stale, someone else's is there now.
+        if fs::read_to_string(&self.path).is_ok_and(|held| held.trim() == self.id) {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn is_stale(path: &Path) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .is_some_and(|age| age > LOCK_STALE_AFTER)
+}
+
+/// Removes an abandoned lock without ever removing a live one: the lock is renamed aside
+/// (atomic), and deleted only if what was moved is still the stale lock that was seen;
+/// otherwise it is put back.
+fn break_stale(path: &Path) {
+    let Ok(seen) = fs::read(path) else { return };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let aside = path.with_file_name(format!(".{name}.stale.{:016x}", rand::random::<u64>()));
+    if fs::rename(path, &aside).is_err() {
+        return; // someone else got there first
+    }
+    if fs::read(&aside).is_ok_and(|moved| moved == seen) && is_stale(&aside) {
+        tracing::warn!(target: "tokenrelay::credentials", lock = %path.display(), "removed a stale refresh lock");
+    } else {
+        // A live lock was created in between: restore it unless a newer one exists.
+        let _ = fs::hard_link(&aside, path);
+    }
+    let _ = fs::remove_file(&aside);
 }
 
 fn is_writable_dir(dir: &Path) -> bool {
@@ -192,4 +439,59 @@ pub fn write_atomically(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_is_exclusive_and_released_by_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("oauth_creds.lock");
+        let first = FileLock::try_acquire(&path)
+            .unwrap()
+            .expect("free lock is taken");
+        assert!(
+            FileLock::try_acquire(&path).unwrap().is_none(),
+            "held lock is busy"
+        );
+        // Someone broke our lock and took it: dropping ours must not remove theirs.
+        fs::write(&path, "someone-else").unwrap();
+        drop(first);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "someone-else");
+    }
+
+    #[test]
+    fn stale_lock_is_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.lock");
+        fs::write(&path, "dead-process").unwrap();
+        let old = SystemTime::now() - Duration::from_secs(60);
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert!(
+            FileLock::try_acquire(&path).unwrap().is_none(),
+            "first attempt breaks it"
+        );
+        let lock = FileLock::try_acquire(&path)
+            .unwrap()
+            .expect("then it is free");
+        assert_eq!(fs::read_to_string(&path).unwrap(), lock.id);
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1);
+    }
+
+    #[test]
+    fn fresh_lock_is_not_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.lock");
+        fs::write(&path, "alive").unwrap();
+        assert!(FileLock::try_acquire(&path).unwrap().is_none());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "alive");
+    }
 }

@@ -26,10 +26,10 @@ use url::Url;
 
 use crate::clock;
 use crate::config::{ProviderConfig, RefreshConfig};
-use crate::credential::{CredentialFile, Shape, TokenUpdate};
+use crate::credential::{CredentialFile, ServiceAccountKey, Shape, TokenUpdate};
 use crate::metrics::Metrics;
-use crate::oauth::{self, RefreshError, RefreshGrant};
-use crate::store::CredentialStore;
+use crate::oauth::{self, Grant, RefreshError};
+use crate::store::{CredentialStore, LockGuard, TryLock};
 
 /// When the access token stops working.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +59,8 @@ pub struct Token {
     pub base: Url,
     /// `x-goog-user-project` from an ADC `quota_project_id`.
     pub user_project: Option<HeaderValue>,
+    /// Service accounts mint tokens with their key instead of a refresh token.
+    service_account: Option<ServiceAccountKey>,
 }
 
 impl Token {
@@ -234,6 +236,11 @@ pub struct Credential {
     /// different one in the store means another writer put it there; the same one after a
     /// failed save means the store is behind us and must not be adopted.
     stored_refresh: AtomicU64,
+    /// Wakes the background refresh (reload, retire, manual refresh).
+    wake: tokio::sync::Notify,
+    retired: AtomicBool,
+    /// This credential's share of the refresh spread, in [0, 1).
+    jitter: f64,
 }
 
 /// What a caller needs from a refresh.
@@ -289,6 +296,7 @@ impl Credential {
             resource_url: None,
             base: provider.upstream.clone(),
             user_project: None,
+            service_account: None,
         };
         Credential::new(provider, id, "api_key", Source::ApiKey, token, refresher)
     }
@@ -313,6 +321,9 @@ impl Credential {
             gate: tokio::sync::Mutex::new(None),
             attempts: AtomicU64::new(0),
             stored_refresh: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
+            retired: AtomicBool::new(false),
+            jitter: rand::random::<f64>(),
         }
     }
 
@@ -347,7 +358,10 @@ impl Credential {
 
     /// Why this credential cannot refresh at all, if it cannot.
     fn cannot_refresh_reason(&self, token: &Token) -> Option<RefreshError> {
-        if matches!(self.source, Source::ApiKey) || token.expiry == Expiry::Never {
+        if matches!(self.source, Source::ApiKey)
+            || token.expiry == Expiry::Never
+            || token.service_account.is_some()
+        {
             return None;
         }
         if token.refresh.is_none() {
@@ -483,16 +497,18 @@ impl Credential {
         }
     }
 
+    fn satisfies(&self, t: &Token, want: Want) -> bool {
+        match want {
+            Want::Fresh => t.is_fresh(clock::now_ms(), self.refresher.config.min_validity),
+            Want::Replace(g) => t.generation != g && t.is_valid(clock::now_ms()),
+            Want::Forced => false,
+        }
+    }
+
     /// Runs with the gate held.
     async fn refresh_locked(&self, want: Want) -> Result<Arc<Token>, RefreshError> {
         let current = self.token.load_full();
-        let min_validity = self.refresher.config.min_validity;
-        let satisfied = |t: &Token| match want {
-            Want::Fresh => t.is_fresh(clock::now_ms(), min_validity),
-            Want::Replace(g) => t.generation != g && t.is_fresh(clock::now_ms(), Duration::ZERO),
-            Want::Forced => false,
-        };
-        if satisfied(&current) {
+        if self.satisfies(&current, want) {
             return Ok(current);
         }
         if let Want::Forced = want {
@@ -511,62 +527,222 @@ impl Credential {
 
         self.refreshing.store(true, Ordering::Relaxed);
         let _reset = ResetOnDrop(&self.refreshing);
-
-        // Another process (or the user re-authenticating) may have stored a newer token.
-        let current = match self.adopt_from_store(store, &current).await {
-            Some(adopted) => {
-                if satisfied(&adopted) {
-                    return Ok(adopted);
-                }
-                adopted
+        // One refresher across processes too: the store's lock is held from the re-read
+        // to the write-back.
+        let lock = match self.lock_store(store).await {
+            Ok(lock) => lock,
+            Err(e) => {
+                self.record_failure(&e, Duration::ZERO);
+                return Err(e);
             }
+        };
+        let result = self.refresh_under_lock(store, current, want).await;
+        if let Some(lock) = lock {
+            let _ = tokio::task::spawn_blocking(move || drop(lock)).await;
+        }
+        result
+    }
+
+    async fn refresh_under_lock(
+        &self,
+        store: &Arc<dyn CredentialStore>,
+        current: Arc<Token>,
+        want: Want,
+    ) -> Result<Arc<Token>, RefreshError> {
+        // Another process (or the user re-authenticating) may have stored a newer token.
+        let mut current = match self.adopt_from_store(store, &current).await {
+            Some(adopted) if self.satisfies(&adopted, want) => return Ok(adopted),
+            Some(adopted) => adopted,
             None => current,
         };
-        if let Some(e) = self.cannot_refresh_reason(&current) {
-            self.record_failure(&e, Duration::ZERO);
-            return Err(e);
+        let mut reread = false;
+        loop {
+            if let Some(e) = self.cannot_refresh_reason(&current) {
+                self.record_failure(&e, Duration::ZERO);
+                return Err(e);
+            }
+            let started = Instant::now();
+            let result = self.call_token_endpoint(&current).await;
+            let took = started.elapsed();
+            self.refresher
+                .metrics
+                .refresh_duration
+                .with_label_values(&[&self.provider.name])
+                .observe(took.as_secs_f64());
+            match result {
+                Ok(update) => return Ok(self.install(store, &current, update, took).await),
+                Err(e) if e.is_permanent() && !reread => {
+                    // Before giving up on the credential, look once more: someone may have
+                    // stored a new refresh token (a re-login, another tool) just now.
+                    reread = true;
+                    match self.adopt_from_store(store, &current).await {
+                        Some(adopted) if !adopted.same_refresh(&current) => current = adopted,
+                        _ => {
+                            self.record_failure(&e, took);
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.record_failure(&e, took);
+                    return Err(e);
+                }
+            }
         }
-        let (Some(refresh_token), Some(client_id)) = (
-            current.refresh.as_ref(),
-            current
-                .client_id
-                .as_deref()
-                .or(self.provider.client_id.as_deref()),
-        ) else {
-            return Err(RefreshError::NoRefreshToken);
-        };
-        // A file's own client goes with its own secret; the provider's with the provider's.
-        let client_secret = if current.client_id.is_some() {
-            current.client_secret.as_ref()
-        } else {
-            self.provider.client_secret.as_ref()
-        };
+    }
+
+    /// One grant: the JWT bearer grant for a service account, else the refresh-token
+    /// grant with the file's own client or the provider's.
+    async fn call_token_endpoint(&self, current: &Token) -> Result<TokenUpdate, RefreshError> {
         let cfg = &self.refresher.config;
-        let started = Instant::now();
-        let result = oauth::refresh(
-            &self.refresher.client,
-            RefreshGrant {
-                token_url: &self.provider.token_url,
+        let token_url = &self.provider.token_url;
+        let grant = if let Some(sa) = &current.service_account {
+            let assertion = oauth::service_account_assertion(
+                sa,
+                token_url,
+                &self.provider.scopes,
+                clock::now_ms() / 1000,
+            )?;
+            Grant::JwtBearer { assertion }
+        } else {
+            let (Some(refresh_token), Some(client_id)) = (
+                current.refresh.as_ref(),
+                current
+                    .client_id
+                    .as_deref()
+                    .or(self.provider.client_id.as_deref()),
+            ) else {
+                return Err(RefreshError::NoRefreshToken);
+            };
+            // A file's own client goes with its own secret; the provider's with the provider's.
+            let client_secret = if current.client_id.is_some() {
+                current.client_secret.as_ref()
+            } else {
+                self.provider.client_secret.as_ref()
+            };
+            Grant::RefreshToken {
                 refresh_token,
                 client_id,
                 client_secret,
-            },
-            cfg.timeout,
-        )
-        .await;
-        let took = started.elapsed();
-        let metrics = &self.refresher.metrics;
-        metrics
-            .refresh_duration
-            .with_label_values(&[&self.provider.name])
-            .observe(took.as_secs_f64());
-        match result {
-            Ok(update) => Ok(self.install(store, &current, update, took).await),
-            Err(e) => {
-                self.record_failure(&e, took);
-                Err(e)
+            }
+        };
+        oauth::request_token(&self.refresher.client, token_url, grant, cfg.timeout).await
+    }
+
+    /// Takes the store's cross-process lock, waiting up to `refresh.timeout`. `None` when
+    /// the store cannot be locked (read-only: no one else can write it either).
+    async fn lock_store(
+        &self,
+        store: &Arc<dyn CredentialStore>,
+    ) -> Result<Option<LockGuard>, RefreshError> {
+        let deadline = Instant::now() + self.refresher.config.timeout;
+        loop {
+            let s = Arc::clone(store);
+            match tokio::task::spawn_blocking(move || s.try_lock()).await {
+                Ok(Ok(TryLock::Acquired(guard))) => return Ok(Some(guard)),
+                Ok(Ok(TryLock::Unavailable)) => return Ok(None),
+                Ok(Ok(TryLock::Busy)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(target: "tokenrelay::refresh", provider = %self.provider.name, credential = %self.id, error = %e,
+                        "cannot take the refresh lock; refreshing without it");
+                    return Ok(None);
+                }
+                Err(_) => return Ok(None),
+            }
+            if Instant::now() >= deadline {
+                return Err(RefreshError::LockBusy(format!(
+                    "beside {}",
+                    store.location()
+                )));
+            }
+            let pause = Duration::from_millis(50 + rand::random::<u64>() % 100);
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// How long until the background refresh is due: `lead_time` (plus this credential's
+    /// jitter, up to 20 % more) before expiry, or halfway through a lifetime shorter than
+    /// that; at the end of a backoff; now for a refreshable credential without a token.
+    /// `None` when nothing is scheduled (static tokens, `needs_reauth`).
+    pub fn next_refresh_in(&self) -> Option<Duration> {
+        if self.is_api_key() {
+            return None;
+        }
+        let token = self.token.load();
+        {
+            let st = self.lock_status();
+            if st.needs_reauth {
+                return None;
+            }
+            let now = Instant::now();
+            if let Some(at) = st.retry_at.filter(|at| *at > now) {
+                return Some(at - now);
             }
         }
+        if self.cannot_refresh_reason(&token).is_some() {
+            return None;
+        }
+        match token.expiry {
+            Expiry::Never => None,
+            Expiry::Unknown => Some(Duration::ZERO),
+            Expiry::At(t) => {
+                let remaining = (t - clock::now_ms()).max(0) as u64;
+                let lead = self.refresher.config.lead_time.as_millis() as u64;
+                let ahead = (lead + (lead as f64 * 0.2 * self.jitter) as u64).min(remaining / 2);
+                Some(Duration::from_millis(remaining - ahead))
+            }
+        }
+    }
+
+    /// The background refresh loop of one credential; ends when the credential is retired.
+    /// Shares the single flight with inline refreshes: a token someone else refreshed in
+    /// the meantime is not refreshed again.
+    pub async fn run_scheduler(self: Arc<Self>) {
+        const MIN_GAP: Duration = Duration::from_secs(1);
+        let mut last_attempt: Option<Instant> = None;
+        loop {
+            if self.retired.load(Ordering::Acquire) {
+                return;
+            }
+            let generation = self.token.load().generation;
+            let woken = self.wake.notified();
+            match self.next_refresh_in() {
+                None => {
+                    woken.await;
+                    continue;
+                }
+                Some(delay) => {
+                    let floor = last_attempt
+                        .map_or(Duration::ZERO, |t| MIN_GAP.saturating_sub(t.elapsed()));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay.max(floor)) => {}
+                        _ = woken => continue,
+                    }
+                }
+            }
+            if self.retired.load(Ordering::Acquire) {
+                return;
+            }
+            last_attempt = Some(Instant::now());
+            let _ = self.refresh_shared(Want::Replace(generation)).await;
+        }
+    }
+
+    /// Stops the background refresh (the credential left the pool).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Re-reads the store (its file changed, or a reload was asked for): a newer token or a
+    /// new refresh token is adopted, which also brings a `needs_reauth` credential back.
+    pub async fn reload(self: &Arc<Self>) {
+        if let Source::Store(store) = &self.source {
+            let _gate = self.gate.lock().await;
+            let current = self.token.load_full();
+            self.adopt_from_store(store, &current).await;
+        }
+        self.wake.notify_one();
     }
 
     /// Saves the refreshed token, then publishes it.
@@ -641,8 +817,12 @@ impl Credential {
             resource_url,
             base,
             user_project: current.user_project.clone(),
+            service_account: current.service_account.clone(),
         });
         self.token.store(Arc::clone(&token));
+        // The background refresh reschedules from the new expiry (and resumes after a
+        // manual refresh brought a `needs_reauth` credential back).
+        self.wake.notify_one();
         {
             let mut st = self.lock_status();
             st.needs_reauth = false;
@@ -754,11 +934,13 @@ impl Credential {
         if !newer_access && !new_refresh {
             return None;
         }
-        // Keep our access token if the file's is not better.
+        // Keep our access token (and its generation: it is the same token) if the file's
+        // is not better.
         let candidate = if newer_access {
             candidate
         } else {
             Token {
+                generation: current.generation,
                 access: current.access.clone(),
                 bearer: current.bearer.clone(),
                 expiry: current.expiry,
@@ -767,6 +949,7 @@ impl Credential {
         };
         let adopted = Arc::new(candidate);
         self.token.store(Arc::clone(&adopted));
+        self.wake.notify_one();
         if new_refresh {
             let mut st = self.lock_status();
             st.needs_reauth = false;
@@ -826,6 +1009,7 @@ pub fn token_from_file(
         resource_url: file.resource_url.clone(),
         base,
         user_project,
+        service_account: file.service_account.clone(),
     })
 }
 

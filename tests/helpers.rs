@@ -382,6 +382,7 @@ pub struct Spawn {
     token_url: Option<String>,
     refresh_tokens: Vec<String>,
     access_tokens: Vec<String>,
+    fault: Option<TokenFault>,
 }
 
 /// Starts the fakes and tokenrelay with one provider named after the flavor
@@ -395,6 +396,7 @@ pub fn spawn_app(flavor: Flavor) -> Spawn {
         token_url: None,
         refresh_tokens: Vec::new(),
         access_tokens: Vec::new(),
+        fault: None,
     }
 }
 
@@ -425,6 +427,12 @@ impl Spawn {
         self.access_tokens.push(at.to_string());
         self
     }
+    /// How the token endpoint misbehaves from the start (tokenrelay refreshes in the
+    /// background as soon as it starts).
+    pub fn token_fault(mut self, f: TokenFault) -> Self {
+        self.fault = Some(f);
+        self
+    }
     pub fn token_url(mut self, url: &str) -> Self {
         self.token_url = Some(url.to_string());
         self
@@ -441,6 +449,7 @@ impl Spawn {
         for at in &self.access_tokens {
             valid.add(at);
         }
+        tokens.set_fault(self.fault.clone());
         tokens.allow_client(QWEN_CLIENT);
         tokens.allow_client(GOOGLE_CLIENT);
         let dir = tempfile::tempdir().unwrap();

@@ -278,10 +278,9 @@ async fn transient_token_endpoint_failure_backs_off_then_recovers() {
     let t = spawn_app(Flavor::Qwen)
         .cred("a.json", expired_qwen("rt-a"))
         .refresh_token("rt-a")
+        .token_fault(TokenFault::Status(500, json!({"error": "internal"})))
         .start()
         .await;
-    t.tokens
-        .set_fault(Some(TokenFault::Status(500, json!({"error": "internal"}))));
     let r = t.post("/qwen/v1/chat/completions", json!({})).await;
     assert_eq!(r.status(), 502);
     let c = t.credential("a").await;
@@ -313,10 +312,9 @@ async fn slow_token_endpoint_times_out_as_a_network_error() {
         .toml("[refresh]\ntimeout = \"200ms\"")
         .cred("a.json", expired_qwen("rt-a"))
         .refresh_token("rt-a")
+        .token_fault(TokenFault::Delay(std::time::Duration::from_secs(2)))
         .start()
         .await;
-    t.tokens
-        .set_fault(Some(TokenFault::Delay(std::time::Duration::from_secs(2))));
     let started = std::time::Instant::now();
     let r = t.post("/qwen/v1/chat/completions", json!({})).await;
     assert_eq!(r.status(), 502);
