@@ -177,6 +177,39 @@ impl Metrics {
                 .refresh_total
                 .remove_label_values(&[provider, credential, o]);
         }
+        for o in ["success", "failure"] {
+            let _ = self
+                .persist_total
+                .remove_label_values(&[provider, credential, o]);
+        }
+        // Upstream statuses are open-ended: find the ones this credential has.
+        use prometheus::core::Collector;
+        let statuses: Vec<String> = self
+            .upstream_requests
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|m| {
+                let labels = m.get_label();
+                labels
+                    .iter()
+                    .any(|l| l.name() == "provider" && l.value() == provider)
+                    && labels
+                        .iter()
+                        .any(|l| l.name() == "credential" && l.value() == credential)
+            })
+            .filter_map(|m| {
+                m.get_label()
+                    .iter()
+                    .find(|l| l.name() == "status")
+                    .map(|l| l.value().to_string())
+            })
+            .collect();
+        for status in statuses {
+            let _ = self
+                .upstream_requests
+                .remove_label_values(&[provider, credential, &status]);
+        }
     }
 
     /// Sets the gauges that describe credentials, from their current snapshot.

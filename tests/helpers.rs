@@ -73,6 +73,10 @@ pub enum Flavor {
 #[derive(Clone)]
 pub enum TokenFault {
     Status(u16, Value),
+    /// A status with a body that is not JSON.
+    Raw(u16, String),
+    /// A status with `Retry-After: <seconds>`.
+    RetryAfter(u16, u64),
     Delay(Duration),
 }
 
@@ -87,6 +91,10 @@ pub struct TokenEndpointState {
     valid: ValidTokens,
     /// Client ids the endpoint accepts.
     clients: Mutex<HashSet<String>>,
+    /// Claims of every accepted service-account assertion.
+    pub jwt_claims: Mutex<Vec<Value>>,
+    /// Answers refusing a refresh token (revoked, or already rotated away).
+    pub refused: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -107,6 +115,8 @@ impl FakeTokenEndpoint {
             forms: Mutex::default(),
             valid,
             clients: Mutex::default(),
+            jwt_claims: Mutex::default(),
+            refused: AtomicUsize::new(0),
         });
         let app = Router::new()
             .route("/token", post(token))
@@ -163,15 +173,32 @@ async fn token(
         Some(TokenFault::Status(code, body)) => {
             return (StatusCode::from_u16(code).unwrap(), Json(body)).into_response();
         }
+        Some(TokenFault::Raw(code, body)) => {
+            return (StatusCode::from_u16(code).unwrap(), body).into_response();
+        }
+        Some(TokenFault::RetryAfter(code, secs)) => {
+            return (
+                StatusCode::from_u16(code).unwrap(),
+                [("retry-after", secs.to_string())],
+                Json(json!({"error": "rate_limited"})),
+            )
+                .into_response();
+        }
         Some(TokenFault::Delay(d)) => tokio::time::sleep(d).await,
         None => {}
     }
     let dead = || {
+        s.refused.fetch_add(1, Ordering::SeqCst);
         match s.flavor {
         Flavor::Google => (StatusCode::BAD_REQUEST, Json(json!({"error":"invalid_grant","error_description":"Token has been expired or revoked."}))).into_response(),
         Flavor::Qwen => (StatusCode::BAD_REQUEST, Json(json!({"error":"invalid_request","error_description":"Invalid refresh token or client_id"}))).into_response(),
     }
     };
+    if form.get("grant_type").map(String::as_str)
+        == Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
+    {
+        return jwt_bearer(&s, form.get("assertion").map(String::as_str).unwrap_or(""));
+    }
     if form.get("grant_type").map(String::as_str) != Some("refresh_token") {
         return (
             StatusCode::BAD_REQUEST,
@@ -215,6 +242,73 @@ async fn token(
             .into_response()
         }
     }
+}
+
+/// Google's JWT bearer grant: the assertion must be signed by the service account's key
+/// (checked against the fixture key's public half) and carry the right claims.
+fn jwt_bearer(s: &TokenEndpointState, assertion: &str) -> Response {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let bad = |why: &str| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_grant", "error_description": why})),
+        )
+            .into_response()
+    };
+    let parts: Vec<&str> = assertion.split('.').collect();
+    if parts.len() != 3 {
+        return bad("not a JWT");
+    }
+    let signed = format!("{}.{}", parts[0], parts[1]);
+    let Ok(sig) = URL_SAFE_NO_PAD.decode(parts[2]) else {
+        return bad("bad signature encoding");
+    };
+    let public = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        service_account_public_key(),
+    );
+    if public.verify(signed.as_bytes(), &sig).is_err() {
+        return bad("Invalid JWT Signature.");
+    }
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
+    let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    let now = now_ms() / 1000;
+    let iat = claims["iat"].as_i64().unwrap_or(0);
+    let exp = claims["exp"].as_i64().unwrap_or(0);
+    if header["alg"] != "RS256"
+        || claims["iss"] != "tokenrelay-test@my-gcp-project.iam.gserviceaccount.com"
+        || !claims["aud"]
+            .as_str()
+            .is_some_and(|a| a.ends_with("/token"))
+        || claims["scope"].as_str().is_none_or(|sc| sc.is_empty())
+        || (iat - now).abs() > 60
+        || exp - iat != 3600
+    {
+        return bad(&format!("bad claims: {header} {claims}"));
+    }
+    s.jwt_claims.lock().unwrap().push(claims);
+    let n = s.issued.fetch_add(1, Ordering::SeqCst) + 1;
+    let access = format!("sa-access-{n}-{}", rand_suffix());
+    s.valid.add(&access);
+    Json(json!({"access_token": access, "expires_in": 3599, "token_type": "Bearer"}))
+        .into_response()
+}
+
+/// The public half of the fixture service-account key, as RSAPublicKey DER.
+pub fn service_account_public_key() -> Vec<u8> {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use ring::signature::KeyPair as _;
+    let key: Value = serde_json::from_str(include_str!(
+        "fixtures/credentials/service_account_test_key.json"
+    ))
+    .unwrap();
+    let pem = key["private_key"].as_str().unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = STANDARD.decode(b64).unwrap();
+    let pair = ring::signature::RsaKeyPair::from_pkcs8(&der).unwrap();
+    pair.public_key().as_ref().to_vec()
 }
 
 fn rand_suffix() -> String {

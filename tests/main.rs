@@ -1,8 +1,10 @@
 //! One integration-test binary (one link) with a module per area.
 
 mod helpers;
+mod process;
 
 mod admin;
 mod config;
+mod lifecycle;
 mod proxy;
 mod refresh;
