@@ -1028,6 +1028,128 @@ pub fn backoff(failures: u32, max: Duration, hint: Option<Duration>) -> Duration
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::store::FileStore;
+
+    /// A credential from a real file, with a token endpoint nobody listens on (these tests
+    /// never reach it).
+    fn credential(dir: &std::path::Path, expiry_ms: i64) -> Arc<Credential> {
+        let path = dir.join("c.json");
+        let doc = serde_json::json!({"access_token": "a", "refresh_token": "r", "expiry_date": expiry_ms});
+        std::fs::write(&path, doc.to_string()).unwrap();
+        let env = |_: &str| None;
+        let config = Config::from_toml(
+            "[providers.qwen]\ntoken_url = \"http://127.0.0.1:9/token\"\ncredentials = []\n[refresh]\nlead_time = \"5m\"\nmax_backoff = \"5m\"",
+            "t.toml",
+            &env,
+        )
+        .unwrap();
+        let refresher = Arc::new(Refresher {
+            client: reqwest::Client::new(),
+            config: config.refresh.clone(),
+            metrics: Arc::new(Metrics::new().unwrap()),
+        });
+        let store: Arc<dyn CredentialStore> = Arc::new(FileStore::new(path));
+        let file = store.load().unwrap();
+        let provider = Arc::new(config.providers[0].clone());
+        Arc::new(Credential::from_store(provider, "c".into(), store, file, refresher).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn background_refresh_is_due_lead_time_before_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = credential(dir.path(), clock::now_ms() + 3_600_000);
+        let due = c.next_refresh_in().unwrap();
+        // 1 h − 5 min − up to 20 % of 5 min of jitter.
+        assert!(
+            due <= Duration::from_secs(3300) && due >= Duration::from_secs(3240),
+            "{due:?}"
+        );
+        // Paused time moves the clock the expiry is measured with.
+        tokio::time::advance(Duration::from_secs(2000)).await;
+        let later = c.next_refresh_in().unwrap();
+        assert!(
+            due - later >= Duration::from_secs(1999) && due - later <= Duration::from_secs(2001),
+            "{later:?}"
+        );
+        tokio::time::advance(Duration::from_secs(1600)).await;
+        assert_eq!(c.next_refresh_in(), Some(Duration::ZERO), "overdue: now");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_back_off_exponentially_then_allow_a_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = credential(dir.path(), clock::now_ms() - 1000);
+        let mut previous_max = Duration::ZERO;
+        for failures in 1..=4u32 {
+            c.record_failure(
+                &RefreshError::Server {
+                    status: 503,
+                    retry_after: None,
+                },
+                Duration::ZERO,
+            );
+            let snap = c.snapshot();
+            assert_eq!(snap.state, State::Expired);
+            assert!(!snap.usable, "skipped during the backoff");
+            assert_eq!(snap.consecutive_failures, failures);
+            let wait = c.next_refresh_in().unwrap();
+            let base = Duration::from_secs(1 << (failures - 1));
+            assert!(
+                wait >= base / 2 && wait <= base,
+                "failure {failures}: {wait:?}"
+            );
+            assert!(base > previous_max || failures == 1);
+            previous_max = base;
+            tokio::time::advance(wait).await;
+            assert!(c.snapshot().usable, "usable again once the backoff is over");
+            assert_eq!(c.next_refresh_in(), Some(Duration::ZERO));
+        }
+        // A server's Retry-After of a year is capped at max_backoff.
+        let year = Duration::from_secs(365 * 86_400);
+        c.record_failure(
+            &RefreshError::Server {
+                status: 429,
+                retry_after: Some(year),
+            },
+            Duration::ZERO,
+        );
+        assert_eq!(c.next_refresh_in(), Some(Duration::from_secs(300)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_still_valid_token_keeps_serving_while_refresh_backs_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = credential(dir.path(), clock::now_ms() + 120_000);
+        c.record_failure(&RefreshError::Network("refused".into()), Duration::ZERO);
+        let snap = c.snapshot();
+        assert_eq!(snap.state, State::Backoff);
+        assert!(snap.usable);
+        tokio::time::advance(Duration::from_secs(121)).await;
+        assert_eq!(
+            c.snapshot().state,
+            State::Expired,
+            "the token ran out while the endpoint was down"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_failure_stops_the_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = credential(dir.path(), clock::now_ms() - 1000);
+        c.record_failure(
+            &RefreshError::Rejected {
+                status: 400,
+                code: "invalid_grant".into(),
+                description: None,
+            },
+            Duration::ZERO,
+        );
+        assert_eq!(c.snapshot().state, State::NeedsReauth);
+        assert_eq!(c.next_refresh_in(), None);
+        tokio::time::advance(Duration::from_secs(86_400)).await;
+        assert_eq!(c.snapshot().state, State::NeedsReauth, "no time heals it");
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
