@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// A reverse proxy that keeps OAuth tokens fresh for the Gemini and Qwen APIs.
@@ -11,13 +11,38 @@ use tracing_subscriber::EnvFilter;
 #[command(version, about)]
 struct Args {
     /// Configuration file (default: ./config.toml when present, else built-in defaults).
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Show every credential of a running instance: state, expiry, last refresh, last error.
+    Status {
+        /// The admin listener (default: server.admin_listen from the configuration).
+        #[arg(long)]
+        admin: Option<String>,
+    },
+    /// Force a refresh in a running instance: one credential (PROVIDER/ID) or all.
+    Refresh {
+        target: Option<String>,
+        #[arg(long)]
+        admin: Option<String>,
+    },
+    /// Validate the configuration and credential files offline.
+    Check,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging();
+    let command = args.command.unwrap_or(Command::Run);
+    if matches!(command, Command::Run) {
+        init_logging();
+    }
     let config = match tokenrelay::Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -29,14 +54,25 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tokenrelay: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(2);
         }
     };
-    match runtime.block_on(tokenrelay::run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = runtime.block_on(async {
+        use tokenrelay::cli;
+        match command {
+            Command::Run => tokenrelay::run(config).await.map(|()| 0),
+            Command::Status { admin } => cli::status(&config, admin.as_deref()).await,
+            Command::Refresh { target, admin } => {
+                cli::refresh(&config, admin.as_deref(), target.as_deref()).await
+            }
+            Command::Check => cli::check(&config),
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("tokenrelay: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }

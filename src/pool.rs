@@ -236,7 +236,7 @@ fn watch_dir(pattern: &Path) -> Option<PathBuf> {
 }
 
 /// Every credential file of a provider, duplicates (same file twice) removed.
-fn resolve(provider: &ProviderConfig) -> Result<Vec<CredentialPath>, String> {
+pub fn resolve(provider: &ProviderConfig) -> Result<Vec<CredentialPath>, String> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for entry in &provider.credentials {

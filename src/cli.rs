@@ -1,0 +1,346 @@
+//! The operator commands: `status` and `refresh` talk to a running instance's admin
+//! listener; `check` validates the configuration and credential files offline.
+//!
+//! Output is for people (aligned tables, one line per credential); exit codes are for
+//! scripts: 0 all good, 1 something needs attention, 2 could not run at all.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use secrecy::ExposeSecret;
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pool;
+use crate::store::{CredentialStore, FileStore};
+use crate::token::{Credential, Refresher, State};
+
+/// The admin base URL: `--admin` if given, else the configuration's `admin_listen`.
+fn admin_base(config: &Config, admin: Option<&str>) -> String {
+    match admin {
+        Some(a) if a.starts_with("http://") || a.starts_with("https://") => {
+            a.trim_end_matches('/').to_string()
+        }
+        Some(a) => format!("http://{a}"),
+        None => format!("http://{}", config.server.admin_listen),
+    }
+}
+
+fn client(config: &Config) -> anyhow::Result<(reqwest::Client, Option<String>)> {
+    let http = reqwest::Client::builder()
+        .timeout(config.refresh.timeout + std::time::Duration::from_secs(5))
+        .build()?;
+    let token = config
+        .server
+        .admin_token
+        .as_ref()
+        .map(|t| t.expose_secret().to_string());
+    Ok((http, token))
+}
+
+async fn call(
+    config: &Config,
+    admin: Option<&str>,
+    method: reqwest::Method,
+    path: &str,
+) -> anyhow::Result<(u16, Value)> {
+    let base = admin_base(config, admin);
+    let (http, token) = client(config)?;
+    let mut req = http.request(method, format!("{base}{path}"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach tokenrelay's admin listener at {base} (is it running? use --admin HOST:PORT)"))?;
+    let status = resp.status().as_u16();
+    let body: Value = resp
+        .json()
+        .await
+        .context("the admin listener sent something that is not JSON")?;
+    Ok((status, body))
+}
+
+/// `tokenrelay status`: a table of every credential of a running instance.
+pub async fn status(config: &Config, admin: Option<&str>) -> anyhow::Result<i32> {
+    let (code, body) = call(config, admin, reqwest::Method::GET, "/admin/credentials").await?;
+    if code != 200 {
+        anyhow::bail!("admin listener answered HTTP {code}: {body}");
+    }
+    let creds = body["credentials"].as_array().cloned().unwrap_or_default();
+    let rows: Vec<[String; 6]> = creds
+        .iter()
+        .map(|c| {
+            [
+                format!(
+                    "{}/{}",
+                    c["provider"].as_str().unwrap_or("?"),
+                    c["id"].as_str().unwrap_or("?")
+                ),
+                c["state"].as_str().unwrap_or("?").to_string(),
+                c["expires_in_seconds"]
+                    .as_i64()
+                    .map_or("-".into(), human_secs),
+                c["last_refresh_at"].as_str().unwrap_or("never").to_string(),
+                c["consecutive_failures"].as_u64().unwrap_or(0).to_string(),
+                c["last_error"].as_str().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &[
+                "CREDENTIAL",
+                "STATE",
+                "EXPIRES IN",
+                "LAST REFRESH",
+                "FAILURES",
+                "LAST ERROR"
+            ],
+            &rows
+        )
+    );
+    if creds.is_empty() {
+        println!("(no credentials loaded; see GET /readyz for where tokenrelay looked)");
+    }
+    let attention = creds.iter().any(|c| c["usable"] == false);
+    Ok(i32::from(attention))
+}
+
+/// `tokenrelay refresh [PROVIDER/ID]`: forces a refresh in a running instance.
+pub async fn refresh(
+    config: &Config,
+    admin: Option<&str>,
+    target: Option<&str>,
+) -> anyhow::Result<i32> {
+    let path = match target {
+        None => "/admin/refresh".to_string(),
+        Some(t) => {
+            let (provider, id) = t.split_once('/').with_context(|| {
+                format!("{t:?}: name a credential as PROVIDER/ID (see `tokenrelay status`)")
+            })?;
+            format!("/admin/credentials/{provider}/{id}/refresh")
+        }
+    };
+    let (code, body) = call(config, admin, reqwest::Method::POST, &path).await?;
+    if code == 404 || code == 401 {
+        anyhow::bail!("{}", body["error"]["message"].as_str().unwrap_or("refused"));
+    }
+    let results = match body.get("results") {
+        Some(r) => r.as_array().cloned().unwrap_or_default(),
+        None => vec![body],
+    };
+    let mut failed = false;
+    for r in &results {
+        let name = format!(
+            "{}/{}",
+            r["provider"].as_str().unwrap_or("?"),
+            r["id"].as_str().unwrap_or("?")
+        );
+        if r["ok"] == true {
+            println!(
+                "{name}: refreshed, expires {}",
+                r["expires_at"].as_str().unwrap_or("?")
+            );
+        } else {
+            failed = true;
+            println!(
+                "{name}: FAILED ({}): {}",
+                r["state"].as_str().unwrap_or("?"),
+                r["error"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok(i32::from(failed))
+}
+
+/// `tokenrelay check`: validates the configuration (already parsed by the caller) and every
+/// credential file, offline: for each, whether it can refresh and whether its file is
+/// writable.
+pub fn check(config: &Config) -> anyhow::Result<i32> {
+    let refresher = Arc::new(Refresher {
+        client: reqwest::Client::new(),
+        config: config.refresh.clone(),
+        metrics: Arc::new(Metrics::new()?),
+    });
+    println!("configuration {}: ok", config.source);
+    let mut rows = Vec::new();
+    let mut problems = 0;
+    for p in &config.providers {
+        let provider = Arc::new(p.clone());
+        let found = match pool::resolve(&provider) {
+            Ok(f) => f,
+            Err(e) => {
+                problems += 1;
+                rows.push([
+                    provider.name.clone(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("ERROR {e}"),
+                ]);
+                continue;
+            }
+        };
+        if found.is_empty() && provider.api_keys.is_empty() {
+            problems += 1;
+            rows.push([
+                format!("{}/-", provider.name),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("no credentials; {}", provider.reauth_hint()),
+            ]);
+        }
+        for f in found {
+            let name = format!("{}/{}", provider.name, f.path.display());
+            let store = Arc::new(FileStore::new(f.path.clone()));
+            let writable = if store.writable() {
+                "yes"
+            } else {
+                "no (read-only)"
+            };
+            let file = match store.load() {
+                Ok(file) => file,
+                Err(e) => {
+                    problems += 1;
+                    rows.push([
+                        name,
+                        "-".into(),
+                        "-".into(),
+                        writable.into(),
+                        format!("ERROR {e}"),
+                    ]);
+                    continue;
+                }
+            };
+            let shape = file.shape.as_str().to_string();
+            let id = f.id.clone().unwrap_or_else(|| "check".into());
+            let store_dyn: Arc<dyn CredentialStore> = store;
+            match Credential::from_store(
+                Arc::clone(&provider),
+                id,
+                store_dyn,
+                file,
+                Arc::clone(&refresher),
+            ) {
+                Ok(c) => {
+                    let snap = c.snapshot();
+                    let refresh = match (&snap.last_error, snap.state) {
+                        (Some(e), _) => {
+                            problems += 1;
+                            format!("NO: {e}")
+                        }
+                        (None, State::NeedsReauth) => {
+                            problems += 1;
+                            "NO".into()
+                        }
+                        (None, _) => "yes".into(),
+                    };
+                    let expiry = snap
+                        .expires_at_ms
+                        .map_or("no token yet".into(), crate::clock::rfc3339);
+                    rows.push([
+                        name,
+                        shape,
+                        refresh,
+                        writable.into(),
+                        format!("token expires {expiry}"),
+                    ]);
+                }
+                Err(e) => {
+                    problems += 1;
+                    rows.push([
+                        name,
+                        shape,
+                        "-".into(),
+                        writable.into(),
+                        format!("ERROR {e}"),
+                    ]);
+                }
+            }
+        }
+        for (i, _) in provider.api_keys.iter().enumerate() {
+            rows.push([
+                format!("{}/api-key-{}", provider.name, i + 1),
+                "api_key".into(),
+                "never expires".into(),
+                "-".into(),
+                String::new(),
+            ]);
+        }
+    }
+    print!(
+        "{}",
+        table(
+            &["CREDENTIAL", "SHAPE", "CAN REFRESH", "WRITABLE", "NOTE"],
+            &rows
+        )
+    );
+    if problems > 0 {
+        println!("{problems} problem(s) found");
+    }
+    Ok(i32::from(problems > 0))
+}
+
+fn human_secs(s: i64) -> String {
+    if s < 0 {
+        return format!("expired {} ago", human_secs(-s));
+    }
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == N {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        assert_eq!(human_secs(42), "42s");
+        assert_eq!(human_secs(3599), "59m");
+        assert_eq!(human_secs(7260), "2h1m");
+        assert_eq!(human_secs(-30), "expired 30s ago");
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["A", "BB"], &[["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+}
