@@ -85,6 +85,7 @@ struct RawPool {
     strategy: Option<String>,
     default_cooldown: Option<String>,
     max_cooldown: Option<String>,
+    request_deadline: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +161,9 @@ pub struct PoolConfig {
     pub strategy: Strategy,
     pub default_cooldown: Duration,
     pub max_cooldown: Duration,
+    /// Bounds the whole attempt sequence of one request (refreshes, failovers) up to the
+    /// response headers; a streamed body is not bounded.
+    pub request_deadline: Duration,
 }
 
 /// Which family a provider belongs to: decides re-authentication hints.
@@ -357,7 +361,15 @@ impl Validator<'_> {
                 "60s",
             )?,
             max_cooldown: self.duration("pool.max_cooldown", raw.pool.max_cooldown, "1h")?,
+            request_deadline: self.duration(
+                "pool.request_deadline",
+                raw.pool.request_deadline,
+                "10m",
+            )?,
         };
+        if pool.request_deadline.is_zero() {
+            return Err(self.err("pool.request_deadline", "must be greater than zero"));
+        }
 
         let mut raw_providers = raw.providers.unwrap_or_else(|| {
             ["gemini", "qwen"]

@@ -20,6 +20,7 @@ pub enum Reason {
     RequestTooLarge,
     BadRequest,
     NotFound,
+    DeadlineExceeded,
 }
 
 impl Reason {
@@ -34,6 +35,7 @@ impl Reason {
             Reason::RequestTooLarge => "request_too_large",
             Reason::BadRequest => "bad_request",
             Reason::NotFound => "not_found",
+            Reason::DeadlineExceeded => "deadline_exceeded",
         }
     }
 
@@ -48,6 +50,7 @@ impl Reason {
             Reason::Unauthorized => StatusCode::UNAUTHORIZED,
             Reason::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::BadRequest => StatusCode::BAD_REQUEST,
+            Reason::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -61,6 +64,7 @@ impl Reason {
             Reason::UnknownProvider | Reason::NotFound => "NOT_FOUND",
             Reason::Unauthorized => "UNAUTHENTICATED",
             Reason::RequestTooLarge | Reason::BadRequest => "INVALID_ARGUMENT",
+            Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
         }
     }
 }

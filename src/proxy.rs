@@ -85,10 +85,20 @@ pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response 
         .into_response();
     };
     let provider = pool.config.name.as_str();
-    let outcome = match serve(&s, pool, &parts, rest, body).await {
-        Ok(o) => o,
-        Err(e) => Outcome {
+    let deadline = s.pool_config.request_deadline;
+    let outcome = match tokio::time::timeout(deadline, serve(&s, pool, &parts, rest, body)).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => Outcome {
             response: e.into_response(),
+            credential: None,
+            attempts: 0,
+        },
+        Err(_) => Outcome {
+            response: ProxyError::new(
+                Reason::DeadlineExceeded,
+                format!("no upstream answer within pool.request_deadline ({deadline:?})"),
+            )
+            .into_response(),
             credential: None,
             attempts: 0,
         },

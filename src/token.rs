@@ -1134,6 +1134,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_cooled_down_credential_is_skipped_until_its_time_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = credential(dir.path(), clock::now_ms() + 3_600_000);
+        c.cool_down(Duration::from_secs(30));
+        c.cool_down(Duration::from_secs(10)); // a shorter hint never shortens a cooldown
+        let snap = c.snapshot();
+        assert_eq!(snap.state, State::CoolingDown);
+        assert!(!snap.usable);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert!(!c.is_usable());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(c.is_usable());
+        assert_eq!(c.snapshot().state, State::Ready);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn permanent_failure_stops_the_schedule() {
         let dir = tempfile::tempdir().unwrap();
         let c = credential(dir.path(), clock::now_ms() - 1000);

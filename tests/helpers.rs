@@ -58,6 +58,9 @@ impl ValidTokens {
     pub fn add(&self, t: &str) {
         self.0.lock().unwrap().insert(t.to_string());
     }
+    pub fn remove(&self, t: &str) {
+        self.0.lock().unwrap().remove(t);
+    }
     fn contains(&self, t: &str) -> bool {
         self.0.lock().unwrap().contains(t)
     }
@@ -88,13 +91,15 @@ pub struct TokenEndpointState {
     lifetime_secs: Mutex<u64>,
     fault: Mutex<Option<TokenFault>>,
     pub forms: Mutex<Vec<HashMap<String, String>>>,
-    valid: ValidTokens,
+    pub valid: ValidTokens,
     /// Client ids the endpoint accepts.
     clients: Mutex<HashSet<String>>,
     /// Claims of every accepted service-account assertion.
     pub jwt_claims: Mutex<Vec<Value>>,
     /// Answers refusing a refresh token (revoked, or already rotated away).
     pub refused: AtomicUsize,
+    /// Refresh tokens whose new access tokens upstream will not accept (a banned account).
+    pub unaccepted: Mutex<HashSet<String>>,
 }
 
 #[derive(Clone)]
@@ -117,6 +122,7 @@ impl FakeTokenEndpoint {
             clients: Mutex::default(),
             jwt_claims: Mutex::default(),
             refused: AtomicUsize::new(0),
+            unaccepted: Mutex::default(),
         });
         let app = Router::new()
             .route("/token", post(token))
@@ -220,7 +226,9 @@ async fn token(
     }
     let n = s.issued.fetch_add(1, Ordering::SeqCst) + 1;
     let access = format!("access-{n}-{}", rand_suffix());
-    s.valid.add(&access);
+    if !s.unaccepted.lock().unwrap().contains(rt) {
+        s.valid.add(&access);
+    }
     let lifetime = *s.lifetime_secs.lock().unwrap();
     match s.flavor {
         Flavor::Google => Json(json!({
@@ -315,6 +323,52 @@ fn rand_suffix() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
+/// How the fake upstream refuses a rate-limited token.
+#[derive(Clone, Copy, Debug)]
+pub enum Limit {
+    /// 429 with `Retry-After: <seconds>` and Google's body.
+    Seconds(u64),
+    /// 429 with `Retry-After: <HTTP date this many seconds ahead>`.
+    HttpDate(u64),
+    /// 429 with only Google's `RetryInfo.retryDelay` ("45.123s") in the body.
+    RetryInfo,
+    /// Qwen's 403 `insufficient_quota`, no hint.
+    QuotaForbidden,
+}
+
+impl Limit {
+    fn answer(self) -> Response {
+        let google = include_str!("fixtures/responses/google_429_resource_exhausted.json");
+        let json = ("content-type", "application/json".to_string());
+        match self {
+            Limit::Seconds(secs) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", secs.to_string()), json],
+                google,
+            )
+                .into_response(),
+            Limit::HttpDate(secs) => {
+                let when = httpdate::fmt_http_date(
+                    std::time::SystemTime::now() + Duration::from_secs(secs),
+                );
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", when), json],
+                    google,
+                )
+                    .into_response()
+            }
+            Limit::RetryInfo => (StatusCode::TOO_MANY_REQUESTS, [json], google).into_response(),
+            Limit::QuotaForbidden => (
+                StatusCode::FORBIDDEN,
+                [json],
+                include_str!("fixtures/responses/qwen_403_insufficient_quota.json"),
+            )
+                .into_response(),
+        }
+    }
+}
+
 /// One request as the fake upstream saw it.
 #[derive(Clone, Debug)]
 pub struct Seen {
@@ -325,11 +379,11 @@ pub struct Seen {
 }
 
 pub struct UpstreamState {
-    valid: ValidTokens,
+    pub valid: ValidTokens,
     pub seen: Mutex<Vec<Seen>>,
     flavor: Flavor,
     /// Tokens that get a 429 (with this Retry-After, seconds) instead of an answer.
-    pub rate_limited: Mutex<HashMap<String, u64>>,
+    pub rate_limited: Mutex<HashMap<String, Limit>>,
 }
 
 #[derive(Clone)]
@@ -399,16 +453,8 @@ async fn upstream(State(s): State<Arc<UpstreamState>>, req: Request) -> Response
         )
             .into_response();
     }
-    if let Some(secs) = s.rate_limited.lock().unwrap().get(token) {
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [
-                ("retry-after", secs.to_string()),
-                ("content-type", "application/json".into()),
-            ],
-            include_str!("fixtures/responses/google_429_resource_exhausted.json"),
-        )
-            .into_response();
+    if let Some(limit) = s.rate_limited.lock().unwrap().get(token) {
+        return limit.answer();
     }
     let path = parts.uri.path();
     if path.ends_with("/sse") {

@@ -6,6 +6,7 @@ mod process;
 mod admin;
 mod cli;
 mod config;
+mod failover;
 mod lifecycle;
 mod proxy;
 mod refresh;

@@ -343,7 +343,7 @@ async fn rate_limited_credential_cools_down_and_the_next_one_serves() {
         .rate_limited
         .lock()
         .unwrap()
-        .insert("limited-access".into(), 30);
+        .insert("limited-access".into(), Limit::Seconds(30));
     for _ in 0..3 {
         let r = t.post("/qwen/v1/chat/completions", json!({})).await;
         assert_eq!(r.status(), 200);
