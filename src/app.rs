@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
+use crate::alert::Alerter;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -42,13 +43,16 @@ impl App {
             .user_agent(concat!("tokenrelay/", env!("CARGO_PKG_VERSION")))
             .build()
             .context("cannot build the token-endpoint HTTP client")?;
+        let alerter = Alerter::start(&config.alerts, refresh_client.clone());
         let refresher = Arc::new(Refresher {
-            client: refresh_client,
-            config: config.refresh.clone(),
-            metrics: Arc::clone(&metrics),
+            alerter,
+            alert_after_failures: config.alerts.after_failures,
+            expiry_warning: config.alerts.expiry_warning,
+            ..Refresher::new(refresh_client, config.refresh.clone(), Arc::clone(&metrics))
         });
         let pool = Arc::new(Pool::load(&config, &refresher)?);
         pool.start_schedulers();
+        tokio::spawn(watch_expiry(Arc::downgrade(&pool)));
         let watcher = watch_credentials(&pool);
 
         // One client for every upstream request: connection reuse, no redirects, no total
@@ -202,6 +206,19 @@ fn watch_credentials(pool: &Arc<Pool>) -> Option<notify::RecommendedWatcher> {
         }
     });
     Some(watcher)
+}
+
+/// Raises `expiring_soon` alerts: every 15 s, each credential checks its expiry.
+async fn watch_expiry(pool: std::sync::Weak<Pool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        for c in pool.all_credentials() {
+            c.check_expiry();
+        }
+    }
 }
 
 /// Files tokenrelay itself creates beside credentials: temp files, locks, stale locks.

@@ -162,11 +162,11 @@ pub async fn refresh(
 /// credential file, offline: for each, whether it can refresh and whether its file is
 /// writable.
 pub fn check(config: &Config) -> anyhow::Result<i32> {
-    let refresher = Arc::new(Refresher {
-        client: reqwest::Client::new(),
-        config: config.refresh.clone(),
-        metrics: Arc::new(Metrics::new()?),
-    });
+    let refresher = Arc::new(Refresher::new(
+        reqwest::Client::new(),
+        config.refresh.clone(),
+        Arc::new(Metrics::new()?),
+    ));
     println!("configuration {}: ok", config.source);
     let mut rows = Vec::new();
     let mut problems = 0;

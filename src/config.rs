@@ -11,9 +11,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
+
+use crate::alert::{AlertsConfig, Format, WebhookConfig};
 
 /// Built-in preset for Google's Gemini API. No client id ships with it: Google's terms
 /// forbid reusing the Gemini CLI's OAuth client, so credentials carry their own.
@@ -52,7 +54,26 @@ struct RawConfig {
     server: RawServer,
     refresh: RawRefresh,
     pool: RawPool,
+    alerts: RawAlerts,
     providers: Option<BTreeMap<String, RawProvider>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAlerts {
+    after_failures: Option<u32>,
+    expiry_warning: Option<String>,
+    webhooks: Vec<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    min_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,6 +145,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub refresh: RefreshConfig,
     pub pool: PoolConfig,
+    pub alerts: AlertsConfig,
     pub providers: Vec<ProviderConfig>,
 }
 
@@ -391,12 +413,53 @@ impl Validator<'_> {
         for (name, p) in raw_providers {
             providers.push(self.provider(&name, p)?);
         }
+        let alerts = self.alerts(raw.alerts)?;
         Ok(Config {
             source: self.file.to_string(),
             server,
             refresh,
             pool,
+            alerts,
             providers,
+        })
+    }
+
+    fn alerts(&self, raw: RawAlerts) -> Result<AlertsConfig, ConfigError> {
+        let mut webhooks = Vec::new();
+        for (i, w) in raw.webhooks.into_iter().enumerate() {
+            let key = |k: &str| format!("alerts.webhooks[{i}].{k}");
+            let url = self.secret(&key("url"), &w.url)?;
+            // The URL is a secret (it carries the webhook token): never echo it.
+            match Url::parse(url.expose_secret()) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => return Err(self.err(key("url"), "is not an http:// or https:// URL")),
+            }
+            let format = match w.format.as_deref() {
+                None | Some("json") => Format::Json,
+                Some("discord") => Format::Discord,
+                Some("slack") => Format::Slack,
+                Some(other) => {
+                    return Err(self.err(
+                        key("format"),
+                        format!("unknown format {other:?}; use \"discord\", \"slack\" or \"json\""),
+                    ))
+                }
+            };
+            let min_interval = self.duration(&key("min_interval"), w.min_interval, "0s")?;
+            webhooks.push(WebhookConfig {
+                url,
+                format,
+                min_interval,
+            });
+        }
+        let after_failures = raw.after_failures.unwrap_or(3);
+        if after_failures == 0 {
+            return Err(self.err("alerts.after_failures", "must be at least 1"));
+        }
+        Ok(AlertsConfig {
+            webhooks,
+            after_failures,
+            expiry_warning: self.duration("alerts.expiry_warning", raw.expiry_warning, "15m")?,
         })
     }
 

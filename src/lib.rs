@@ -5,6 +5,7 @@
 //! application in-process on ports chosen by the OS. See ARCHITECTURE.md for the map.
 
 pub mod admin;
+pub mod alert;
 pub mod cli;
 pub mod clock;
 pub mod config;

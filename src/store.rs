@@ -377,9 +377,9 @@ fn is_stale(path: &Path) -> bool {
 /// otherwise it is put back.
 fn break_stale(path: &Path) {
     let Ok(seen) = fs::read(path) else { return };
-    let name = path
+    let name: String = path
         .file_name()
-        .map(|n| n.to_string_lossy())
+        .map(|n| n.to_string_lossy().chars().take(64).collect())
         .unwrap_or_default();
     let aside = path.with_file_name(format!(".{name}.stale.{:016x}", rand::random::<u64>()));
     if fs::rename(path, &aside).is_err() {
@@ -412,9 +412,10 @@ pub fn write_atomically(
     owner: Option<(u32, u32)>,
 ) -> std::io::Result<()> {
     let dir = target.parent().unwrap_or(Path::new("."));
-    let name = target
+    // Short enough for any file name the target may have (NAME_MAX is 255 bytes).
+    let name: String = target
         .file_name()
-        .map(|n| n.to_string_lossy())
+        .map(|n| n.to_string_lossy().chars().take(64).collect())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
     let result = (|| {
@@ -484,6 +485,15 @@ mod tests {
         assert_eq!(fs::read_to_string(&path).unwrap(), lock.id);
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1);
+    }
+
+    #[test]
+    fn long_file_names_can_be_written_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join(format!("{}.json", "c".repeat(245)));
+        fs::write(&target, "{}").unwrap();
+        write_atomically(&target, b"{\"a\":1}", 0o600, None).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"{\"a\":1}");
     }
 
     #[test]

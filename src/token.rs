@@ -24,6 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 use url::Url;
 
+use crate::alert::{Alerter, Event, Kind};
 use crate::clock;
 use crate::config::{ProviderConfig, RefreshConfig};
 use crate::credential::{CredentialFile, ServiceAccountKey, Shape, TokenUpdate};
@@ -190,6 +191,16 @@ struct Status {
     retry_at: Option<Instant>,
     /// Not used for requests before this (upstream 429).
     cooldown_until: Option<Instant>,
+    /// Alerts already sent for the current trouble: one message per transition.
+    alerted: Alerted,
+}
+
+#[derive(Debug, Default)]
+struct Alerted {
+    reauth: bool,
+    failing: bool,
+    expiring: bool,
+    persist: bool,
 }
 
 /// A read-only view of a credential's status, for the admin API, metrics and errors.
@@ -210,6 +221,26 @@ pub struct Refresher {
     pub client: reqwest::Client,
     pub config: RefreshConfig,
     pub metrics: Arc<Metrics>,
+    pub alerter: Alerter,
+    /// Consecutive transient failures before a `refresh_failing` alert.
+    pub alert_after_failures: u32,
+    /// How close to expiry a failing credential raises `expiring_soon`.
+    pub expiry_warning: Duration,
+}
+
+impl Refresher {
+    /// A refresher without alert webhooks.
+    pub fn new(client: reqwest::Client, config: RefreshConfig, metrics: Arc<Metrics>) -> Refresher {
+        let defaults = crate::alert::AlertsConfig::default();
+        Refresher {
+            client,
+            config,
+            metrics,
+            alerter: Alerter::default(),
+            alert_after_failures: defaults.after_failures,
+            expiry_warning: defaults.expiry_warning,
+        }
+    }
 }
 
 /// Where a credential's secret comes from.
@@ -778,11 +809,26 @@ impl Credential {
                     self.stored_refresh
                         .store(fingerprint(Some(rt)), Ordering::Relaxed);
                 }
+                self.lock_status().alerted.persist = false;
             }
             Err(e) => {
                 m.persist_total
                     .with_label_values(&[provider, &self.id, "failure"])
                     .inc();
+                // Only a store that should be writable is worth an alert; a read-only
+                // mount without state_dir was announced at start-up.
+                let expected = store.persistent();
+                if expected && !std::mem::replace(&mut self.lock_status().alerted.persist, true) {
+                    let lost = if rotated {
+                        " The rotated refresh token lives only in memory: a restart loses the account."
+                    } else {
+                        ""
+                    };
+                    self.alert(
+                        Kind::PersistFailed,
+                        format!("cannot write the refreshed token back: {e}.{lost}"),
+                    );
+                }
                 if rotated {
                     tracing::error!(target: "tokenrelay::refresh", provider = %provider, credential = %self.id, error = %e,
                         "could not save the rotated refresh token; it is kept in memory only and is lost on restart: make the file writable");
@@ -823,7 +869,7 @@ impl Credential {
         // The background refresh reschedules from the new expiry (and resumes after a
         // manual refresh brought a `needs_reauth` credential back).
         self.wake.notify_one();
-        {
+        let recovered = {
             let mut st = self.lock_status();
             st.needs_reauth = false;
             st.consecutive_failures = 0;
@@ -831,6 +877,19 @@ impl Credential {
             st.last_error_transient = false;
             st.retry_at = None;
             st.last_refresh_at_ms = Some(now);
+            let a = &mut st.alerted;
+            let was_alerting = a.reauth || a.failing || a.expiring;
+            (a.reauth, a.failing, a.expiring) = (false, false, false);
+            was_alerting
+        };
+        if recovered {
+            self.alert(
+                Kind::Recovered,
+                format!(
+                    "refreshed again; the token is valid until {}",
+                    clock::rfc3339(expires_at)
+                ),
+            );
         }
         m.refresh_total
             .with_label_values(&[provider, &self.id, "success"])
@@ -841,6 +900,46 @@ impl Credential {
         tracing::info!(target: "tokenrelay::refresh", provider = %provider, credential = %self.id, outcome = "success",
             duration_ms = took.as_millis() as u64, expires_at = %clock::rfc3339(expires_at), rotated, "token refreshed");
         token
+    }
+
+    fn alert(&self, kind: Kind, message: String) {
+        self.refresher.alerter.send(Event {
+            kind,
+            provider: self.provider.name.clone(),
+            credential: self.id.clone(),
+            message,
+        });
+    }
+
+    /// Raises `expiring_soon` once when the token is within `alerts.expiry_warning` of
+    /// expiry and refreshing it is failing (or impossible). Called periodically.
+    pub fn check_expiry(&self) {
+        let Some(expires) = self.token.load().expires_at_ms() else {
+            return;
+        };
+        let left = expires - clock::now_ms();
+        let mut st = self.lock_status();
+        let failing = st.needs_reauth || st.consecutive_failures > 0;
+        if left < self.refresher.expiry_warning.as_millis() as i64
+            && failing
+            && !st.alerted.expiring
+        {
+            st.alerted.expiring = true;
+            let why = st.last_error.clone().unwrap_or_default();
+            drop(st);
+            let when = if left > 0 {
+                format!("expires in {} min", left / 60_000)
+            } else {
+                "has expired".to_string()
+            };
+            self.alert(
+                Kind::ExpiringSoon,
+                format!(
+                    "the token {when} and refreshing it fails ({why}); {}",
+                    self.provider.reauth_hint()
+                ),
+            );
+        }
     }
 
     fn record_failure(&self, e: &RefreshError, took: Duration) {
@@ -857,7 +956,17 @@ impl Credential {
         if e.is_permanent() {
             st.needs_reauth = true;
             st.retry_at = None;
+            let first = !std::mem::replace(&mut st.alerted.reauth, true);
             drop(st);
+            if first {
+                self.alert(
+                    Kind::NeedsReauth,
+                    format!(
+                        "needs re-authentication: {e}. To fix: {}",
+                        self.provider.reauth_hint()
+                    ),
+                );
+            }
             tracing::error!(target: "tokenrelay::refresh", provider = %provider, credential = %self.id, outcome = e.outcome(),
                 duration_ms = took.as_millis() as u64, error = %e, hint = %self.provider.reauth_hint(),
                 "refresh failed permanently; the credential needs re-authentication");
@@ -868,7 +977,16 @@ impl Credential {
                 e.retry_after(),
             );
             st.retry_at = Some(Instant::now() + delay);
+            let failures = st.consecutive_failures;
+            let first = failures >= self.refresher.alert_after_failures
+                && !std::mem::replace(&mut st.alerted.failing, true);
             drop(st);
+            if first {
+                self.alert(
+                    Kind::RefreshFailing,
+                    format!("{failures} refreshes in a row failed: {e}; retrying with backoff"),
+                );
+            }
             tracing::warn!(target: "tokenrelay::refresh", provider = %provider, credential = %self.id, outcome = e.outcome(),
                 duration_ms = took.as_millis() as u64, error = %e, retry_in_ms = delay.as_millis() as u64,
                 "refresh failed; will retry");
@@ -934,9 +1052,10 @@ impl Credential {
         if !newer_access && !new_refresh {
             return None;
         }
-        // Keep our access token (and its generation: it is the same token) if the file's
-        // is not better.
-        let candidate = if newer_access {
+        // Take from the file only what is news: its access token if better (else ours, with
+        // its generation: it is the same token), its refresh token if another writer
+        // changed it (else ours, which may be newer than a file we could not write).
+        let mut candidate = if newer_access {
             candidate
         } else {
             Token {
@@ -947,6 +1066,9 @@ impl Credential {
                 ..candidate
             }
         };
+        if !new_refresh {
+            candidate.refresh = current.refresh.clone();
+        }
         let adopted = Arc::new(candidate);
         self.token.store(Arc::clone(&adopted));
         self.wake.notify_one();
@@ -1044,11 +1166,11 @@ mod tests {
             &env,
         )
         .unwrap();
-        let refresher = Arc::new(Refresher {
-            client: reqwest::Client::new(),
-            config: config.refresh.clone(),
-            metrics: Arc::new(Metrics::new().unwrap()),
-        });
+        let refresher = Arc::new(Refresher::new(
+            reqwest::Client::new(),
+            config.refresh.clone(),
+            Arc::new(Metrics::new().unwrap()),
+        ));
         let store: Arc<dyn CredentialStore> = Arc::new(FileStore::new(path));
         let file = store.load().unwrap();
         let provider = Arc::new(config.providers[0].clone());

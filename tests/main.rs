@@ -4,6 +4,7 @@ mod helpers;
 mod process;
 
 mod admin;
+mod alerts;
 mod cli;
 mod config;
 mod failover;

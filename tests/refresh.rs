@@ -367,11 +367,11 @@ async fn rotated_refresh_token_is_kept_in_memory_when_the_file_cannot_be_written
         t.upstream.url, t.tokens.url
     ));
     let metrics = Arc::new(tokenrelay::metrics::Metrics::new().unwrap());
-    let refresher = Arc::new(tokenrelay::token::Refresher {
-        client: reqwest::Client::new(),
-        config: config.refresh.clone(),
-        metrics: Arc::clone(&metrics),
-    });
+    let refresher = Arc::new(tokenrelay::token::Refresher::new(
+        reqwest::Client::new(),
+        config.refresh.clone(),
+        Arc::clone(&metrics),
+    ));
     let store: Arc<dyn CredentialStore> =
         Arc::new(ReadOnly(tokenrelay::store::FileStore::new(path.clone())));
     let file = store.load().unwrap();
