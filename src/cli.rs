@@ -111,6 +111,21 @@ pub async fn status(config: &Config, admin: Option<&str>) -> anyhow::Result<i32>
     Ok(i32::from(attention))
 }
 
+/// `tokenrelay health`: whether a running instance answers `/healthz`.
+pub async fn health(config: &Config, admin: Option<&str>) -> anyhow::Result<i32> {
+    let base = admin_base(config, admin).replace("0.0.0.0", "127.0.0.1");
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?;
+    let ok = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success());
+    println!("{}", if ok { "healthy" } else { "unhealthy" });
+    Ok(i32::from(!ok))
+}
+
 /// `tokenrelay refresh [PROVIDER/ID]`: forces a refresh in a running instance.
 pub async fn refresh(
     config: &Config,

@@ -35,6 +35,11 @@ enum Command {
     },
     /// Validate the configuration and credential files offline.
     Check,
+    /// Exit 0 if a running instance answers /healthz (for container health checks).
+    Health {
+        #[arg(long)]
+        admin: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
                 cli::refresh(&config, admin.as_deref(), target.as_deref()).await
             }
             Command::Check => cli::check(&config),
+            Command::Health { admin } => cli::health(&config, admin.as_deref()).await,
         }
     });
     match result {

@@ -71,6 +71,8 @@ async fn status_and_refresh_talk_to_a_running_instance() {
     let (code, out) = run(&["refresh", "--config", cfg, "--admin", &admin]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("qwen/bob: FAILED"), "{out}");
+    let (code, out) = run(&["health", "--config", cfg, "--admin", &admin]);
+    assert_eq!((code, out.trim()), (0, "healthy"));
     let (code, out) = run(&["refresh", "qwen/nobody", "--config", cfg, "--admin", &admin]);
     assert_eq!(code, 2);
     assert!(out.contains("no credential qwen/nobody"), "{out}");
@@ -84,6 +86,8 @@ fn status_says_when_nothing_is_running() {
         out.contains("cannot reach tokenrelay's admin listener at http://127.0.0.1:9"),
         "{out}"
     );
+    let (code, _) = run(&["health", "--admin", "127.0.0.1:9"]);
+    assert_eq!(code, 1);
 }
 
 #[test]

@@ -690,3 +690,55 @@ async fn read_only_rotating_credential_without_state_dir_warns_loudly() {
     );
     assert!(logs.contains("state_dir"));
 }
+
+/// SIGTERM: stop accepting, let in-flight streams finish, exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_streams_and_exits_cleanly() {
+    use futures_util::StreamExt;
+    let t = spawn_app(Flavor::Qwen).access_token("a").start().await;
+    let dir = t.dir.path().join("term");
+    std::fs::create_dir(&dir).unwrap();
+    write_cred(&dir, "a.json", &qwen_cred("a", "r"));
+    let config = write_config(
+        t.dir.path(),
+        "term.toml",
+        "qwen",
+        &t.upstream.url,
+        &t.tokens.url,
+        &dir,
+        "shutdown_grace = \"10s\"",
+    );
+    let mut p = Proc::spawn(&config, &t.dir.path().join("term.log"));
+    let r = t
+        .http
+        .post(format!("{}/qwen/v1/sse", p.proxy))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: {\"event\":0}"));
+    p.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // New connections are refused while the stream goes on.
+    let fresh = reqwest::Client::new();
+    assert!(
+        fresh
+            .post(format!("{}/qwen/v1/x", p.proxy))
+            .send()
+            .await
+            .is_err(),
+        "still accepting after SIGTERM"
+    );
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.expect("the stream is not cut"));
+    }
+    assert_eq!(
+        String::from_utf8(rest).unwrap(),
+        "data: {\"event\":1}\n\ndata: {\"event\":2}\n\n"
+    );
+    let status = p.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", p.logs());
+}

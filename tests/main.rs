@@ -7,6 +7,7 @@ mod admin;
 mod alerts;
 mod cli;
 mod config;
+mod deploy;
 mod failover;
 mod lifecycle;
 mod proxy;
