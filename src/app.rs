@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::proxy::{self, ProxyState};
+use crate::server::{self, Limits};
 use crate::token::Refresher;
 
 /// A running tokenrelay: its bound addresses and a handle to stop it.
@@ -26,7 +27,7 @@ pub struct App {
     pub pool: Arc<Pool>,
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
-    servers: Vec<JoinHandle<std::io::Result<()>>>,
+    servers: Vec<JoinHandle<()>>,
     grace: Duration,
     /// Watches the credential directories; dropping it stops the watch.
     _watcher: Option<notify::RecommendedWatcher>,
@@ -101,17 +102,23 @@ impl App {
         let admin_addr = admin_listener.local_addr()?;
 
         let (shutdown, _) = watch::channel(false);
+        let limits = Limits {
+            max_connections: config.server.max_connections,
+            max_header_bytes: config.server.max_header_bytes,
+            max_headers: config.server.max_headers,
+            header_read_timeout: config.server.header_read_timeout,
+        };
+        let grace = config.server.shutdown_grace;
         let servers = [(proxy_listener, proxy_app), (admin_listener, admin_app)]
             .into_iter()
             .map(|(listener, app)| {
-                let mut stop = shutdown.subscribe();
-                tokio::spawn(async move {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        })
-                        .await
-                })
+                tokio::spawn(server::serve(
+                    listener,
+                    app,
+                    limits,
+                    shutdown.subscribe(),
+                    grace,
+                ))
             })
             .collect();
         tracing::info!(proxy = %proxy_addr, admin = %admin_addr, config = %config.source, "tokenrelay listening");
@@ -132,10 +139,9 @@ impl App {
     pub async fn shutdown(self) {
         self.pool.retire_all();
         let _ = self.shutdown.send(true);
+        // Each server drains its connections for up to the grace period.
         let all = futures_util::future::join_all(self.servers);
-        if tokio::time::timeout(self.grace, all).await.is_err() {
-            tracing::warn!(grace = ?self.grace, "shutdown grace period over; closing remaining connections");
-        }
+        let _ = tokio::time::timeout(self.grace + Duration::from_secs(1), all).await;
     }
 }
 

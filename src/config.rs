@@ -88,6 +88,10 @@ struct RawServer {
     upstream_connect_timeout: Option<String>,
     upstream_idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
+    max_connections: Option<usize>,
+    max_header_bytes: Option<String>,
+    max_headers: Option<usize>,
+    header_read_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +164,12 @@ pub struct ServerConfig {
     pub upstream_connect_timeout: Duration,
     pub upstream_idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Open connections per listener; accepting pauses at the cap.
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// How long a client may take to send its request headers.
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -520,6 +530,30 @@ impl Validator<'_> {
                 "5m",
             )?,
             shutdown_grace: self.duration("server.shutdown_grace", raw.shutdown_grace, "30s")?,
+            max_connections: match raw.max_connections {
+                Some(0) => return Err(self.err("server.max_connections", "must be at least 1")),
+                n => n.unwrap_or(4096),
+            },
+            max_header_bytes: match raw.max_header_bytes.as_deref() {
+                None => 64 << 10,
+                Some(s) => {
+                    match parse_size(s).map_err(|p| self.err("server.max_header_bytes", p))? {
+                        n if n < 8192 => {
+                            return Err(self.err("server.max_header_bytes", "must be at least 8KiB"))
+                        }
+                        n => n,
+                    }
+                }
+            },
+            max_headers: match raw.max_headers {
+                Some(0) => return Err(self.err("server.max_headers", "must be at least 1")),
+                n => n.unwrap_or(100),
+            },
+            header_read_timeout: self.duration(
+                "server.header_read_timeout",
+                raw.header_read_timeout,
+                "10s",
+            )?,
         })
     }
 

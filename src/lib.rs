@@ -20,6 +20,7 @@ pub mod store;
 pub mod token;
 
 mod app;
+mod server;
 
 pub use app::{run, App};
 pub use config::Config;

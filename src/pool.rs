@@ -286,6 +286,7 @@ fn load_credential(
         )
     })?;
     let shape = file.shape;
+    warn_if_readable_by_others(&found.path);
     let cred = Credential::from_store(
         Arc::clone(provider),
         id,
@@ -316,6 +317,20 @@ fn load_credential(
         }
     }
     Ok(Arc::new(cred))
+}
+
+/// A credential readable by group or others leaks to every local user (and container).
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    // `metadata` follows symlinks: the mode of the file itself (Kubernetes mounts).
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(target: "tokenrelay::credentials", path = %path.display(), mode = %format!("{mode:o}"),
+                fix = %format!("chmod 600 {}", path.display()),
+                "credential file is readable by other users; restrict it (Kubernetes: defaultMode: 0400 on the Secret volume)");
+        }
+    }
 }
 
 /// The configured id, else the file stem made safe; suffixed `-2`, `-3`… when taken.

@@ -64,6 +64,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
+    if parts.method == http::Method::CONNECT {
+        return ProxyError::new(
+            Reason::BadRequest,
+            "tokenrelay is a reverse proxy for configured providers, not a forward proxy: CONNECT is refused",
+        )
+        .into_response();
+    }
     let Some((provider, rest)) = split_path(parts.uri.path()) else {
         return ProxyError::new(
             Reason::UnknownProvider,
@@ -144,12 +151,13 @@ fn split_path(path: &str) -> Option<(&str, &str)> {
     (!provider.is_empty()).then_some((provider, rest))
 }
 
-/// Rejects dot segments (also percent-encoded): they would move the request outside the
-/// upstream's base once a URL parser normalises them.
+/// Rejects dot segments, also percent-encoded or behind a backslash (URL parsers treat
+/// `\\` as `/` in http URLs): once normalised they would move the request outside the
+/// upstream's base.
 fn check_path(rest: &str) -> Result<(), ProxyError> {
+    let dot = |piece: &str| piece == "." || piece == "..";
     for seg in rest.split('/') {
-        let decoded = percent_decode_lower(seg);
-        if decoded == "." || decoded == ".." {
+        if percent_decode_lower(seg).split(['/', '\\']).any(dot) || seg.split('\\').any(dot) {
             return Err(ProxyError::new(
                 Reason::BadRequest,
                 "the path may not contain '.' or '..' segments",
@@ -583,6 +591,9 @@ mod tests {
         assert!(check_path("/v1/../x").is_err());
         assert!(check_path("/v1/%2e%2E/x").is_err());
         assert!(check_path("/v1/%2E/x").is_err());
+        assert!(check_path("/v1/..%2fx").is_err());
+        assert!(check_path("/v1/..%5Cx").is_err());
+        assert!(check_path("/v1/x\\..\\y").is_err());
         assert!(check_path("/v1/models/gemini-2.5:generate").is_ok());
     }
 

@@ -100,6 +100,8 @@ pub struct TokenEndpointState {
     pub refused: AtomicUsize,
     /// Refresh tokens whose new access tokens upstream will not accept (a banned account).
     pub unaccepted: Mutex<HashSet<String>>,
+    /// Every access and refresh token this endpoint issued (for leak searches).
+    pub issued_secrets: Mutex<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -123,6 +125,7 @@ impl FakeTokenEndpoint {
             jwt_claims: Mutex::default(),
             refused: AtomicUsize::new(0),
             unaccepted: Mutex::default(),
+            issued_secrets: Mutex::default(),
         });
         let app = Router::new()
             .route("/token", post(token))
@@ -226,6 +229,7 @@ async fn token(
     }
     let n = s.issued.fetch_add(1, Ordering::SeqCst) + 1;
     let access = format!("access-{n}-{}", rand_suffix());
+    s.issued_secrets.lock().unwrap().push(access.clone());
     if !s.unaccepted.lock().unwrap().contains(rt) {
         s.valid.add(&access);
     }
@@ -238,6 +242,7 @@ async fn token(
         .into_response(),
         Flavor::Qwen => {
             let new_rt = format!("refresh-{n}-{}", rand_suffix());
+            s.issued_secrets.lock().unwrap().push(new_rt.clone());
             {
                 let mut rts = s.refresh_tokens.lock().unwrap();
                 rts.remove(rt);

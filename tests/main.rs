@@ -12,3 +12,5 @@ mod failover;
 mod lifecycle;
 mod proxy;
 mod refresh;
+mod robustness;
+mod security;

@@ -42,10 +42,12 @@ impl Proc {
     }
 
     pub fn spawn_cmd(mut cmd: Command, log: &Path) -> Proc {
+        if !cmd.get_envs().any(|(k, _)| k == "TOKENRELAY_LOG") {
+            cmd.env("TOKENRELAY_LOG", "info");
+        }
         let logfile = std::fs::File::create(log).unwrap();
         let child = cmd
             .env("TOKENRELAY_LOG_FORMAT", "json")
-            .env("TOKENRELAY_LOG", "info")
             .env("HOME", "/nonexistent-home")
             .stdout(Stdio::null())
             .stderr(logfile)
