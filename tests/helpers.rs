@@ -462,6 +462,9 @@ async fn upstream(State(s): State<Arc<UpstreamState>>, req: Request) -> Response
         return limit.answer();
     }
     let path = parts.uri.path();
+    if let Some(answer) = sdk_answer(path, &body) {
+        return answer;
+    }
     if path.ends_with("/sse") {
         let stream = async_stream(3, Duration::from_millis(300));
         return Response::builder()
@@ -478,6 +481,59 @@ async fn upstream(State(s): State<Arc<UpstreamState>>, req: Request) -> Response
             .into_response();
     }
     Json(json!({"ok": true, "path": path_and_query, "bytes": body.len()})).into_response()
+}
+
+/// What the real APIs answer, in the shapes the official SDKs parse: OpenAI chat
+/// completions (JSON or SSE ending in `[DONE]`) and Gemini generateContent (JSON or SSE).
+fn sdk_answer(path: &str, body: &[u8]) -> Option<Response> {
+    let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let sse = |events: Vec<Value>, done: bool| {
+        let mut text: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+        if done {
+            text.push_str("data: [DONE]\n\n");
+        }
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from(text))
+            .unwrap()
+    };
+    if path.ends_with("/chat/completions") && request.get("messages").is_some() {
+        let chunk = |content: Value, finish: Value| {
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "qwen3-coder-plus",
+                   "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]})
+        };
+        if request["stream"] == true {
+            return Some(sse(
+                vec![
+                    chunk(json!("Hello, "), Value::Null),
+                    chunk(json!("streamed."), json!("stop")),
+                ],
+                true,
+            ));
+        }
+        return Some(
+            Json(json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "qwen3-coder-plus",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the fake upstream."}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}
+            }))
+            .into_response(),
+        );
+    }
+    let candidate = |text: &str| {
+        json!({"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}],
+               "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 4, "totalTokenCount": 5}})
+    };
+    if path.ends_with(":streamGenerateContent") {
+        return Some(sse(
+            vec![candidate("Hello, "), candidate("streamed Gemini.")],
+            false,
+        ));
+    }
+    if path.ends_with(":generateContent") && request.get("contents").is_some() {
+        return Some(Json(candidate("Hello from the fake Gemini.")).into_response());
+    }
+    None
 }
 
 fn async_stream(

@@ -6,6 +6,7 @@ mod process;
 mod admin;
 mod alerts;
 mod cli;
+mod clients;
 mod config;
 mod deploy;
 mod failover;

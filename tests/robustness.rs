@@ -18,11 +18,17 @@ const FIXTURES: [&str; 6] = [
 /// The secret values of a fixture: an error must not contain them.
 fn values(text: &str) -> Vec<String> {
     let v: Value = serde_json::from_str(text).unwrap();
-    ["access_token", "refresh_token", "client_secret", "private_key", "id_token"]
-        .iter()
-        .filter_map(|k| v[k].as_str())
-        .map(String::from)
-        .collect()
+    [
+        "access_token",
+        "refresh_token",
+        "client_secret",
+        "private_key",
+        "id_token",
+    ]
+    .iter()
+    .filter_map(|k| v[k].as_str())
+    .map(String::from)
+    .collect()
 }
 
 fn check(bytes: &[u8], secrets: &[String]) {
