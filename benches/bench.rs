@@ -1,0 +1,591 @@
+//! tokenrelay against the physical limit (no proxy) and nginx, side by side in one run.
+//!
+//! Run with `scripts/bench.sh` (it installs nginx and oha, raises the file limit and builds
+//! in release mode). This binary starts a fast fake upstream and token endpoint in-process,
+//! nginx and tokenrelay as processes, drives them with `oha` (open loop, latency
+//! correction) and its own clients, prints one table and writes `docs/benchmarks.md`.
+//! Figures are from a shared, noisy machine: compare the ratios, measured side by side.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+const SMALL: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}]}"#;
+
+/// The fake upstream: a small JSON answer, or an SSE stream whose first event is sent at
+/// once and the rest every 100 ms (`/v1/sse?events=N`).
+async fn upstream(req: Request<hyper::body::Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    // Drain the request body so the connection can be reused.
+    let _ = req.into_body().collect().await;
+    if path.ends_with("/sse") {
+        let events: usize = query
+            .strip_prefix("events=")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(3);
+        let stream = futures_util::stream::unfold(0, move |i| async move {
+            if i == events {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let frame = Frame::data(Bytes::from(format!("data: {{\"i\":{i}}}\n\n")));
+            Some((Ok::<_, Infallible>(frame), i + 1))
+        });
+        return Ok(Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(BodyExt::boxed(StreamBody::new(stream)))
+            .unwrap());
+    }
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(SMALL.as_bytes())).boxed())
+        .unwrap())
+}
+
+/// The fake token endpoint: counts calls, answers after 50 ms (so a storm overlaps it).
+async fn token_endpoint(
+    calls: Arc<AtomicUsize>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let _ = req.into_body().collect().await;
+    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let body = json!({"access_token": format!("bench-access-{n}"), "expires_in": 3600, "token_type": "Bearer"});
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap())
+}
+
+async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service_fn(handler))
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn write_creds(dir: &Path, n: usize, expires_at_ms: i64) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        let doc = json!({"access_token": format!("bench-{i}"), "refresh_token": format!("rt-{i}"), "expiry_date": expires_at_ms});
+        std::fs::write(dir.join(format!("c{i:03}.json")), doc.to_string()).unwrap();
+    }
+}
+
+/// Starts tokenrelay (release build) with `n` credentials expiring at `expires_at_ms`.
+fn tokenrelay(
+    bin: &Path,
+    work: &Path,
+    name: &str,
+    upstream: SocketAddr,
+    token: SocketAddr,
+    n: usize,
+    expires_at_ms: i64,
+) -> (Proc, u16, u16) {
+    let creds = work.join(format!("{name}-creds"));
+    write_creds(&creds, n, expires_at_ms);
+    let (port, admin) = (free_port(), free_port());
+    let config = work.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nmax_connections = 20000\n[refresh]\nmin_validity = \"60s\"\n[providers.bench]\nupstream = \"http://{upstream}\"\ntoken_url = \"http://{token}/token\"\nclient_id = \"bench\"\ncredentials = [\"{}\"]\n",
+            creds.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .env("TOKENRELAY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(work.join(format!("{name}.log"))).unwrap())
+        .spawn()
+        .expect("tokenrelay binary");
+    wait_port(port);
+    wait_port(admin);
+    (Proc(child), port, admin)
+}
+
+fn nginx(work: &Path, upstream: SocketAddr) -> (Proc, u16) {
+    let port = free_port();
+    let dir = work.join("nginx");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"worker_processes auto;
+daemon off;
+pid {pid};
+error_log {dir}/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  upstream fake {{ server {upstream}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://fake;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer static-token";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"#,
+            pid = dir.join("nginx.pid").display(),
+            dir = dir.display(),
+        ),
+    )
+    .unwrap();
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx (scripts/bench.sh installs it)");
+    wait_port(port);
+    (Proc(child), port)
+}
+
+#[derive(Clone, Copy, Default)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    rps: f64,
+}
+
+/// One oha run: `rate` requests/s open loop (with latency correction) or, with `None`, as
+/// fast as possible. Latencies in milliseconds.
+fn oha(url: &str, rate: Option<u32>, secs: u32, connections: u32) -> Latency {
+    let mut cmd = Command::new("oha");
+    cmd.args([
+        "--no-tui",
+        "--output-format",
+        "json",
+        "-z",
+        &format!("{secs}s"),
+        "-c",
+        &connections.to_string(),
+    ]);
+    cmd.args([
+        "-m",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"model":"bench","messages":[]}"#,
+    ]);
+    if let Some(q) = rate {
+        cmd.args(["-q", &q.to_string(), "--latency-correction"]);
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .expect("oha (scripts/bench.sh installs it)");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("oha output: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let ms = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+    let ok = v["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
+    let total: u64 = v["statusCodeDistribution"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    assert!(
+        ok > 0 && ok == total,
+        "{url}: non-200 answers: {}",
+        v["statusCodeDistribution"]
+    );
+    Latency {
+        p50: ms("p50"),
+        p99: ms("p99"),
+        p999: ms("p99.9"),
+        rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(f64::NAN),
+    }
+}
+
+/// Time from sending a request to the first SSE event, over `n` sequential requests on a
+/// kept-alive connection: (median, p99) in milliseconds.
+async fn first_event(url: &str, n: usize) -> (f64, f64) {
+    let client = reqwest::Client::new();
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let mut r = client.post(url).body("{}").send().await.unwrap();
+        let first = r.chunk().await.unwrap().expect("an event");
+        assert!(first.starts_with(b"data:"));
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        while r.chunk().await.unwrap().is_some() {}
+    }
+    samples.sort_by(f64::total_cmp);
+    (samples[n / 2], samples[(n * 99 / 100).min(n - 1)])
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let secs = if quick { 3 } else { 10 };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin = root.join("target/release/tokenrelay");
+    assert!(bin.is_file(), "build it first: cargo build --release");
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path().to_path_buf();
+
+    // The fakes get their own runtime and one thread, like a separate upstream host.
+    let fakes = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (up, tok) = fakes.block_on(async {
+        let c = Arc::clone(&calls);
+        (
+            serve(upstream).await,
+            serve(move |r| token_endpoint(Arc::clone(&c), r)).await,
+        )
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let (tr, tr_port, _) = tokenrelay(&bin, &work, "main", up, tok, 1, now + 3_600_000);
+    let (_nginx, ng_port) = nginx(&work, up);
+    let paths = [
+        ("direct", format!("http://{up}")),
+        ("nginx", format!("http://127.0.0.1:{ng_port}")),
+        ("tokenrelay", format!("http://127.0.0.1:{tr_port}/bench")),
+    ];
+    // Warm up every path (connections, caches).
+    for (_, base) in &paths {
+        let _ = oha(&format!("{base}/v1/chat/completions"), Some(500), 1, 8);
+    }
+
+    let rates: &[u32] = if quick { &[1000] } else { &[1000, 4000] };
+    let mut fixed: Vec<(u32, [Latency; 3])> = Vec::new();
+    for &rate in rates {
+        let mut row = [Latency::default(); 3];
+        for (i, (name, base)) in paths.iter().enumerate() {
+            row[i] = oha(&format!("{base}/v1/chat/completions"), Some(rate), secs, 64);
+            eprintln!(
+                "{rate} req/s {name}: p50 {:.3} ms p99 {:.3} ms p99.9 {:.3} ms",
+                row[i].p50, row[i].p99, row[i].p999
+            );
+        }
+        fixed.push((rate, row));
+    }
+    let mut max = [0.0f64; 3];
+    for (i, (name, base)) in paths.iter().enumerate() {
+        max[i] = oha(&format!("{base}/v1/chat/completions"), None, secs, 64).rps;
+        eprintln!("saturation {name}: {:.0} req/s", max[i]);
+    }
+    let mut sse = [(0.0, 0.0); 3];
+    for (i, (name, base)) in paths.iter().enumerate() {
+        sse[i] = rt.block_on(first_event(
+            &format!("{base}/v1/sse?events=2"),
+            if quick { 50 } else { 200 },
+        ));
+        eprintln!(
+            "SSE first event {name}: median {:.3} ms p99 {:.3} ms",
+            sse[i].0, sse[i].1
+        );
+    }
+
+    // Memory: idle with 100 credentials, then with 1,000 streams open.
+    let (idle, idle_port, _) = tokenrelay(&bin, &work, "idle", up, tok, 100, now + 3_600_000);
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_idle = rss_mb(idle.0.id());
+    let rss_streams = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{idle_port}/bench/v1/sse?events=100");
+        let mut open = Vec::new();
+        for _ in 0..1000 {
+            let c = client.clone();
+            let u = url.clone();
+            open.push(tokio::spawn(async move {
+                let mut r = c.post(u).body("{}").send().await.unwrap();
+                r.chunk().await.unwrap();
+                r
+            }));
+        }
+        let mut streams = Vec::new();
+        for o in open {
+            streams.push(o.await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss = rss_mb(idle.0.id());
+        drop(streams);
+        rss
+    });
+    eprintln!("RSS: idle {rss_idle:.1} MB, 1000 streams {rss_streams:.1} MB");
+    drop(idle);
+
+    // Refresh storm: 10,000 concurrent requests on an expired token.
+    let (storm, storm_port, _) = tokenrelay(&bin, &work, "storm", up, tok, 1, now - 60_000);
+    let before = calls.load(Ordering::SeqCst);
+    let storm_n = 10_000;
+    let (storm_p99, storm_ok) = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{storm_port}/bench/v1/chat/completions");
+        let tasks: Vec<_> = (0..storm_n)
+            .map(|_| {
+                let c = client.clone();
+                let u = url.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let ok = c
+                        .post(u)
+                        .body("{}")
+                        .send()
+                        .await
+                        .map(|r| r.status().is_success())
+                        .unwrap_or(false);
+                    (started.elapsed().as_secs_f64() * 1000.0, ok)
+                })
+            })
+            .collect();
+        let mut lat = Vec::new();
+        let mut ok = 0;
+        for t in tasks {
+            let (l, o) = t.await.unwrap();
+            lat.push(l);
+            ok += usize::from(o);
+        }
+        lat.sort_by(f64::total_cmp);
+        (lat[lat.len() * 99 / 100], ok)
+    });
+    let storm_calls = calls.load(Ordering::SeqCst) - before;
+    eprintln!(
+        "storm: {storm_calls} token-endpoint calls, {storm_ok}/{storm_n} ok, p99 {storm_p99:.1} ms"
+    );
+    drop(storm);
+    drop(tr);
+
+    let report = report(
+        &fixed,
+        &max,
+        &sse,
+        rss_idle,
+        rss_streams,
+        storm_calls,
+        storm_ok,
+        storm_n,
+        storm_p99,
+        quick,
+    );
+    println!("{report}");
+    if !quick {
+        let docs = root.join("docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        std::fs::write(docs.join("benchmarks.md"), report).unwrap();
+        eprintln!("written to docs/benchmarks.md");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    fixed: &[(u32, [Latency; 3])],
+    max: &[f64; 3],
+    sse: &[(f64, f64); 3],
+    rss_idle: f64,
+    rss_streams: f64,
+    storm_calls: usize,
+    storm_ok: usize,
+    storm_n: usize,
+    storm_p99: f64,
+    quick: bool,
+) -> String {
+    let mut s = String::new();
+    let machine = machine();
+    let _ = writeln!(s, "# tokenrelay benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Measured by `scripts/bench.sh`{} on {machine}, {}. The fake upstream, nginx, tokenrelay and the load generator (oha, open loop with latency correction, 64 connections) share the machine's cores, so absolute figures are noisy: compare the ratios, measured side by side in one run. \"Added\" is the latency over direct (no proxy).\n",
+        if quick { " --quick" } else { "" },
+        date()
+    );
+    let _ = writeln!(s, "## Latency at fixed request rates (ms)\n");
+    let _ = writeln!(
+        s,
+        "| rate | path | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for (rate, row) in fixed {
+        for (i, name) in ["direct", "nginx", "tokenrelay"].iter().enumerate() {
+            let l = row[i];
+            let d = row[0];
+            let _ = writeln!(
+                s,
+                "| {rate}/s | {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                l.p50,
+                l.p99,
+                l.p999,
+                l.p50 - d.p50,
+                l.p99 - d.p99,
+                l.p999 - d.p999
+            );
+        }
+        let (n, t, d) = (row[1], row[2], row[0]);
+        let _ = writeln!(
+            s,
+            "| {rate}/s | **tokenrelay/nginx added** | | | | {:.2}× | {:.2}× | {:.2}× |",
+            ratio(t.p50 - d.p50, n.p50 - d.p50),
+            ratio(t.p99 - d.p99, n.p99 - d.p99),
+            ratio(t.p999 - d.p999, n.p999 - d.p999)
+        );
+    }
+    let _ = writeln!(s, "\n## Throughput at saturation\n");
+    let _ = writeln!(s, "| path | req/s | tokenrelay/this |");
+    let _ = writeln!(s, "|---|---|---|");
+    for (i, name) in ["direct", "nginx", "tokenrelay"].iter().enumerate() {
+        let _ = writeln!(s, "| {name} | {:.0} | {:.2} |", max[i], max[2] / max[i]);
+    }
+    let _ = writeln!(s, "\n## SSE: time to first event (ms)\n");
+    let _ = writeln!(s, "| path | median | p99 | added median |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    for (i, name) in ["direct", "nginx", "tokenrelay"].iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "| {name} | {:.3} | {:.3} | {:.3} |",
+            sse[i].0,
+            sse[i].1,
+            sse[i].0 - sse[0].0
+        );
+    }
+    let _ = writeln!(s, "\n## Memory and refresh storm\n");
+    let _ = writeln!(s, "| measure | value | target |");
+    let _ = writeln!(s, "|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| RSS idle, 100 credentials | {rss_idle:.1} MB | ≤ 30 MB |"
+    );
+    let _ = writeln!(
+        s,
+        "| RSS with 1,000 concurrent streams | {rss_streams:.1} MB | |"
+    );
+    let _ = writeln!(s, "| refresh storm: {storm_n} concurrent requests on an expired token → token-endpoint calls | {storm_calls} | 1 |");
+    let _ = writeln!(
+        s,
+        "| refresh storm: requests answered 200 | {storm_ok}/{storm_n} | all |"
+    );
+    let _ = writeln!(s, "| refresh storm: p99 latency | {storm_p99:.1} ms | |");
+    let _ = writeln!(s, "\nReproduce: `scripts/bench.sh` (add `--quick` for a 3-second smoke run that does not rewrite this file).");
+    s
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b.abs() < 1e-9 {
+        f64::NAN
+    } else {
+        a / b
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cores} cores ({cpu})")
+}
+
+fn date() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}

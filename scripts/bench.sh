@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# tokenrelay vs no proxy vs nginx, side by side in one run (benches/bench.rs).
+# Installs nginx (Debian) and oha (crates.io) if missing, raises the open-file limit for
+# the 1,000-stream and 10,000-request measurements, builds in release mode, and runs.
+#   scripts/bench.sh           full run, rewrites docs/benchmarks.md
+#   scripts/bench.sh --quick   3-second smoke run, prints only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+command -v nginx >/dev/null || { as_root apt-get update -qq; DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends nginx >/dev/null; }
+command -v oha >/dev/null || cargo install --locked oha@1
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+cargo build --release --locked --bin tokenrelay
+cargo bench --locked --bench bench -- "$@"
