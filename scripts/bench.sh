@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 command -v nginx >/dev/null || { as_root apt-get update -qq; DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends nginx >/dev/null; }
-command -v oha >/dev/null || cargo install --locked oha@1
+command -v oha >/dev/null || cargo install --locked oha
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 cargo build --release --locked --bin tokenrelay
 cargo bench --locked --bench bench -- "$@"

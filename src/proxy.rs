@@ -20,6 +20,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::StatusCode;
@@ -430,20 +431,46 @@ async fn check_rate_limit(
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(retry_after::parse);
-    // Error bodies are small; read it to look for a quota code or RetryInfo.
+    // Error bodies are small: read up to 64 KiB to look for a quota code or RetryInfo.
+    // A longer one is not an API error answer; it passes through whole.
+    const INSPECT: usize = 64 << 10;
     let mut builder = http::Response::builder()
         .status(status)
         .version(resp.version());
     if let Some(h) = builder.headers_mut() {
         *h = resp.headers().clone();
     }
-    let bytes = resp.bytes().await?;
-    let quota = status == StatusCode::TOO_MANY_REQUESTS || is_quota_error(&bytes);
-    let hint = header_hint.or_else(|| retry_after::google_retry_delay(&bytes));
+    let mut resp = resp;
+    let mut head = Vec::new();
+    let mut complete = false;
+    while head.len() <= INSPECT {
+        match resp.chunk().await? {
+            Some(chunk) => head.extend_from_slice(&chunk),
+            None => {
+                complete = true;
+                break;
+            }
+        }
+    }
+    let head = Bytes::from(head);
+    let (quota, hint) = if complete {
+        (
+            status == StatusCode::TOO_MANY_REQUESTS || is_quota_error(&head),
+            header_hint.or_else(|| retry_after::google_retry_delay(&head)),
+        )
+    } else {
+        (status == StatusCode::TOO_MANY_REQUESTS, header_hint)
+    };
+    let body = if complete {
+        reqwest::Body::from(head)
+    } else {
+        let first = futures_util::stream::once(async move { Ok::<_, reqwest::Error>(head) });
+        reqwest::Body::wrap_stream(first.chain(resp.bytes_stream()))
+    };
     let rebuilt = builder
-        .body(bytes)
+        .body(body)
         .map(reqwest::Response::from)
-        .unwrap_or_else(|_| http::Response::new(Bytes::new()).into());
+        .unwrap_or_else(|_| http::Response::new(reqwest::Body::from(Bytes::new())).into());
     Ok((rebuilt, quota.then_some(hint)))
 }
 

@@ -251,6 +251,20 @@ async fn a_forbidden_answer_that_is_not_about_quota_passes_through() {
 }
 
 #[tokio::test]
+async fn a_large_error_page_passes_through_whole() {
+    let t = three("fill_first").await;
+    let r = t.post("/qwen/big/403", json!({})).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["x-tokenrelay-credential"], "a");
+    assert_eq!(r.bytes().await.unwrap().len(), 200_000);
+    assert_eq!(
+        t.credential("a").await["state"],
+        "ready",
+        "not mistaken for a quota error"
+    );
+}
+
+#[tokio::test]
 async fn the_request_deadline_bounds_the_whole_attempt_sequence() {
     let t = spawn_app(Flavor::Qwen)
         .toml("[pool]\nrequest_deadline = \"300ms\"\n[refresh]\ntimeout = \"5s\"")

@@ -472,6 +472,14 @@ async fn upstream(State(s): State<Arc<UpstreamState>>, req: Request) -> Response
             .body(Body::from_stream(stream))
             .unwrap();
     }
+    if let Some(code) = path.strip_prefix("/big/") {
+        // A large error page (200,000 bytes), sent in pieces.
+        let code = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+        let chunks = futures_util::stream::iter(
+            (0..50).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 4000]))),
+        );
+        return (code, Body::from_stream(chunks)).into_response();
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         let code = code.parse().unwrap_or(500);
         return (
