@@ -334,6 +334,15 @@ fn main() {
         .unwrap()
         .as_millis() as i64;
     let (tr, tr_port, _) = tokenrelay(&bin, &work, "main", up, tok, 1, now + 3_600_000);
+    if std::env::args().any(|a| a == "--serve") {
+        // For profiling: print where things are and keep them up.
+        println!(
+            "upstream http://{up} tokenrelay http://127.0.0.1:{tr_port}/bench pid {}",
+            tr.0.id()
+        );
+        std::thread::sleep(Duration::from_secs(600));
+        return;
+    }
     let (_nginx, ng_port) = nginx(&work, up);
     let paths = [
         ("direct", format!("http://{up}")),
@@ -407,8 +416,15 @@ fn main() {
     eprintln!("RSS: idle {rss_idle:.1} MB, 1000 streams {rss_streams:.1} MB");
     drop(idle);
 
-    // Refresh storm: 10,000 concurrent requests on an expired token.
-    let (storm, storm_port, _) = tokenrelay(&bin, &work, "storm", up, tok, 1, now - 60_000);
+    // Refresh storm: 10,000 concurrent requests on a token too close to expiry to attach
+    // (30 s left, min_validity 60 s): every request needs the inline refresh, and the
+    // background refresh (due halfway, in 15 s) has not run yet.
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 30_000;
+    let (storm, storm_port, _) = tokenrelay(&bin, &work, "storm", up, tok, 1, soon);
     let before = calls.load(Ordering::SeqCst);
     let storm_n = 10_000;
     let (storm_p99, storm_ok) = rt.block_on(async {
