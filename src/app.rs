@@ -19,6 +19,7 @@ use crate::pool::Pool;
 use crate::proxy::{self, ProxyState};
 use crate::server::{self, Limits};
 use crate::token::Refresher;
+use crate::upstream::Upstream;
 
 /// A running tokenrelay: its bound addresses and a handle to stop it.
 pub struct App {
@@ -58,15 +59,10 @@ impl App {
 
         // One client for every upstream request: connection reuse, no redirects, no total
         // timeout (streams can be long), but bounded connect and idle reads.
-        let upstream_client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(config.server.upstream_connect_timeout)
-            .read_timeout(config.server.upstream_idle_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .tcp_nodelay(true)
-            .build()
-            .context("cannot build the upstream HTTP client")?;
+        let upstream_client = Upstream::new(
+            config.server.upstream_connect_timeout,
+            config.server.upstream_idle_timeout,
+        );
 
         let proxy_state = Arc::new(ProxyState {
             pool: Arc::clone(&pool),

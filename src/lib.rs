@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod retry_after;
 pub mod store;
 pub mod token;
+pub mod upstream;
 
 mod app;
 mod server;

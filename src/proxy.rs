@@ -35,10 +35,11 @@ use crate::oauth::{error_chain, RefreshError};
 use crate::pool::{looked_at, Pool, ProviderPool};
 use crate::retry_after;
 use crate::token::{Credential, State as CredState, Token};
+use crate::upstream::{BodyError, Upstream};
 
 pub struct ProxyState {
     pub pool: Arc<Pool>,
-    pub client: reqwest::Client,
+    pub client: Upstream,
     pub metrics: Arc<Metrics>,
     pub max_request_body: usize,
     pub client_keys: Vec<SecretString>,
@@ -397,34 +398,41 @@ async fn send(
     headers: &HeaderMap,
     path_and_query: &str,
     body: Bytes,
-) -> Result<reqwest::Response, reqwest::Error> {
-    let mut url = String::with_capacity(token.base.as_str().len() + path_and_query.len());
-    url.push_str(token.base.as_str().trim_end_matches('/'));
-    url.push_str(path_and_query);
-    let mut headers = headers.clone();
+) -> Result<http::Response<crate::upstream::IdleTimeout>, hyper_util::client::legacy::Error> {
+    let base = token.base.as_str().trim_end_matches('/');
+    let mut uri = String::with_capacity(base.len() + path_and_query.len());
+    uri.push_str(base);
+    uri.push_str(path_and_query);
+    let mut req = http::Request::new(http_body_util::Full::new(body));
+    *req.method_mut() = parts.method.clone();
+    // The base is a validated URL and the path and query came in as a valid request target.
+    *req.uri_mut() = match http::Uri::try_from(uri) {
+        Ok(u) => u,
+        Err(_) => http::Uri::from_static("/"),
+    };
+    let h = req.headers_mut();
+    h.reserve(headers.len() + 2);
+    for (name, value) in headers {
+        h.append(name, value.clone());
+    }
     if let Some(b) = &token.bearer {
-        headers.insert(header::AUTHORIZATION, b.clone());
+        h.insert(header::AUTHORIZATION, b.clone());
     }
     if let Some(p) = &token.user_project {
-        headers.insert(&GOOG_USER_PROJECT, p.clone());
+        h.insert(&GOOG_USER_PROJECT, p.clone());
     }
-    s.client
-        .request(parts.method.clone(), url)
-        .headers(headers)
-        .body(body)
-        .send()
-        .await
+    s.client.send(req).await
 }
 
 /// A 429, or a quota error some upstreams answer with 403 (Qwen `insufficient_quota`) or
 /// 400/403 with Google's `RESOURCE_EXHAUSTED`. Returns the answer (re-assembled if its
 /// body had to be read) and, when rate-limited, the retry hint if there was one.
 async fn check_rate_limit(
-    resp: reqwest::Response,
-) -> Result<(reqwest::Response, Option<Option<Duration>>), reqwest::Error> {
+    resp: http::Response<crate::upstream::IdleTimeout>,
+) -> Result<(http::Response<Body>, Option<Option<Duration>>), BodyError> {
     let status = resp.status();
     if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::FORBIDDEN {
-        return Ok((resp, None));
+        return Ok((resp.map(Body::new), None));
     }
     let header_hint = resp
         .headers()
@@ -434,18 +442,16 @@ async fn check_rate_limit(
     // Error bodies are small: read up to 64 KiB to look for a quota code or RetryInfo.
     // A longer one is not an API error answer; it passes through whole.
     const INSPECT: usize = 64 << 10;
-    let mut builder = http::Response::builder()
-        .status(status)
-        .version(resp.version());
-    if let Some(h) = builder.headers_mut() {
-        *h = resp.headers().clone();
-    }
-    let mut resp = resp;
+    let (head_parts, mut rest) = resp.into_parts();
     let mut head = Vec::new();
     let mut complete = false;
     while head.len() <= INSPECT {
-        match resp.chunk().await? {
-            Some(chunk) => head.extend_from_slice(&chunk),
+        match rest.frame().await {
+            Some(frame) => {
+                if let Ok(data) = frame?.into_data() {
+                    head.extend_from_slice(&data);
+                }
+            }
             None => {
                 complete = true;
                 break;
@@ -462,16 +468,19 @@ async fn check_rate_limit(
         (status == StatusCode::TOO_MANY_REQUESTS, header_hint)
     };
     let body = if complete {
-        reqwest::Body::from(head)
+        Body::from(head)
     } else {
-        let first = futures_util::stream::once(async move { Ok::<_, reqwest::Error>(head) });
-        reqwest::Body::wrap_stream(first.chain(resp.bytes_stream()))
+        let first =
+            futures_util::stream::once(
+                async move { Ok::<_, BodyError>(http_body::Frame::data(head)) },
+            );
+        let frames = first.chain(http_body_util::BodyStream::new(rest));
+        Body::new(http_body_util::StreamBody::new(frames))
     };
-    let rebuilt = builder
-        .body(body)
-        .map(reqwest::Response::from)
-        .unwrap_or_else(|_| http::Response::new(reqwest::Body::from(Bytes::new())).into());
-    Ok((rebuilt, quota.then_some(hint)))
+    Ok((
+        http::Response::from_parts(head_parts, body),
+        quota.then_some(hint),
+    ))
 }
 
 fn is_quota_error(body: &[u8]) -> bool {
@@ -485,19 +494,15 @@ fn is_quota_error(body: &[u8]) -> bool {
 }
 
 /// Streams the upstream answer to the client as it arrives.
-fn stream_back(resp: reqwest::Response, credential: &str) -> Response {
-    let status = resp.status();
-    let mut headers = resp.headers().clone();
+fn stream_back(mut resp: http::Response<Body>, credential: &str) -> Response {
+    let headers = resp.headers_mut();
     for h in &HOP_BY_HOP {
         headers.remove(h);
     }
     if let Ok(v) = HeaderValue::from_str(credential) {
         headers.insert(&CREDENTIAL_HEADER, v);
     }
-    let mut out = Response::new(Body::from_stream(resp.bytes_stream()));
-    *out.status_mut() = status;
-    *out.headers_mut() = headers;
-    out
+    resp
 }
 
 /// The error when no credential served the request.

@@ -359,3 +359,36 @@ async fn rate_limited_credential_cools_down_and_the_next_one_serves() {
         .count();
     assert_eq!(limited, 1);
 }
+
+#[tokio::test]
+async fn a_stream_that_goes_silent_is_cut_after_the_idle_timeout() {
+    let t = spawn_app(Flavor::Qwen)
+        .toml("upstream_idle_timeout = \"150ms\"")
+        .cred("a.json", qwen_cred("good-access", "rt-a"))
+        .access_token("good-access")
+        .start()
+        .await;
+    // Events come 300 ms apart: the first arrives, then the silence is too long.
+    let r = t.post("/qwen/v1/sse", json!({})).await;
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: {\"event\":0}"));
+    let started = Instant::now();
+    let mut failed = false;
+    while let Some(chunk) = stream.next().await {
+        if chunk.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(
+        failed,
+        "the stream should end in an error, not look complete"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(290),
+        "{:?}",
+        started.elapsed()
+    );
+}
