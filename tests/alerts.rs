@@ -143,56 +143,13 @@ async fn discord_and_slack_get_their_own_shape() {
     assert!(s["text"].as_str().unwrap().contains("qwen/a"), "{s}");
 }
 
-/// A store that says it is writable but every save fails (a full disk, a broken mount).
-struct Failing(tokenrelay::store::FileStore);
-
-impl tokenrelay::store::CredentialStore for Failing {
-    fn location(&self) -> String {
-        self.0.location()
-    }
-    fn load(
-        &self,
-    ) -> Result<tokenrelay::credential::CredentialFile, tokenrelay::store::StoreError> {
-        self.0.load()
-    }
-    fn save(
-        &self,
-        _: &tokenrelay::credential::TokenUpdate,
-    ) -> Result<bool, tokenrelay::store::StoreError> {
-        Err(tokenrelay::store::StoreError::Io {
-            path: self.location(),
-            op: "write back",
-            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
-        })
-    }
-    fn writable(&self) -> bool {
-        true
-    }
-}
-
 #[tokio::test]
 async fn a_failing_write_back_alerts_once() {
-    use tokenrelay::store::CredentialStore;
     let (r, url) = receiver().await;
     let t = spawn_app(Flavor::Qwen).refresh_token("rt-a").start().await;
     let path = write_cred(t.dir.path(), "a.json", &qwen_cred("a-access", "rt-a"));
-    let config = TestApp::config(&format!(
-        "[providers.qwen]\nupstream = \"{}\"\ntoken_url = \"{}\"\ncredentials = []\n[[alerts.webhooks]]\nurl = \"{url}\"",
-        t.upstream.url, t.tokens.url
-    ));
-    let metrics = Arc::new(tokenrelay::metrics::Metrics::new().unwrap());
-    let refresher = Arc::new(tokenrelay::token::Refresher {
-        alerter: tokenrelay::alert::Alerter::start(&config.alerts, reqwest::Client::new()),
-        ..tokenrelay::token::Refresher::new(reqwest::Client::new(), config.refresh.clone(), metrics)
-    });
-    let store: Arc<dyn CredentialStore> =
-        Arc::new(Failing(tokenrelay::store::FileStore::new(path)));
-    let file = store.load().unwrap();
-    let provider = Arc::new(config.providers[0].clone());
-    let cred = Arc::new(
-        tokenrelay::token::Credential::from_store(provider, "a".into(), store, file, refresher)
-            .unwrap(),
-    );
+    let webhook = format!("[[alerts.webhooks]]\nurl = \"{url}\"");
+    let (cred, _) = unsavable_credential(&t, &path, "a", true, &webhook);
     for _ in 0..3 {
         cred.force_refresh()
             .await

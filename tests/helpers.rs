@@ -777,3 +777,77 @@ pub fn expired_qwen(refresh: &str) -> Value {
         "expiry_date": now_ms() - 60_000, "custom_field": {"kept": true}
     })
 }
+
+/// A store that reads its file but whose every save fails: read-only (`writable` false, a
+/// Kubernetes mount as root sees it too) or broken (`writable` true: a full disk).
+pub struct Unsavable {
+    pub inner: tokenrelay::store::FileStore,
+    pub claims_writable: bool,
+}
+
+impl tokenrelay::store::CredentialStore for Unsavable {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn load(
+        &self,
+    ) -> Result<tokenrelay::credential::CredentialFile, tokenrelay::store::StoreError> {
+        self.inner.load()
+    }
+    fn save(
+        &self,
+        _: &tokenrelay::credential::TokenUpdate,
+    ) -> Result<bool, tokenrelay::store::StoreError> {
+        let kind = if self.claims_writable {
+            std::io::ErrorKind::StorageFull
+        } else {
+            std::io::ErrorKind::ReadOnlyFilesystem
+        };
+        Err(tokenrelay::store::StoreError::Io {
+            path: self.location(),
+            op: "write back",
+            source: std::io::Error::from(kind),
+        })
+    }
+    fn writable(&self) -> bool {
+        self.claims_writable
+    }
+}
+
+/// A credential built by hand around `Unsavable` for the file at `path`, refreshing
+/// against this app's fakes; `extra_toml` may add e.g. alert webhooks.
+pub fn unsavable_credential(
+    t: &TestApp,
+    path: &Path,
+    id: &str,
+    claims_writable: bool,
+    extra_toml: &str,
+) -> (
+    Arc<tokenrelay::token::Credential>,
+    Arc<tokenrelay::metrics::Metrics>,
+) {
+    use tokenrelay::store::CredentialStore;
+    let config = TestApp::config(&format!(
+        "[providers.qwen]\nupstream = \"{}\"\ntoken_url = \"{}\"\ncredentials = []\n{extra_toml}",
+        t.upstream.url, t.tokens.url
+    ));
+    let metrics = Arc::new(tokenrelay::metrics::Metrics::new().unwrap());
+    let refresher = Arc::new(tokenrelay::token::Refresher {
+        alerter: tokenrelay::alert::Alerter::start(&config.alerts, reqwest::Client::new()),
+        ..tokenrelay::token::Refresher::new(
+            reqwest::Client::new(),
+            config.refresh.clone(),
+            Arc::clone(&metrics),
+        )
+    });
+    let store: Arc<dyn CredentialStore> = Arc::new(Unsavable {
+        inner: tokenrelay::store::FileStore::new(path.to_path_buf()),
+        claims_writable,
+    });
+    let file = store.load().unwrap();
+    let provider = Arc::new(config.providers[0].clone());
+    let cred =
+        tokenrelay::token::Credential::from_store(provider, id.into(), store, file, refresher)
+            .unwrap();
+    (Arc::new(cred), metrics)
+}

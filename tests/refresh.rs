@@ -325,61 +325,15 @@ async fn slow_token_endpoint_times_out_as_a_network_error() {
     assert_eq!(t.credential("a").await["state"], "expired");
 }
 
-/// A store that reads a file but cannot write (a read-only mount, as root sees it too).
-struct ReadOnly(tokenrelay::store::FileStore);
-
-impl tokenrelay::store::CredentialStore for ReadOnly {
-    fn location(&self) -> String {
-        self.0.location()
-    }
-    fn load(
-        &self,
-    ) -> Result<tokenrelay::credential::CredentialFile, tokenrelay::store::StoreError> {
-        self.0.load()
-    }
-    fn save(
-        &self,
-        _: &tokenrelay::credential::TokenUpdate,
-    ) -> Result<bool, tokenrelay::store::StoreError> {
-        Err(tokenrelay::store::StoreError::Io {
-            path: self.location(),
-            op: "write back",
-            source: std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem),
-        })
-    }
-    fn writable(&self) -> bool {
-        false
-    }
-}
-
 #[tokio::test]
 async fn rotated_refresh_token_is_kept_in_memory_when_the_file_cannot_be_written() {
-    use std::sync::Arc;
-    use tokenrelay::store::CredentialStore;
     let t = spawn_app(Flavor::Qwen)
         .refresh_token("rt-original")
         .start()
         .await;
     let path = write_cred(t.dir.path(), "ro.json", &expired_qwen("rt-original"));
     let before = std::fs::read(&path).unwrap();
-    let config = TestApp::config(&format!(
-        "[providers.qwen]\nupstream = \"{}\"\ntoken_url = \"{}\"\ncredentials = []\n",
-        t.upstream.url, t.tokens.url
-    ));
-    let metrics = Arc::new(tokenrelay::metrics::Metrics::new().unwrap());
-    let refresher = Arc::new(tokenrelay::token::Refresher::new(
-        reqwest::Client::new(),
-        config.refresh.clone(),
-        Arc::clone(&metrics),
-    ));
-    let store: Arc<dyn CredentialStore> =
-        Arc::new(ReadOnly(tokenrelay::store::FileStore::new(path.clone())));
-    let file = store.load().unwrap();
-    let provider = Arc::new(config.providers[0].clone());
-    let cred = Arc::new(
-        tokenrelay::token::Credential::from_store(provider, "ro".into(), store, file, refresher)
-            .unwrap(),
-    );
+    let (cred, metrics) = unsavable_credential(&t, &path, "ro", false, "");
 
     // Each refresh rotates; the second and third succeed only if the rotated token in
     // memory is used, not the dead one still in the file.
