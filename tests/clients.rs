@@ -76,17 +76,7 @@ async fn openai_sdk_completes_streams_and_sees_typed_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn google_genai_sdk_generates_and_streams() {
-    let t = spawn_app(Flavor::Google)
-        .cred(
-            "adc.json",
-            serde_json::from_str(include_str!(
-                "fixtures/credentials/adc_authorized_user.json"
-            ))
-            .unwrap(),
-        )
-        .refresh_token("1//0example-refresh-token")
-        .start()
-        .await;
+    let t = adc_app().await;
     let env = [("BASE_URL", format!("{}/gemini", t.proxy))];
     tokio::task::spawn_blocking(move || run_python("genai_client.py", &env))
         .await

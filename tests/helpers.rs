@@ -851,3 +851,16 @@ pub fn unsavable_credential(
             .unwrap();
     (Arc::new(cred), metrics)
 }
+
+/// The gcloud ADC fixture behind the Gemini preset, its refresh token accepted.
+pub async fn adc_app() -> TestApp {
+    let adc: Value = serde_json::from_str(include_str!(
+        "fixtures/credentials/adc_authorized_user.json"
+    ))
+    .unwrap();
+    spawn_app(Flavor::Google)
+        .cred("adc.json", adc)
+        .refresh_token("1//0example-refresh-token")
+        .start()
+        .await
+}

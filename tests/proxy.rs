@@ -183,17 +183,7 @@ async fn sse_events_arrive_as_they_are_sent() {
 
 #[tokio::test]
 async fn quota_project_goes_out_as_x_goog_user_project() {
-    let t = spawn_app(Flavor::Google)
-        .cred(
-            "adc.json",
-            serde_json::from_str(include_str!(
-                "fixtures/credentials/adc_authorized_user.json"
-            ))
-            .unwrap(),
-        )
-        .refresh_token("1//0example-refresh-token")
-        .start()
-        .await;
+    let t = adc_app().await;
     let r = t
         .post(
             "/gemini/v1/models/gemini-2.5-flash:generateContent",
