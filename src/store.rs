@@ -211,6 +211,7 @@ impl CredentialStore for FileStore {
     }
 
     fn load(&self) -> Result<CredentialFile, StoreError> {
+        remove_abandoned_temp_files(&self.target());
         let bytes = fs::read(&self.path).map_err(self.io("read"))?;
         if let Some((file, doc)) = self.current_state(&bytes) {
             self.remember(&doc);
@@ -300,6 +301,38 @@ impl CredentialStore for FileStore {
                 op: "take the refresh lock",
                 source,
             }),
+        }
+    }
+}
+
+/// Temp files of a write-back that was killed between create and rename (they hold a
+/// token): removed once they are clearly abandoned, never one a live writer still uses.
+fn remove_abandoned_temp_files(target: &Path) {
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return;
+    };
+    let prefix: String = format!(
+        ".{}.",
+        name.to_string_lossy().chars().take(64).collect::<String>()
+    );
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let ours = file
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+            .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age > LOCK_STALE_AFTER);
+        if ours && old && fs::remove_file(entry.path()).is_ok() {
+            tracing::info!(target: "tokenrelay::credentials", file = %entry.path().display(),
+                "removed a temp file left by an interrupted write-back");
         }
     }
 }
@@ -494,6 +527,32 @@ mod tests {
         fs::write(&target, "{}").unwrap();
         write_atomically(&target, b"{\"a\":1}", 0o600, None).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"{\"a\":1}");
+    }
+
+    #[test]
+    fn abandoned_temp_files_are_removed_and_fresh_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("c.json");
+        fs::write(&target, r#"{"access_token":"a"}"#).unwrap();
+        let old = dir.path().join(".c.json.0123456789abcdef.tmp");
+        let fresh = dir.path().join(".c.json.fedcba9876543210.tmp");
+        let other = dir.path().join(".other.json.0123456789abcdef.tmp");
+        for f in [&old, &fresh, &other] {
+            fs::write(f, "{").unwrap();
+        }
+        let past = SystemTime::now() - Duration::from_secs(120);
+        for f in [&old, &other] {
+            File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(past)
+                .unwrap();
+        }
+        FileStore::new(target).load().unwrap();
+        assert!(!old.exists(), "abandoned temp file removed");
+        assert!(fresh.exists(), "a writer may still be using it");
+        assert!(other.exists(), "another file's temp is not ours");
     }
 
     #[test]
