@@ -57,35 +57,16 @@ impl App {
         tokio::spawn(watch_expiry(Arc::downgrade(&pool)));
         let watcher = watch_credentials(&pool);
 
-        // One client for every upstream request: connection reuse, no redirects, no total
-        // timeout (streams can be long), but bounded connect and idle reads.
-        let upstream_client = Upstream::new(
-            config.server.upstream_connect_timeout,
-            config.server.upstream_idle_timeout,
-        );
-
-        let proxy_state = Arc::new(ProxyState {
-            pool: Arc::clone(&pool),
-            client: upstream_client,
-            metrics: Arc::clone(&metrics),
-            max_request_body: config.server.max_request_body,
-            client_keys: config.server.client_keys.clone(),
-            pool_config: config.pool.clone(),
-        });
-        let proxy_app = Router::new()
-            .fallback(proxy::handle)
-            .with_state(proxy_state);
         let admin_app = admin::router(Arc::new(AdminState {
             pool: Arc::clone(&pool),
             metrics: Arc::clone(&metrics),
             admin_token: config.server.admin_token.clone(),
         }));
 
-        let proxy_listener = TcpListener::bind(config.server.listen)
-            .await
-            .with_context(|| {
-                format!("cannot listen on {} (server.listen)", config.server.listen)
-            })?;
+        let proxy_listeners =
+            reuseport_listeners(config.server.listen, config.server.proxy_threads).with_context(
+                || format!("cannot listen on {} (server.listen)", config.server.listen),
+            )?;
         let admin_listener = TcpListener::bind(config.server.admin_listen)
             .await
             .with_context(|| {
@@ -94,7 +75,11 @@ impl App {
                     config.server.admin_listen
                 )
             })?;
-        let proxy_addr = proxy_listener.local_addr()?;
+        let proxy_addr = proxy_listeners
+            .first()
+            .map(std::net::TcpListener::local_addr)
+            .transpose()?
+            .unwrap_or(config.server.listen);
         let admin_addr = admin_listener.local_addr()?;
 
         let (shutdown, _) = watch::channel(false);
@@ -105,18 +90,59 @@ impl App {
             header_read_timeout: config.server.header_read_timeout,
         };
         let grace = config.server.shutdown_grace;
-        let servers = [(proxy_listener, proxy_app), (admin_listener, admin_app)]
-            .into_iter()
-            .map(|(listener, app)| {
-                tokio::spawn(server::serve(
-                    listener,
-                    app,
-                    limits,
-                    shutdown.subscribe(),
-                    grace,
-                ))
-            })
-            .collect();
+        let mut servers = vec![tokio::spawn(server::serve(
+            admin_listener,
+            admin_app,
+            limits,
+            shutdown.subscribe(),
+            grace,
+        ))];
+        // The proxy: one single-threaded runtime per thread, each with its own listener
+        // (the kernel spreads connections over them) and its own upstream connection pool,
+        // so a request and its upstream exchange never change threads.
+        for (i, listener) in proxy_listeners.into_iter().enumerate() {
+            let state = Arc::new(ProxyState {
+                pool: Arc::clone(&pool),
+                client: Upstream::new(
+                    config.server.upstream_connect_timeout,
+                    config.server.upstream_idle_timeout,
+                ),
+                metrics: Arc::clone(&metrics),
+                max_request_body: config.server.max_request_body,
+                client_keys: config.server.client_keys.clone(),
+                pool_config: config.pool.clone(),
+            });
+            let app = Router::new().fallback(proxy::handle).with_state(state);
+            let stop = shutdown.subscribe();
+            let (done, finished) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name(format!("tokenrelay-proxy-{i}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a proxy thread's runtime");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(l) => server::serve(l, app, limits, stop, grace).await,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot register the proxy listener")
+                            }
+                        }
+                    });
+                    let _ = done.send(());
+                })
+                .context("cannot start a proxy thread")?;
+            servers.push(tokio::spawn(async move {
+                let _ = finished.await;
+            }));
+        }
         tracing::info!(proxy = %proxy_addr, admin = %admin_addr, config = %config.source, "tokenrelay listening");
         Ok(App {
             proxy_addr,
@@ -208,6 +234,29 @@ fn watch_credentials(pool: &Arc<Pool>) -> Option<notify::RecommendedWatcher> {
         }
     });
     Some(watcher)
+}
+
+/// `n` listening sockets on `addr` with SO_REUSEPORT (port 0 resolves to one port for all).
+fn reuseport_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut bound = addr;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let socket = Socket::new(
+            Domain::for_address(bound),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&bound.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        bound = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
 }
 
 /// Raises `expiring_soon` alerts: every 15 s, each credential checks its expiry.

@@ -92,6 +92,7 @@ struct RawServer {
     max_header_bytes: Option<String>,
     max_headers: Option<usize>,
     header_read_timeout: Option<String>,
+    proxy_threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,6 +171,8 @@ pub struct ServerConfig {
     pub max_headers: usize,
     /// How long a client may take to send its request headers.
     pub header_read_timeout: Duration,
+    /// Proxy threads, each with its own listener (SO_REUSEPORT) and upstream pool.
+    pub proxy_threads: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -548,6 +551,11 @@ impl Validator<'_> {
             max_headers: match raw.max_headers {
                 Some(0) => return Err(self.err("server.max_headers", "must be at least 1")),
                 n => n.unwrap_or(100),
+            },
+            proxy_threads: match raw.proxy_threads {
+                Some(0) => return Err(self.err("server.proxy_threads", "must be at least 1")),
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(2, |n| n.get()),
             },
             header_read_timeout: self.duration(
                 "server.header_read_timeout",

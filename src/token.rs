@@ -226,6 +226,9 @@ pub struct Refresher {
     pub alert_after_failures: u32,
     /// How close to expiry a failing credential raises `expiring_soon`.
     pub expiry_warning: Duration,
+    /// Where refreshes run: the long-lived main runtime, not a proxy thread's, so that
+    /// stopping a proxy thread can never cut a refresh in half.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Refresher {
@@ -239,6 +242,7 @@ impl Refresher {
             alerter: Alerter::default(),
             alert_after_failures: defaults.after_failures,
             expiry_warning: defaults.expiry_warning,
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 }
@@ -509,7 +513,7 @@ impl Credential {
         let seen = self.attempts.load(Ordering::Acquire);
         let me = Arc::clone(self);
         // Its own task: dropping the request must not cancel a refresh half-way.
-        let task = tokio::spawn(async move {
+        let work = async move {
             let mut gate = me.gate.lock().await;
             if me.attempts.load(Ordering::Acquire) != seen && !matches!(want, Want::Forced) {
                 // An attempt finished while we waited: share its outcome.
@@ -521,7 +525,11 @@ impl Credential {
             *gate = Some(outcome.as_ref().map(|_| ()).map_err(Clone::clone));
             me.attempts.fetch_add(1, Ordering::AcqRel);
             outcome
-        });
+        };
+        let task = match &self.refresher.runtime {
+            Some(main) => main.spawn(work),
+            None => tokio::spawn(work),
+        };
         match task.await {
             Ok(r) => r,
             Err(e) => Err(RefreshError::Network(format!("refresh task failed: {e}"))),
