@@ -237,8 +237,13 @@ fn watch_credentials(pool: &Arc<Pool>) -> Option<notify::RecommendedWatcher> {
 }
 
 /// `n` listening sockets on `addr` with SO_REUSEPORT (port 0 resolves to one port for all).
+/// A port already in use is an error, as with a plain bind: SO_REUSEPORT alone would let a
+/// second instance silently share the port.
 fn reuseport_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     use socket2::{Domain, Protocol, Socket, Type};
+    if addr.port() != 0 {
+        drop(std::net::TcpListener::bind(addr)?);
+    }
     let mut bound = addr;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n.max(1) {

@@ -166,3 +166,21 @@ async fn client_keys_are_required_when_configured() {
         .iter()
         .all(|s| s.headers["authorization"] == "Bearer good-access"));
 }
+
+#[tokio::test]
+async fn a_proxy_port_already_in_use_is_refused() {
+    let t = spawn_app(Flavor::Qwen).start().await;
+    let taken = t.proxy.trim_start_matches("http://");
+    let config = TestApp::config(&format!(
+        "[server]\nlisten = \"{taken}\"\nadmin_listen = \"127.0.0.1:0\"\n[providers.qwen]\ncredentials = []"
+    ));
+    let err = tokenrelay::App::start(config)
+        .await
+        .err()
+        .expect("the port is taken");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("server.listen") && msg.contains(taken),
+        "{msg}"
+    );
+}
