@@ -63,10 +63,11 @@ impl App {
             admin_token: config.server.admin_token.clone(),
         }));
 
-        let proxy_listeners =
-            reuseport_listeners(config.server.listen, config.server.proxy_threads).with_context(
-                || format!("cannot listen on {} (server.listen)", config.server.listen),
-            )?;
+        let proxy_listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (server.listen)", config.server.listen)
+            })?;
         let admin_listener = TcpListener::bind(config.server.admin_listen)
             .await
             .with_context(|| {
@@ -75,11 +76,7 @@ impl App {
                     config.server.admin_listen
                 )
             })?;
-        let proxy_addr = proxy_listeners
-            .first()
-            .map(std::net::TcpListener::local_addr)
-            .transpose()?
-            .unwrap_or(config.server.listen);
+        let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
 
         let (shutdown, _) = watch::channel(false);
@@ -97,52 +94,33 @@ impl App {
             shutdown.subscribe(),
             grace,
         ))];
-        // The proxy: one single-threaded runtime per thread, each with its own listener
-        // (the kernel spreads connections over them) and its own upstream connection pool,
-        // so a request and its upstream exchange never change threads.
-        for (i, listener) in proxy_listeners.into_iter().enumerate() {
-            let state = Arc::new(ProxyState {
-                pool: Arc::clone(&pool),
-                client: Upstream::new(
-                    config.server.upstream_connect_timeout,
-                    config.server.upstream_idle_timeout,
-                ),
-                metrics: Arc::clone(&metrics),
-                max_request_body: config.server.max_request_body,
-                client_keys: config.server.client_keys.clone(),
-                pool_config: config.pool.clone(),
-            });
-            let app = Router::new().fallback(proxy::handle).with_state(state);
-            let stop = shutdown.subscribe();
-            let (done, finished) = tokio::sync::oneshot::channel::<()>();
-            std::thread::Builder::new()
-                .name(format!("tokenrelay-proxy-{i}"))
-                .spawn(move || {
-                    let runtime = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot start a proxy thread's runtime");
-                            return;
-                        }
-                    };
-                    runtime.block_on(async move {
-                        match TcpListener::from_std(listener) {
-                            Ok(l) => server::serve(l, app, limits, stop, grace).await,
-                            Err(e) => {
-                                tracing::error!(error = %e, "cannot register the proxy listener")
-                            }
-                        }
-                    });
-                    let _ = done.send(());
-                })
-                .context("cannot start a proxy thread")?;
-            servers.push(tokio::spawn(async move {
-                let _ = finished.await;
-            }));
-        }
+        // The proxy: connections are handed to one single-threaded runtime per thread,
+        // each with its own upstream connection pool, so a request and its upstream
+        // exchange never change threads.
+        let apps = (0..config.server.proxy_threads)
+            .map(|_| {
+                let state = Arc::new(ProxyState {
+                    pool: Arc::clone(&pool),
+                    client: Upstream::new(
+                        config.server.upstream_connect_timeout,
+                        config.server.upstream_idle_timeout,
+                    ),
+                    metrics: Arc::clone(&metrics),
+                    max_request_body: config.server.max_request_body,
+                    client_keys: config.server.client_keys.clone(),
+                    pool_config: config.pool.clone(),
+                });
+                Router::new().fallback(proxy::handle).with_state(state)
+            })
+            .collect();
+        let stop = shutdown.subscribe();
+        servers.push(tokio::spawn(async move {
+            if let Err(e) =
+                server::serve_on_threads(proxy_listener, apps, limits, stop, grace).await
+            {
+                tracing::error!(error = %e, "cannot start the proxy threads");
+            }
+        }));
         tracing::info!(proxy = %proxy_addr, admin = %admin_addr, config = %config.source, "tokenrelay listening");
         Ok(App {
             proxy_addr,
@@ -234,34 +212,6 @@ fn watch_credentials(pool: &Arc<Pool>) -> Option<notify::RecommendedWatcher> {
         }
     });
     Some(watcher)
-}
-
-/// `n` listening sockets on `addr` with SO_REUSEPORT (port 0 resolves to one port for all).
-/// A port already in use is an error, as with a plain bind: SO_REUSEPORT alone would let a
-/// second instance silently share the port.
-fn reuseport_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    if addr.port() != 0 {
-        drop(std::net::TcpListener::bind(addr)?);
-    }
-    let mut bound = addr;
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n.max(1) {
-        let socket = Socket::new(
-            Domain::for_address(bound),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&bound.into())?;
-        socket.listen(1024)?;
-        let listener: std::net::TcpListener = socket.into();
-        bound = listener.local_addr()?;
-        out.push(listener);
-    }
-    Ok(out)
 }
 
 /// Raises `expiring_soon` alerts: every 15 s, each credential checks its expiry.

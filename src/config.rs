@@ -171,7 +171,8 @@ pub struct ServerConfig {
     pub max_headers: usize,
     /// How long a client may take to send its request headers.
     pub header_read_timeout: Duration,
-    /// Proxy threads, each with its own listener (SO_REUSEPORT) and upstream pool.
+    /// Proxy threads: single-threaded runtimes that each serve the connections handed to
+    /// them, with their own upstream connection pool.
     pub proxy_threads: usize,
 }
 
