@@ -261,15 +261,7 @@ async fn prometheus_scrapes_tokenrelay() {
     assert_eq!(usable[0]["value"][1], "1");
     let built = query("tokenrelay_build_info").await.unwrap();
     assert_eq!(built.len(), 1);
-    let rules: Value = t
-        .http
-        .get(format!("http://127.0.0.1:{port}/api/v1/rules"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rules: Value = get_json(&t.http, format!("http://127.0.0.1:{port}/api/v1/rules")).await;
     assert_eq!(
         rules["data"]["groups"][0]["rules"]
             .as_array()

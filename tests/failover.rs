@@ -116,13 +116,10 @@ async fn every_kind_of_rate_limit_hint_cools_the_credential_down() {
         let before = t.upstream.seen().len();
         assert_eq!(served_by(&t).await, "b");
         assert_eq!(t.upstream.seen().len(), before + 1);
-        let m = t.metrics().await;
-        assert!(
-            m.contains(
-                r#"tokenrelay_upstream_retries_total{provider="qwen",reason="rate_limited"} 1"#
-            ),
-            "{m}"
-        );
+        t.assert_metric(
+            r#"tokenrelay_upstream_retries_total{provider="qwen",reason="rate_limited"} 1"#,
+        )
+        .await;
     }
 }
 
@@ -208,13 +205,10 @@ async fn connection_refused_moves_to_the_next_credential() {
         .start()
         .await;
     assert_eq!(served_by(&t).await, "b");
-    let m = t.metrics().await;
-    assert!(
-        m.contains(
-            r#"tokenrelay_upstream_retries_total{provider="qwen",reason="connect_error"} 1"#
-        ),
-        "{m}"
-    );
+    t.assert_metric(
+        r#"tokenrelay_upstream_retries_total{provider="qwen",reason="connect_error"} 1"#,
+    )
+    .await;
 }
 
 #[tokio::test]

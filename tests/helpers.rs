@@ -746,6 +746,12 @@ impl TestApp {
             .unwrap_or(Value::Null)
     }
 
+    /// Asserts that a scrape of `/metrics` contains `series` (a whole line, value included).
+    pub async fn assert_metric(&self, series: &str) {
+        let m = self.metrics().await;
+        assert!(m.contains(series), "missing {series}\n{m}");
+    }
+
     pub async fn metrics(&self) -> String {
         self.http
             .get(format!("{}/metrics", self.admin))
@@ -863,4 +869,9 @@ pub async fn adc_app() -> TestApp {
         .refresh_token("1//0example-refresh-token")
         .start()
         .await
+}
+
+/// GET a URL and parse its JSON body.
+pub async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
 }

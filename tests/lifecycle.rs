@@ -330,15 +330,7 @@ async fn kubernetes_style_symlink_swap_is_picked_up_by_the_watcher() {
     let app = tokenrelay::App::start(config).await.unwrap();
     let admin = format!("http://{}", app.admin_addr);
     let state = || async {
-        let v: Value = t
-            .http
-            .get(format!("{admin}/admin/credentials"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&t.http, format!("{admin}/admin/credentials")).await;
         v["credentials"][0]["state"]
             .as_str()
             .unwrap_or("")
@@ -386,15 +378,7 @@ async fn sighup_reloads_and_the_process_keeps_running() {
     })
     .await;
     wait_for("the SIGHUP reload", Duration::from_secs(5), || async {
-        let v: Value = t
-            .http
-            .get(format!("{admin}/admin/credentials"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&t.http, format!("{admin}/admin/credentials")).await;
         v["credentials"].as_array().is_some_and(|a| a.len() == 1)
     })
     .await;
@@ -622,15 +606,7 @@ async fn read_only_credential_with_state_dir_survives_restart_until_the_source_c
     };
 
     let mut p = Proc::spawn_read_only(&config, &secret, &t.dir.path().join("ro1.log"));
-    let c: Value = t
-        .http
-        .get(format!("{}/admin/credentials", p.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let c: Value = get_json(&t.http, format!("{}/admin/credentials", p.admin)).await;
     assert_eq!(c["credentials"][0]["writable"], false, "{c}");
     refresh(p.admin.clone()).await;
     assert_eq!(

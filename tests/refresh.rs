@@ -17,13 +17,10 @@ async fn hundred_concurrent_requests_on_an_expired_token_cause_one_refresh() {
     let responses = futures_util::future::join_all(requests).await;
     assert!(responses.iter().all(|r| r.status() == 200));
     assert_eq!(t.tokens.calls(), 1);
-    let m = t.metrics().await;
-    assert!(
-        m.contains(
-            r#"tokenrelay_token_refresh_total{credential="a",outcome="success",provider="qwen"} 1"#
-        ),
-        "{m}"
-    );
+    t.assert_metric(
+        r#"tokenrelay_token_refresh_total{credential="a",outcome="success",provider="qwen"} 1"#,
+    )
+    .await;
 }
 
 #[tokio::test]
