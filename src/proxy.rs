@@ -410,11 +410,8 @@ async fn send(
         Ok(u) => u,
         Err(_) => http::Uri::from_static("/"),
     };
+    *req.headers_mut() = headers.clone();
     let h = req.headers_mut();
-    h.reserve(headers.len() + 2);
-    for (name, value) in headers {
-        h.append(name, value.clone());
-    }
     if let Some(b) = &token.bearer {
         h.insert(header::AUTHORIZATION, b.clone());
     }

@@ -308,13 +308,8 @@ impl CredentialStore for FileStore {
 /// Temp files of a write-back that was killed between create and rename (they hold a
 /// token): removed once they are clearly abandoned, never one a live writer still uses.
 fn remove_abandoned_temp_files(target: &Path) {
-    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
-        return;
-    };
-    let prefix: String = format!(
-        ".{}.",
-        name.to_string_lossy().chars().take(64).collect::<String>()
-    );
+    let Some(dir) = target.parent() else { return };
+    let prefix = format!(".{}.", short_name(target));
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
@@ -410,11 +405,11 @@ fn is_stale(path: &Path) -> bool {
 /// otherwise it is put back.
 fn break_stale(path: &Path) {
     let Ok(seen) = fs::read(path) else { return };
-    let name: String = path
-        .file_name()
-        .map(|n| n.to_string_lossy().chars().take(64).collect())
-        .unwrap_or_default();
-    let aside = path.with_file_name(format!(".{name}.stale.{:016x}", rand::random::<u64>()));
+    let aside = path.with_file_name(format!(
+        ".{}.stale.{:016x}",
+        short_name(path),
+        rand::random::<u64>()
+    ));
     if fs::rename(path, &aside).is_err() {
         return; // someone else got there first
     }
@@ -425,6 +420,14 @@ fn break_stale(path: &Path) {
         let _ = fs::hard_link(&aside, path);
     }
     let _ = fs::remove_file(&aside);
+}
+
+/// The start of a file name, for the names of files made beside it (temp files, stale
+/// locks): short enough that they fit NAME_MAX (255 bytes) whatever the original's length.
+fn short_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().chars().take(64).collect())
+        .unwrap_or_default()
 }
 
 fn is_writable_dir(dir: &Path) -> bool {
@@ -445,12 +448,11 @@ pub fn write_atomically(
     owner: Option<(u32, u32)>,
 ) -> std::io::Result<()> {
     let dir = target.parent().unwrap_or(Path::new("."));
-    // Short enough for any file name the target may have (NAME_MAX is 255 bytes).
-    let name: String = target
-        .file_name()
-        .map(|n| n.to_string_lossy().chars().take(64).collect())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+    let tmp = dir.join(format!(
+        ".{}.{:016x}.tmp",
+        short_name(target),
+        rand::random::<u64>()
+    ));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
