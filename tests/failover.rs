@@ -100,15 +100,7 @@ async fn every_kind_of_rate_limit_hint_cools_the_credential_down() {
         let t = three("fill_first").await;
         limit(&t, "access-a", l);
         assert_eq!(served_by(&t).await, "b", "{l:?}");
-        let a = t
-            .app
-            .as_ref()
-            .unwrap()
-            .pool
-            .provider("qwen")
-            .unwrap()
-            .find("a")
-            .unwrap();
+        let a = t.credential_handle("qwen", "a");
         let left = a.snapshot().cooldown_remaining.unwrap().as_secs();
         assert!((low..=high).contains(&left), "{l:?}: cooldown {left}s");
         assert_eq!(t.credential("a").await["state"], "cooling_down");
@@ -128,15 +120,7 @@ async fn a_year_of_retry_after_is_capped_at_max_cooldown() {
     let t = three("fill_first").await;
     limit(&t, "access-a", Limit::Seconds(365 * 86_400));
     assert_eq!(served_by(&t).await, "b");
-    let a = t
-        .app
-        .as_ref()
-        .unwrap()
-        .pool
-        .provider("qwen")
-        .unwrap()
-        .find("a")
-        .unwrap();
+    let a = t.credential_handle("qwen", "a");
     assert_eq!(
         a.snapshot()
             .cooldown_remaining

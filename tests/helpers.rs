@@ -746,6 +746,31 @@ impl TestApp {
             .unwrap_or(Value::Null)
     }
 
+    /// The running app's credential `provider/id`, for looking at its state directly.
+    pub fn credential_handle(
+        &self,
+        provider: &str,
+        id: &str,
+    ) -> std::sync::Arc<tokenrelay::token::Credential> {
+        let app = self.app.as_ref().expect("the app is running");
+        app.pool
+            .provider(provider)
+            .and_then(|p| p.find(id))
+            .expect("such a credential")
+    }
+
+    /// POSTs to the admin listener; the status and the JSON answer.
+    pub async fn admin_post(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.admin))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// Asserts that a scrape of `/metrics` contains `series` (a whole line, value included).
     pub async fn assert_metric(&self, series: &str) {
         let m = self.metrics().await;

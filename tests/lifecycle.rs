@@ -178,8 +178,7 @@ async fn rate_limited_token_endpoint_retry_after_is_honoured_and_capped() {
         "[refresh]\nmax_backoff = \"30s\"",
     )
     .await;
-    let pool = &t.app.as_ref().unwrap().pool;
-    let c = pool.provider("qwen").unwrap().find("a").unwrap();
+    let c = t.credential_handle("qwen", "a");
     let wait = c.next_refresh_in().unwrap();
     assert!(
         wait > Duration::from_secs(5) && wait <= Duration::from_secs(7),
@@ -190,15 +189,7 @@ async fn rate_limited_token_endpoint_retry_after_is_honoured_and_capped() {
         "[refresh]\nmax_backoff = \"30s\"",
     )
     .await;
-    let c = t
-        .app
-        .as_ref()
-        .unwrap()
-        .pool
-        .provider("qwen")
-        .unwrap()
-        .find("a")
-        .unwrap();
+    let c = t.credential_handle("qwen", "a");
     let wait = c.next_refresh_in().unwrap();
     assert!(
         wait <= Duration::from_secs(30),

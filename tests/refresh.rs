@@ -230,14 +230,8 @@ async fn manual_refresh_answers_the_outcome() {
         .refresh_token("rt-a")
         .start()
         .await;
-    let r = t
-        .http
-        .post(format!("{}/admin/credentials/qwen/a/refresh", t.admin))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
+    let (status, v) = t.admin_post("/admin/credentials/qwen/a/refresh").await;
+    assert_eq!(status, 200, "{v}");
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["state"], "ready");
     assert_eq!(
@@ -258,14 +252,8 @@ async fn manual_refresh_answers_the_outcome() {
             .as_str()
             .unwrap(),
     );
-    let r = t
-        .http
-        .post(format!("{}/admin/credentials/qwen/a/refresh", t.admin))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 502);
-    let v: Value = r.json().await.unwrap();
+    let (status, v) = t.admin_post("/admin/credentials/qwen/a/refresh").await;
+    assert_eq!(status, 502, "{v}");
     assert_eq!(v["ok"], false);
     assert_eq!(v["state"], "needs_reauth");
 }
