@@ -11,15 +11,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::{self, AdminState};
-use crate::alert::Alerter;
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::pool::Pool;
+use crate::lifecycle::pool::Pool;
+use crate::lifecycle::Refresher;
+use crate::ops::admin::{self, AdminState};
+use crate::ops::alert::Alerter;
+use crate::ops::metrics::Metrics;
+use crate::proxy::server::{self, Limits};
+use crate::proxy::upstream::Upstream;
 use crate::proxy::{self, ProxyState};
-use crate::server::{self, Limits};
-use crate::token::Refresher;
-use crate::upstream::Upstream;
 
 /// A running tokenrelay: its bound addresses and a handle to stop it.
 pub struct App {

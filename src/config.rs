@@ -15,19 +15,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
-use crate::alert::{AlertsConfig, Format, WebhookConfig};
-
-/// Built-in preset for Google's Gemini API. No client id ships with it: Google's terms
-/// forbid reusing the Gemini CLI's OAuth client, so credentials carry their own.
-const GEMINI_UPSTREAM: &str = "https://generativelanguage.googleapis.com";
-const GEMINI_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
-const GEMINI_DEFAULT_CREDENTIALS: &str = "~/.config/gcloud/application_default_credentials.json";
-/// Built-in preset for Qwen (public OAuth client, no secret).
-const QWEN_UPSTREAM: &str = "https://portal.qwen.ai";
-const QWEN_TOKEN_URL: &str = "https://chat.qwen.ai/api/v1/oauth2/token";
-const QWEN_CLIENT_ID: &str = "f0304373b74a44d2b584a3fb70ca9e56";
-const QWEN_DEFAULT_CREDENTIALS: &str = "~/.qwen/oauth_creds.json";
-const DEFAULT_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+use crate::ops::alert::{AlertsConfig, Format, WebhookConfig};
+pub use crate::providers::ProviderKind;
+use crate::providers::{self, google};
 
 /// A configuration problem, always naming where it is.
 #[derive(Debug, thiserror::Error)]
@@ -202,14 +192,6 @@ pub struct PoolConfig {
     pub request_deadline: Duration,
 }
 
-/// Which family a provider belongs to: decides re-authentication hints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    Gemini,
-    Qwen,
-    Custom,
-}
-
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
     pub name: String,
@@ -224,19 +206,19 @@ pub struct ProviderConfig {
 }
 
 impl ProviderConfig {
-    /// The command that gets this provider a fresh credential, for error messages.
+    /// What gets this provider a fresh credential (the provider's own hint).
     pub fn reauth_hint(&self) -> String {
-        match self.kind {
-            ProviderKind::Gemini => "run `gcloud auth application-default login --client-id-file=client_secret.json --scopes=https://www.googleapis.com/auth/cloud-platform,https://www.googleapis.com/auth/generative-language.retriever` with your own OAuth client".to_string(),
-            ProviderKind::Qwen => "run `qwen` and sign in again (it rewrites ~/.qwen/oauth_creds.json), or add a DashScope key to providers.qwen.api_keys".to_string(),
-            ProviderKind::Custom => format!("obtain a new refresh token from {} and replace the credential file", self.token_url),
-        }
+        self.kind.reauth_hint(&self.token_url)
     }
 
-    /// A Qwen `resource_url` may use plain http only when the provider's own upstream does
-    /// (local and test setups).
-    pub fn allows_http_resource_url(&self) -> bool {
-        self.upstream.scheme() == "http"
+    /// Whether its refresh tokens may rotate (see `ProviderKind::rotates_refresh_tokens`).
+    pub fn rotates_refresh_tokens(&self) -> bool {
+        self.kind.rotates_refresh_tokens()
+    }
+
+    /// The upstream base for a credential with this `resource_url` (or none).
+    pub fn base_url(&self, resource_url: Option<&str>) -> Result<Url, String> {
+        providers::base_url(&self.upstream, &self.name, resource_url)
     }
 }
 
@@ -578,25 +560,15 @@ impl Validator<'_> {
                 "provider names may use only letters, digits, '-' and '_' (they are the first path segment)",
             ));
         }
-        let (kind, upstream, token_url, client_id, default_creds, env_var) = match name {
-            "gemini" => (
-                ProviderKind::Gemini,
-                Some(GEMINI_UPSTREAM),
-                Some(GEMINI_TOKEN_URL),
-                None,
-                Some(GEMINI_DEFAULT_CREDENTIALS),
-                Some("GEMINI_CLI_OAUTH_CREDENTIALS"),
-            ),
-            "qwen" => (
-                ProviderKind::Qwen,
-                Some(QWEN_UPSTREAM),
-                Some(QWEN_TOKEN_URL),
-                Some(QWEN_CLIENT_ID),
-                Some(QWEN_DEFAULT_CREDENTIALS),
-                Some("QWEN_CODE_OAUTH_CREDENTIALS"),
-            ),
-            _ => (ProviderKind::Custom, None, None, None, None, None),
-        };
+        let preset = providers::preset(name);
+        let (kind, upstream, token_url, client_id, default_creds, env_var) = (
+            preset.kind,
+            preset.upstream,
+            preset.token_url,
+            preset.client_id,
+            preset.default_credentials,
+            preset.env_credentials,
+        );
         let upstream = match raw.upstream.as_deref().or(upstream) {
             Some(u) => self.url(&key("upstream"), u)?,
             None => {
@@ -665,7 +637,7 @@ impl Validator<'_> {
             .collect::<Result<Vec<_>, _>>()?;
         let scopes = raw
             .scopes
-            .unwrap_or_else(|| vec![DEFAULT_SCOPE.to_string()]);
+            .unwrap_or_else(|| vec![google::CLOUD_PLATFORM_SCOPE.to_string()]);
         Ok(ProviderConfig {
             name: name.to_string(),
             kind,

@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        use tokenrelay::cli;
+        use tokenrelay::ops::cli;
         match command {
             Command::Run => tokenrelay::run(config).await.map(|()| 0),
             Command::Status { admin } => cli::status(&config, admin.as_deref()).await,

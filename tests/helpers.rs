@@ -751,7 +751,7 @@ impl TestApp {
         &self,
         provider: &str,
         id: &str,
-    ) -> std::sync::Arc<tokenrelay::token::Credential> {
+    ) -> std::sync::Arc<tokenrelay::lifecycle::Credential> {
         let app = self.app.as_ref().expect("the app is running");
         app.pool
             .provider(provider)
@@ -822,12 +822,12 @@ impl tokenrelay::store::CredentialStore for Unsavable {
     }
     fn load(
         &self,
-    ) -> Result<tokenrelay::credential::CredentialFile, tokenrelay::store::StoreError> {
+    ) -> Result<tokenrelay::store::shape::CredentialFile, tokenrelay::store::StoreError> {
         self.inner.load()
     }
     fn save(
         &self,
-        _: &tokenrelay::credential::TokenUpdate,
+        _: &tokenrelay::store::shape::TokenUpdate,
     ) -> Result<bool, tokenrelay::store::StoreError> {
         let kind = if self.claims_writable {
             std::io::ErrorKind::StorageFull
@@ -854,18 +854,18 @@ pub fn unsavable_credential(
     claims_writable: bool,
     extra_toml: &str,
 ) -> (
-    Arc<tokenrelay::token::Credential>,
-    Arc<tokenrelay::metrics::Metrics>,
+    Arc<tokenrelay::lifecycle::Credential>,
+    Arc<tokenrelay::ops::metrics::Metrics>,
 ) {
     use tokenrelay::store::CredentialStore;
     let config = TestApp::config(&format!(
         "[providers.qwen]\nupstream = \"{}\"\ntoken_url = \"{}\"\ncredentials = []\n{extra_toml}",
         t.upstream.url, t.tokens.url
     ));
-    let metrics = Arc::new(tokenrelay::metrics::Metrics::new().unwrap());
-    let refresher = Arc::new(tokenrelay::token::Refresher {
-        alerter: tokenrelay::alert::Alerter::start(&config.alerts, reqwest::Client::new()),
-        ..tokenrelay::token::Refresher::new(
+    let metrics = Arc::new(tokenrelay::ops::metrics::Metrics::new().unwrap());
+    let refresher = Arc::new(tokenrelay::lifecycle::Refresher {
+        alerter: tokenrelay::ops::alert::Alerter::start(&config.alerts, reqwest::Client::new()),
+        ..tokenrelay::lifecycle::Refresher::new(
             reqwest::Client::new(),
             config.refresh.clone(),
             Arc::clone(&metrics),
@@ -878,7 +878,7 @@ pub fn unsavable_credential(
     let file = store.load().unwrap();
     let provider = Arc::new(config.providers[0].clone());
     let cred =
-        tokenrelay::token::Credential::from_store(provider, id.into(), store, file, refresher)
+        tokenrelay::lifecycle::Credential::from_store(provider, id.into(), store, file, refresher)
             .unwrap();
     (Arc::new(cred), metrics)
 }

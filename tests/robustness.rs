@@ -32,7 +32,7 @@ fn values(text: &str) -> Vec<String> {
 }
 
 fn check(bytes: &[u8], secrets: &[String]) {
-    if let Err(e) = tokenrelay::credential::parse(bytes, 0) {
+    if let Err(e) = tokenrelay::store::shape::parse(bytes, 0) {
         let msg = e.to_string();
         assert!(!msg.is_empty());
         for s in secrets {
@@ -50,7 +50,7 @@ fn every_truncation_of_every_fixture_is_a_clear_error_or_a_credential() {
                 check(&f.as_bytes()[..cut], &secrets);
             }
         }
-        assert!(tokenrelay::credential::parse(f.as_bytes(), 0).is_ok());
+        assert!(tokenrelay::store::shape::parse(f.as_bytes(), 0).is_ok());
     }
 }
 
@@ -103,7 +103,7 @@ fn wrong_types_name_the_field() {
             let mut doc = json!({"access_token": "tok-SECRET-VALUE", "refresh_token": "rt-SECRET-VALUE", "expiry_date": 1});
             doc[field] = w.clone();
             let bytes = serde_json::to_vec(&doc).unwrap();
-            match tokenrelay::credential::parse(&bytes, 0) {
+            match tokenrelay::store::shape::parse(&bytes, 0) {
                 Ok(_) => {}
                 Err(e) => {
                     let msg = e.to_string();

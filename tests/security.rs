@@ -268,20 +268,19 @@ async fn a_resource_url_may_not_point_anywhere() {
     .unwrap()
     .providers[0]
         .clone();
-    use tokenrelay::token::base_url;
     assert_eq!(
-        base_url(&p, Some("portal.qwen.ai")).unwrap().as_str(),
+        p.base_url(Some("portal.qwen.ai")).unwrap().as_str(),
         "https://portal.qwen.ai/"
     );
     assert!(
-        base_url(&p, Some("http://portal.qwen.ai")).is_err(),
+        p.base_url(Some("http://portal.qwen.ai")).is_err(),
         "http only when the provider's upstream is http"
     );
     assert!(
-        base_url(&p, Some("https://user:pw@portal.qwen.ai")).is_err(),
+        p.base_url(Some("https://user:pw@portal.qwen.ai")).is_err(),
         "no userinfo"
     );
-    assert!(base_url(&p, Some("ftp://portal.qwen.ai")).is_err());
+    assert!(p.base_url(Some("ftp://portal.qwen.ai")).is_err());
     drop(t);
 }
 

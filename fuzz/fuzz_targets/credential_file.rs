@@ -5,17 +5,17 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    match tokenrelay::credential::parse(data, 0) {
+    match tokenrelay::store::shape::parse(data, 0) {
         Ok((_, mut doc)) => {
-            let update = tokenrelay::credential::TokenUpdate {
+            let update = tokenrelay::store::shape::TokenUpdate {
                 access_token: "fuzz-access".into(),
                 expires_in_secs: 3600,
                 refresh_token: Some("fuzz-refresh".into()),
                 resource_url: None,
             };
-            tokenrelay::credential::apply_update(&mut doc, &update, 0);
+            tokenrelay::store::shape::apply_update(&mut doc, &update, 0);
             let bytes = serde_json::to_vec(&doc).expect("a JSON object serialises");
-            tokenrelay::credential::parse(&bytes, 0).expect("a written-back file parses again");
+            tokenrelay::store::shape::parse(&bytes, 0).expect("a written-back file parses again");
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use crate::config::{Config, CredentialPath, ProviderConfig, ProviderKind, Strategy};
+use crate::config::{Config, CredentialPath, ProviderConfig, Strategy};
+use crate::lifecycle::{Credential, Refresher};
 use crate::store::{CredentialStore, FileStore};
-use crate::token::{Credential, Refresher};
 
 /// Problems loading credential files, each naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -307,7 +307,7 @@ fn load_credential(
             path = %found.path.display(), %problem, "credential cannot be refreshed");
     }
     if !store.persistent() {
-        if provider.kind == ProviderKind::Qwen || provider.kind == ProviderKind::Custom {
+        if provider.rotates_refresh_tokens() {
             tracing::warn!(target: "tokenrelay::credentials", provider = %provider.name, credential = %cred.id,
                 path = %found.path.display(),
                 "READ-ONLY credential with a rotating refresh token and no [refresh] state_dir: each refresh replaces the refresh token, and the new one lives only in memory. After a restart the file's old token is dead and the account must re-authenticate. Set [refresh] state_dir to a writable directory.");

@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
-use crate::credential::{ServiceAccountKey, TokenUpdate};
+use crate::store::shape::{ServiceAccountKey, TokenUpdate};
 
 /// Why a refresh did not produce a token. Messages never contain a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,7 +167,7 @@ pub async fn request_token(
         .headers()
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(crate::retry_after::parse);
+        .and_then(crate::proxy::retry_after::parse);
     let bytes = match tokio::time::timeout(timeout, response.bytes()).await {
         Err(_) => return Err(RefreshError::Timeout(timeout)),
         Ok(Err(e)) => return Err(network_error(&e, timeout)),
@@ -317,12 +317,12 @@ fn serde_urlencoded_form(pairs: &[(&str, &str)]) -> String {
 mod tests {
     use super::*;
 
-    const GOOGLE_OK: &[u8] = include_bytes!("../tests/fixtures/responses/google_token_ok.json");
-    const QWEN_OK: &[u8] = include_bytes!("../tests/fixtures/responses/qwen_token_ok.json");
+    const GOOGLE_OK: &[u8] = include_bytes!("../../tests/fixtures/responses/google_token_ok.json");
+    const QWEN_OK: &[u8] = include_bytes!("../../tests/fixtures/responses/qwen_token_ok.json");
     const INVALID_GRANT: &[u8] =
-        include_bytes!("../tests/fixtures/responses/google_token_invalid_grant.json");
+        include_bytes!("../../tests/fixtures/responses/google_token_invalid_grant.json");
     const QWEN_DEAD: &[u8] =
-        include_bytes!("../tests/fixtures/responses/qwen_token_invalid_refresh.json");
+        include_bytes!("../../tests/fixtures/responses/qwen_token_invalid_refresh.json");
 
     #[test]
     fn google_answer_has_no_new_refresh_token() {

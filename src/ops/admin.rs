@@ -16,11 +16,11 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::clock;
-use crate::error::{ProxyError, Reason};
-use crate::metrics::Metrics;
-use crate::pool::{looked_at, Pool, ProviderPool};
+use crate::lifecycle::pool::{looked_at, Pool, ProviderPool};
+use crate::lifecycle::Credential;
+use crate::ops::metrics::Metrics;
 use crate::proxy::constant_time_eq;
-use crate::token::Credential;
+use crate::proxy::error::{ProxyError, Reason};
 
 pub struct AdminState {
     pub pool: Arc<Pool>,
@@ -116,7 +116,8 @@ async fn credentials(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
     for c in s.pool.all_credentials() {
-        s.metrics.observe_credential(&c);
+        s.metrics
+            .observe_credential(&c.provider.name, &c.id, &c.snapshot());
     }
     (
         [(

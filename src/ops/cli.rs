@@ -12,10 +12,10 @@ use secrecy::ExposeSecret;
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::pool;
+use crate::lifecycle::pool;
+use crate::lifecycle::{Credential, Refresher, State};
+use crate::ops::metrics::Metrics;
 use crate::store::{CredentialStore, FileStore};
-use crate::token::{Credential, Refresher, State};
 
 /// The admin base URL: `--admin` if given, else the configuration's `admin_listen`.
 fn admin_base(config: &Config, admin: Option<&str>) -> String {

@@ -9,7 +9,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::token::{Credential, State};
+use crate::lifecycle::{Snapshot, State};
 
 pub struct Metrics {
     registry: Registry,
@@ -213,10 +213,7 @@ impl Metrics {
     }
 
     /// Sets the gauges that describe credentials, from their current snapshot.
-    pub fn observe_credential(&self, c: &Credential) {
-        let p = c.provider.name.as_str();
-        let id = c.id.as_str();
-        let snap = c.snapshot();
+    pub fn observe_credential(&self, p: &str, id: &str, snap: &Snapshot) {
         self.expiry_ts
             .with_label_values(&[p, id])
             .set(snap.expires_at_ms.map_or(0.0, |ms| ms as f64 / 1000.0));

@@ -12,6 +12,11 @@
 //! - Client credentials (`Authorization`, `x-api-key`, `x-goog-api-key`) and hop-by-hop
 //!   headers never reach the upstream.
 
+pub mod error;
+pub mod retry_after;
+pub mod server;
+pub mod upstream;
+
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,13 +34,13 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 
 use crate::config::PoolConfig;
-use crate::error::{ProxyError, Reason};
-use crate::metrics::Metrics;
+use crate::lifecycle::pool::{looked_at, Pool, ProviderPool};
 use crate::oauth::{error_chain, RefreshError};
-use crate::pool::{looked_at, Pool, ProviderPool};
-use crate::retry_after;
-use crate::token::{Credential, State as CredState, Token};
-use crate::upstream::{BodyError, Upstream};
+use crate::ops::metrics::Metrics;
+use crate::proxy::error::{ProxyError, Reason};
+
+use crate::lifecycle::{Credential, State as CredState, Token};
+use crate::proxy::upstream::{BodyError, Upstream};
 
 pub struct ProxyState {
     pub pool: Arc<Pool>,
@@ -49,7 +54,6 @@ pub struct ProxyState {
 static CREDENTIAL_HEADER: HeaderName = HeaderName::from_static("x-tokenrelay-credential");
 static GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-static GOOG_USER_PROJECT: HeaderName = HeaderName::from_static("x-goog-user-project");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies still see.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -398,7 +402,8 @@ async fn send(
     headers: &HeaderMap,
     path_and_query: &str,
     body: Bytes,
-) -> Result<http::Response<crate::upstream::IdleTimeout>, hyper_util::client::legacy::Error> {
+) -> Result<http::Response<crate::proxy::upstream::IdleTimeout>, hyper_util::client::legacy::Error>
+{
     let base = token.base.as_str().trim_end_matches('/');
     let mut uri = String::with_capacity(base.len() + path_and_query.len());
     uri.push_str(base);
@@ -415,8 +420,8 @@ async fn send(
     if let Some(b) = &token.bearer {
         h.insert(header::AUTHORIZATION, b.clone());
     }
-    if let Some(p) = &token.user_project {
-        h.insert(&GOOG_USER_PROJECT, p.clone());
+    for (name, value) in &token.upstream_headers {
+        h.insert(name, value.clone());
     }
     s.client.send(req).await
 }
@@ -425,7 +430,7 @@ async fn send(
 /// 400/403 with Google's `RESOURCE_EXHAUSTED`. Returns the answer (re-assembled if its
 /// body had to be read) and, when rate-limited, the retry hint if there was one.
 async fn check_rate_limit(
-    resp: http::Response<crate::upstream::IdleTimeout>,
+    resp: http::Response<crate::proxy::upstream::IdleTimeout>,
 ) -> Result<(http::Response<Body>, Option<Option<Duration>>), BodyError> {
     let status = resp.status();
     if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::FORBIDDEN {
@@ -649,13 +654,13 @@ mod tests {
     #[test]
     fn quota_errors_are_recognised() {
         assert!(is_quota_error(include_bytes!(
-            "../tests/fixtures/responses/qwen_403_insufficient_quota.json"
+            "../../tests/fixtures/responses/qwen_403_insufficient_quota.json"
         )));
         assert!(is_quota_error(include_bytes!(
-            "../tests/fixtures/responses/google_429_resource_exhausted.json"
+            "../../tests/fixtures/responses/google_429_resource_exhausted.json"
         )));
         assert!(!is_quota_error(include_bytes!(
-            "../tests/fixtures/responses/qwen_401_invalid_api_key.json"
+            "../../tests/fixtures/responses/qwen_401_invalid_api_key.json"
         )));
     }
 }

@@ -55,7 +55,8 @@ mod tests {
 
     #[test]
     fn google_retry_info() {
-        let body = include_bytes!("../tests/fixtures/responses/google_429_resource_exhausted.json");
+        let body =
+            include_bytes!("../../tests/fixtures/responses/google_429_resource_exhausted.json");
         assert_eq!(
             google_retry_delay(body),
             Some(Duration::from_millis(45_123))

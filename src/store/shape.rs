@@ -266,11 +266,11 @@ mod tests {
     use super::*;
     use secrecy::ExposeSecret;
 
-    const QWEN: &str = include_str!("../tests/fixtures/credentials/qwen_oauth_creds.json");
+    const QWEN: &str = include_str!("../../tests/fixtures/credentials/qwen_oauth_creds.json");
     const SEED: &str =
-        include_str!("../tests/fixtures/credentials/seed_authorized_user_with_token.json");
-    const ADC: &str = include_str!("../tests/fixtures/credentials/adc_authorized_user.json");
-    const GENERIC: &str = include_str!("../tests/fixtures/credentials/seed_generic.json");
+        include_str!("../../tests/fixtures/credentials/seed_authorized_user_with_token.json");
+    const ADC: &str = include_str!("../../tests/fixtures/credentials/adc_authorized_user.json");
+    const GENERIC: &str = include_str!("../../tests/fixtures/credentials/seed_generic.json");
 
     #[test]
     fn cli_shape_reads_milliseconds_and_resource_url() {

@@ -1,0 +1,8 @@
+//! Operations: what operators see and drive. The admin listener (`admin`), the
+//! Prometheus registry (`metrics`), alert webhooks (`alert`) and the command line
+//! (`cli`: status, refresh, check).
+
+pub mod admin;
+pub mod alert;
+pub mod cli;
+pub mod metrics;

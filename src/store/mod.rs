@@ -1,0 +1,76 @@
+//! Where credentials live. The token lifecycle talks to a [`CredentialStore`] (load, lock,
+//! save) and never to the file system directly; [`FileStore`] is the first
+//! implementation. A networked store (Redis) for replicas on many machines would sit
+//! behind the same trait with the same guarantees.
+//!
+//! Store methods block (file I/O); callers run them on the blocking pool. Guarantees of
+//! `FileStore`:
+//! - `save` replaces a file atomically (temp file in the same directory, fsync, rename,
+//!   fsync of the directory): a crash leaves the old or the new file, never a truncated
+//!   one. Every field the file had survives; the mode is 0600 or stricter; symlinks are
+//!   followed so the file they point at is replaced.
+//! - `try_lock` is the protocol Qwen Code uses: `<stem>.lock` beside the file, created
+//!   with O_EXCL, holding a random id; older than 30 s it is stale and is broken by
+//!   renaming it aside first, so only the stale file is ever removed. A lock is released
+//!   only by its owner (the id must match).
+//! - A read-only source (a Kubernetes Secret mount) with a `state_dir` keeps refreshed
+//!   tokens in `state_dir/<provider>/<id>.json` (0600), tagged with a fingerprint of the
+//!   source. The copy is used while the source is unchanged; once the source changes (the
+//!   user re-authenticated) the source wins.
+
+pub mod file;
+pub mod shape;
+
+pub use file::{write_atomically, FileStore, LOCK_STALE_AFTER};
+
+use shape::{CredentialFile, ParseError, TokenUpdate};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: cannot {op}: {source}")]
+    Io {
+        path: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: ParseError,
+    },
+}
+
+/// Held while refreshing; dropping it releases the lock.
+pub type LockGuard = Box<dyn Send + Sync>;
+
+pub enum TryLock {
+    Acquired(LockGuard),
+    /// Someone else holds it; try again shortly.
+    Busy,
+    /// The store cannot be locked (read-only directory): nobody else can write it either.
+    Unavailable,
+}
+
+/// What a store holds for one credential.
+pub trait CredentialStore: Send + Sync + 'static {
+    /// Where it lives, for logs and the admin API (a path, never a secret).
+    fn location(&self) -> String;
+    /// Reads the credential as it is now.
+    fn load(&self) -> Result<CredentialFile, StoreError>;
+    /// Stores a refreshed token in the credential's own shape. `Ok(false)` when the
+    /// stored shape has nothing to update.
+    fn save(&self, update: &TokenUpdate) -> Result<bool, StoreError>;
+    /// Whether the credential's own file can be written back (a read-only Kubernetes
+    /// Secret mount cannot).
+    fn writable(&self) -> bool;
+    /// Whether refreshed tokens survive a restart (the file or a state copy).
+    fn persistent(&self) -> bool {
+        self.writable()
+    }
+    /// One attempt at the cross-process refresh lock.
+    fn try_lock(&self) -> Result<TryLock, StoreError> {
+        Ok(TryLock::Unavailable)
+    }
+}
