@@ -6,9 +6,11 @@ that the Kubernetes PrometheusRule carries exactly the rules of alerts.yml. Prin
 facts the Rust test (tests/deploy.rs) checks against tokenrelay's own config parser, as
 JSON. Exits non-zero, naming the file and the problem, when something is off.
 """
+import ipaddress
 import json
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -129,6 +131,40 @@ if rule["spec"]["groups"] != alerts["groups"]:
 dash = json.loads((DEPLOY / "grafana" / "tokenrelay.json").read_text())
 facts["grafana_metrics"] = sorted({m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"tokenrelay_[a-z_]+", t["expr"])})
 facts["alert_metrics"] = sorted({m for g in alerts["groups"] for r in g["rules"] for m in re.findall(r"tokenrelay_[a-z_]+", r["expr"])})
+
+# The Host rule (src/proxy/browser.rs): a loopback listener, and any listener once
+# server.allowed_hosts is set, answers only its own names. Kubelet probes and Prometheus
+# in Kubernetes send the pod IP as Host; compose's Prometheus sends the service name.
+POD_IP = "10.0.0.7"
+
+
+def host_admitted(config_text, listen_key, host):
+    server = tomllib.loads(config_text).get("server", {})
+    listen = server.get(listen_key, "127.0.0.1:9090")
+    ip = listen.rsplit(":", 1)[0].strip("[]")
+    allowed = [h.lower() for h in server.get("allowed_hosts", [])]
+    if not ipaddress.ip_address(ip).is_loopback and not allowed:
+        return True
+    name = host.rsplit(":", 1)[0].lower() if not host.startswith("[") else host.split("]")[0] + "]"
+    own = {"localhost", "127.0.0.1", "[::1]", ip}
+    return name in own or name in allowed or any(
+        a.startswith("*.") and name.endswith(a[1:]) and len(name) > len(a) - 1 for a in allowed)
+
+
+probe_hosts = []
+for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    headers = {h["name"].lower(): h["value"] for h in sidecar[probe]["httpGet"].get("httpHeaders", [])}
+    probe_hosts.append(headers.get("host", f"{POD_IP}:{ports['admin']}"))
+facts["k8s_probe_hosts"] = sorted(set(probe_hosts))
+facts["k8s_scrape_host"] = f"{POD_IP}:{ports['admin']}"
+for host in facts["k8s_probe_hosts"] + [facts["k8s_scrape_host"]]:
+    if not host_admitted(cm["data"]["config.toml"], "admin_listen", host):
+        fail("configmap.yaml", f"kubelet probes and Prometheus reach the admin listener as Host {host}, which server.allowed_hosts refuses: drop allowed_hosts or add the probes' httpHeaders Host")
+facts["compose_scrape_hosts"] = sorted(set(targets))
+docker_cfg = (DEPLOY / "docker" / "config.toml").read_text()
+for host in targets:
+    if not host_admitted(docker_cfg, "admin_listen", host):
+        fail("docker/config.toml", f"Prometheus scrapes {host}, which the Host rule refuses: add {host.rsplit(':', 1)[0]!r} to server.allowed_hosts")
 
 if problems:
     print("\n".join(problems), file=sys.stderr)

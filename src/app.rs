@@ -17,6 +17,7 @@ use crate::lifecycle::Refresher;
 use crate::ops::admin::{self, AdminState};
 use crate::ops::alert::Alerter;
 use crate::ops::metrics::Metrics;
+use crate::proxy::browser::{BrowserGuard, Listener};
 use crate::proxy::server::{self, Limits};
 use crate::proxy::upstream::Upstream;
 use crate::proxy::{self, ProxyState};
@@ -57,12 +58,6 @@ impl App {
         tokio::spawn(watch_expiry(Arc::downgrade(&pool)));
         let watcher = watch_credentials(&pool);
 
-        let admin_app = admin::router(Arc::new(AdminState {
-            pool: Arc::clone(&pool),
-            metrics: Arc::clone(&metrics),
-            admin_token: config.server.admin_token.clone(),
-        }));
-
         let proxy_listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| {
@@ -78,6 +73,17 @@ impl App {
             })?;
         let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
+        let admin_app = admin::router(Arc::new(AdminState {
+            pool: Arc::clone(&pool),
+            metrics: Arc::clone(&metrics),
+            admin_token: config.server.admin_token.clone(),
+            browser: BrowserGuard::new(
+                Listener::Admin,
+                admin_addr,
+                &config.server.allowed_hosts,
+                &config.server.allowed_origins,
+            ),
+        }));
 
         let (shutdown, _) = watch::channel(false);
         let limits = Limits {
@@ -97,6 +103,12 @@ impl App {
         // The proxy: connections are handed to one single-threaded runtime per thread,
         // each with its own upstream connection pool, so a request and its upstream
         // exchange never change threads.
+        let proxy_guard = BrowserGuard::new(
+            Listener::Proxy,
+            proxy_addr,
+            &config.server.allowed_hosts,
+            &config.server.allowed_origins,
+        );
         let apps = (0..config.server.proxy_threads)
             .map(|_| {
                 let state = Arc::new(ProxyState {
@@ -109,6 +121,7 @@ impl App {
                     max_request_body: config.server.max_request_body,
                     client_keys: config.server.client_keys.clone(),
                     pool_config: config.pool.clone(),
+                    browser: proxy_guard.clone(),
                 });
                 Router::new().fallback(proxy::handle).with_state(state)
             })

@@ -18,6 +18,7 @@ use url::Url;
 use crate::ops::alert::{AlertsConfig, Format, WebhookConfig};
 pub use crate::providers::ProviderKind;
 use crate::providers::{self, google};
+use crate::proxy::browser;
 
 /// A configuration problem, always naming where it is.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,8 @@ struct RawServer {
     max_headers: Option<usize>,
     header_read_timeout: Option<String>,
     proxy_threads: Option<usize>,
+    allowed_hosts: Vec<String>,
+    allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +167,10 @@ pub struct ServerConfig {
     /// Proxy threads: single-threaded runtimes that each serve the connections handed to
     /// them, with their own upstream connection pool.
     pub proxy_threads: usize,
+    /// More names the listeners answer to (exact, or `*.suffix`); see `proxy::browser`.
+    pub allowed_hosts: Vec<String>,
+    /// Web origins whose pages may call tokenrelay (CORS); none by default.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -494,6 +501,14 @@ impl Validator<'_> {
                 format!("{admin_listen} is reachable from other hosts but `server.admin_token` is empty. Set `server.admin_token`, or set `server.allow_unauthenticated = true` if a network policy protects the port"),
             ));
         }
+        for (i, h) in raw.allowed_hosts.iter().enumerate() {
+            browser::validate_host_rule(h)
+                .map_err(|p| self.err(format!("server.allowed_hosts[{i}]"), p))?;
+        }
+        for (i, o) in raw.allowed_origins.iter().enumerate() {
+            browser::validate_origin(o)
+                .map_err(|p| self.err(format!("server.allowed_origins[{i}]"), p))?;
+        }
         let max_request_body = match raw.max_request_body.as_deref() {
             None => 32 << 20,
             Some(s) => parse_size(s).map_err(|p| self.err("server.max_request_body", p))?,
@@ -545,6 +560,8 @@ impl Validator<'_> {
                 raw.header_read_timeout,
                 "10s",
             )?,
+            allowed_hosts: raw.allowed_hosts,
+            allowed_origins: raw.allowed_origins,
         })
     }
 

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tokenrelay::proxy::browser::{BrowserGuard, Listener, Verdict};
 
 use crate::helpers::*;
 
@@ -118,6 +119,37 @@ fn deploy_files_agree_with_each_other_and_with_the_config_parser() {
         Some(Path::new(mounts["state"].as_str().unwrap()))
     );
     assert_eq!(f["k8s_probe_paths"], json!(["/healthz", "/readyz"]));
+
+    // Probes and scrapes pass the Host rule, judged by tokenrelay's own guard.
+    let admitted = |config: &tokenrelay::Config, host: &str| {
+        let guard = BrowserGuard::new(
+            Listener::Admin,
+            config.server.admin_listen,
+            &config.server.allowed_hosts,
+            &config.server.allowed_origins,
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::HOST, host.parse().unwrap());
+        let uri: http::Uri = "/readyz".parse().unwrap();
+        matches!(
+            guard.check(&http::Method::GET, &uri, &headers),
+            Verdict::Pass(_)
+        )
+    };
+    let mut k8s_hosts: Vec<&str> = f["k8s_probe_hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    k8s_hosts.push(f["k8s_scrape_host"].as_str().unwrap());
+    for host in k8s_hosts {
+        assert!(admitted(&k8s, host), "kubernetes probe or scrape as {host}");
+    }
+    for host in f["compose_scrape_hosts"].as_array().unwrap() {
+        let host = host.as_str().unwrap();
+        assert!(admitted(&docker, host), "compose scrape as {host}");
+    }
 }
 
 /// Every metric the dashboard and the alert rules use exists in a real scrape.

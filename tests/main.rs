@@ -5,6 +5,7 @@ mod process;
 
 mod admin;
 mod alerts;
+mod browser;
 mod cli;
 mod clients;
 mod config;

@@ -191,7 +191,10 @@ fn raw(addr: &str, request: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_cannot_steer_the_proxy_to_another_host() {
+    // `evil.example` is admitted as a name of the listener here (the Host rule would
+    // refuse it otherwise, see browser.rs): even so it cannot pick the upstream.
     let t = spawn_app(Flavor::Qwen)
+        .toml("allowed_hosts = [\"evil.example\"]")
         .cred("a.json", qwen_cred("a", "r"))
         .access_token("a")
         .start()
@@ -233,7 +236,7 @@ async fn requests_cannot_steer_the_proxy_to_another_host() {
         let answer = tokio::task::spawn_blocking(move || {
             raw(
                 &a,
-                &format!("GET {p} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+                &format!("GET {p} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
             )
         })
         .await
@@ -327,7 +330,7 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
         let mut s = TcpStream::connect(&addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let started = Instant::now();
-        s.write_all(b"GET /qwen/v1/x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        s.write_all(b"GET /qwen/v1/x HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
             .unwrap();
         let mut buf = [0u8; 1024];
         // The server closes (possibly after a 408) instead of waiting forever.
@@ -359,7 +362,7 @@ async fn concurrent_connections_are_capped() {
     let mut held: Vec<TcpStream> = (0..2)
         .map(|_| {
             let mut s = TcpStream::connect(&addr).unwrap();
-            s.write_all(b"GET /qwen/v1/x HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.write_all(b"GET /qwen/v1/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 .unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut buf = [0u8; 4096];
@@ -374,7 +377,7 @@ async fn concurrent_connections_are_capped() {
         let started = Instant::now();
         let answer = raw(
             &a,
-            "GET /qwen/v1/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "GET /qwen/v1/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         );
         (answer, started.elapsed())
     });

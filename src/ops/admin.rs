@@ -19,6 +19,7 @@ use crate::clock;
 use crate::lifecycle::pool::{looked_at, Pool, ProviderPool};
 use crate::lifecycle::Credential;
 use crate::ops::metrics::Metrics;
+use crate::proxy::browser::{self, BrowserGuard, Verdict};
 use crate::proxy::constant_time_eq;
 use crate::proxy::error::{ProxyError, Reason};
 
@@ -26,6 +27,8 @@ pub struct AdminState {
     pub pool: Arc<Pool>,
     pub metrics: Arc<Metrics>,
     pub admin_token: Option<SecretString>,
+    /// Host and Origin rules (`proxy::browser`), before routing.
+    pub browser: BrowserGuard,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -52,7 +55,25 @@ pub fn router(state: Arc<AdminState>) -> Router {
                 "no such admin endpoint; see /healthz, /readyz, /metrics, /admin/credentials",
             )
         })
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            browser_guard,
+        ))
         .with_state(state)
+}
+
+/// The browser rules of `proxy::browser`, for every admin route.
+async fn browser_guard(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    match s.browser.check(req.method(), req.uri(), req.headers()) {
+        Verdict::Answer(refused) => refused,
+        Verdict::Pass(cors) => {
+            let mut resp = next.run(req).await;
+            if let Some(origin) = cors {
+                browser::allow_origin(&mut resp, origin);
+            }
+            resp
+        }
+    }
 }
 
 async fn require_token(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {

@@ -21,6 +21,8 @@ pub enum Reason {
     BadRequest,
     NotFound,
     DeadlineExceeded,
+    ForbiddenHost,
+    ForbiddenOrigin,
 }
 
 impl Reason {
@@ -36,6 +38,8 @@ impl Reason {
             Reason::BadRequest => "bad_request",
             Reason::NotFound => "not_found",
             Reason::DeadlineExceeded => "deadline_exceeded",
+            Reason::ForbiddenHost => "forbidden_host",
+            Reason::ForbiddenOrigin => "forbidden_origin",
         }
     }
 
@@ -51,6 +55,8 @@ impl Reason {
             Reason::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::BadRequest => StatusCode::BAD_REQUEST,
             Reason::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            Reason::ForbiddenHost => StatusCode::MISDIRECTED_REQUEST,
+            Reason::ForbiddenOrigin => StatusCode::FORBIDDEN,
         }
     }
 
@@ -65,6 +71,7 @@ impl Reason {
             Reason::Unauthorized => "UNAUTHENTICATED",
             Reason::RequestTooLarge | Reason::BadRequest => "INVALID_ARGUMENT",
             Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Reason::ForbiddenHost | Reason::ForbiddenOrigin => "PERMISSION_DENIED",
         }
     }
 }

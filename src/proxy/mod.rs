@@ -12,6 +12,7 @@
 //! - Client credentials (`Authorization`, `x-api-key`, `x-goog-api-key`) and hop-by-hop
 //!   headers never reach the upstream.
 
+pub mod browser;
 pub mod error;
 pub mod retry_after;
 pub mod server;
@@ -38,6 +39,7 @@ use crate::lifecycle::pool::{looked_at, Pool, ProviderPool};
 use crate::oauth::{error_chain, RefreshError};
 use crate::ops::metrics::Metrics;
 use crate::proxy::error::{ProxyError, Reason};
+use browser::{BrowserGuard, Verdict};
 
 use crate::lifecycle::{Credential, State as CredState, Token};
 use crate::proxy::upstream::{BodyError, Upstream};
@@ -49,6 +51,7 @@ pub struct ProxyState {
     pub max_request_body: usize,
     pub client_keys: Vec<SecretString>,
     pub pool_config: PoolConfig,
+    pub browser: BrowserGuard,
 }
 
 static CREDENTIAL_HEADER: HeaderName = HeaderName::from_static("x-tokenrelay-credential");
@@ -70,6 +73,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
+    let cors = match s.browser.check(&parts.method, &parts.uri, &parts.headers) {
+        Verdict::Pass(cors) => cors,
+        Verdict::Answer(refused) => return refused,
+    };
     if parts.method == http::Method::CONNECT {
         return ProxyError::new(
             Reason::BadRequest,
@@ -129,7 +136,11 @@ pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response 
     tracing::info!(target: "tokenrelay::proxy", provider, credential = outcome.credential.as_deref().unwrap_or("-"),
         method = %parts.method, path = parts.uri.path(), status = status.as_u16(), attempts = outcome.attempts,
         duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
-    outcome.response
+    let mut response = outcome.response;
+    if let Some(origin) = cors {
+        browser::allow_origin(&mut response, origin);
+    }
+    response
 }
 
 struct Outcome {
