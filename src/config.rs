@@ -11,13 +11,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use http::HeaderName;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
 use crate::ops::alert::{AlertsConfig, Format, WebhookConfig};
 pub use crate::providers::ProviderKind;
-use crate::providers::{self, google};
+use crate::providers::{self, dashscope, google, KeyHeader};
 use crate::proxy::browser;
 
 /// A configuration problem, always naming where it is.
@@ -116,7 +117,24 @@ struct RawProvider {
     client_secret: Option<String>,
     scopes: Option<Vec<String>>,
     credentials: Option<Vec<RawCredentialEntry>>,
-    api_keys: Vec<String>,
+    api_keys: Vec<RawApiKey>,
+    api_keys_file: Option<String>,
+    api_key_header: Option<String>,
+    region: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawApiKey {
+    Key(String),
+    Table(RawApiKeyTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiKeyTable {
+    key: String,
+    id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,18 +222,36 @@ pub struct ProviderConfig {
     pub name: String,
     pub kind: ProviderKind,
     pub upstream: Url,
-    pub token_url: Url,
+    /// The OAuth token endpoint; `None` for a provider of API keys only (`dashscope`).
+    pub token_url: Option<Url>,
     pub client_id: Option<String>,
     pub client_secret: Option<SecretString>,
     pub scopes: Vec<String>,
     pub credentials: Vec<CredentialEntry>,
-    pub api_keys: Vec<SecretString>,
+    pub api_keys: Vec<ApiKey>,
+    /// One key per line, reloaded like credential files.
+    pub api_keys_file: Option<PathBuf>,
+    /// How this provider's static keys go upstream.
+    pub key_header: KeyHeader,
+}
+
+/// One configured static key and its id (configured, else a hash of the key).
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub id: Option<String>,
+    pub key: SecretString,
 }
 
 impl ProviderConfig {
     /// What gets this provider a fresh credential (the provider's own hint).
     pub fn reauth_hint(&self) -> String {
-        self.kind.reauth_hint(&self.token_url)
+        self.kind.reauth_hint(self.token_url.as_ref())
+    }
+
+    /// What replaces one credential of this provider, by its kind (`api_key`,
+    /// `service_account`, `authorized_user`, …).
+    pub fn hint_for(&self, credential_kind: &str) -> String {
+        self.kind.hint_for(credential_kind, self.token_url.as_ref())
     }
 
     /// Whether its refresh tokens may rotate (see `ProviderKind::rotates_refresh_tokens`).
@@ -586,7 +622,29 @@ impl Validator<'_> {
             preset.default_credentials,
             preset.env_credentials,
         );
-        let upstream = match raw.upstream.as_deref().or(upstream) {
+        let region_upstream = match (kind, raw.region.as_deref()) {
+            (ProviderKind::Dashscope, region) => {
+                let region = region.unwrap_or(dashscope::DEFAULT_REGION);
+                match dashscope::upstream_for(region) {
+                    Some(u) => Some(u),
+                    None => {
+                        let known: Vec<&str> = dashscope::REGIONS.iter().map(|(r, _)| *r).collect();
+                        return Err(self.err(
+                            key("region"),
+                            format!(
+                                "unknown region {region:?}; one of {} (keys are per region), or set upstream",
+                                known.join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+            (_, Some(_)) => {
+                return Err(self.err(key("region"), "only the dashscope preset has regions"))
+            }
+            (_, None) => None,
+        };
+        let upstream = match raw.upstream.as_deref().or(upstream).or(region_upstream) {
             Some(u) => self.url(&key("upstream"), u)?,
             None => {
                 return Err(self.err(
@@ -596,11 +654,21 @@ impl Validator<'_> {
             }
         };
         let token_url = match raw.token_url.as_deref().or(token_url) {
-            Some(u) => self.url(&key("token_url"), u)?,
-            None => {
+            Some(u) => Some(self.url(&key("token_url"), u)?),
+            None => None,
+        };
+        let key_header = match raw.api_key_header.as_deref() {
+            None => kind.key_header(None),
+            Some(h) if kind == ProviderKind::Custom => {
+                let name = HeaderName::from_bytes(h.trim().as_bytes()).map_err(|_| {
+                    self.err(key("api_key_header"), format!("{h:?} is not a header name"))
+                })?;
+                kind.key_header(Some(&name))
+            }
+            Some(_) => {
                 return Err(self.err(
-                    key("token_url"),
-                    "required for a custom provider (the OAuth token endpoint)",
+                    key("api_key_header"),
+                    "only a custom provider chooses its key header (the presets know theirs)",
                 ))
             }
         };
@@ -646,12 +714,39 @@ impl Validator<'_> {
         for c in &credentials {
             c.resolve().map_err(|p| self.err(c.origin.clone(), p))?;
         }
-        let api_keys = raw
-            .api_keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| self.secret(&key(&format!("api_keys[{i}]")), k))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut api_keys = Vec::new();
+        for (i, k) in raw.api_keys.into_iter().enumerate() {
+            let at = key(&format!("api_keys[{i}]"));
+            let (spec, id) = match k {
+                RawApiKey::Key(spec) => (spec, None),
+                RawApiKey::Table(t) => (t.key, t.id),
+            };
+            if let Some(id) = &id {
+                validate_id(id).map_err(|p| self.err(format!("{at}.id"), p))?;
+            }
+            api_keys.push(ApiKey {
+                id,
+                key: self.secret(&at, &spec)?,
+            });
+        }
+        let api_keys_file = match raw.api_keys_file.as_deref() {
+            None | Some("") => None,
+            Some(spec) => {
+                let path =
+                    expand_tilde(spec, self.env).map_err(|p| self.err(key("api_keys_file"), p))?;
+                read_key_file(&path).map_err(|p| self.err(key("api_keys_file"), p))?;
+                Some(path)
+            }
+        };
+        if token_url.is_none()
+            && (!credentials.is_empty()
+                || kind == ProviderKind::Custom && api_keys.is_empty() && api_keys_file.is_none())
+        {
+            return Err(self.err(
+                key("token_url"),
+                "required for a provider with credential files (the OAuth token endpoint)",
+            ));
+        }
         let scopes = raw
             .scopes
             .unwrap_or_else(|| vec![google::CLOUD_PLATFORM_SCOPE.to_string()]);
@@ -665,6 +760,8 @@ impl Validator<'_> {
             scopes,
             credentials,
             api_keys,
+            api_keys_file,
+            key_header,
         })
     }
 
@@ -766,6 +863,29 @@ impl Validator<'_> {
 }
 
 /// Credential ids appear in URLs, metrics and logs.
+/// The keys of an `api_keys_file`: one per line, blank lines and `#` comments ignored.
+/// Errors name the line, never its content.
+pub fn read_key_file(path: &Path) -> Result<Vec<SecretString>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "{} line {}: a key may not contain spaces (one key per line)",
+                path.display(),
+                i + 1
+            ));
+        }
+        keys.push(SecretString::from(line.to_string()));
+    }
+    Ok(keys)
+}
+
 pub fn validate_id(id: &str) -> Result<(), String> {
     if !id.is_empty()
         && id.len() <= 128

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Form, Request, State};
@@ -493,7 +493,7 @@ async fn upstream(State(s): State<Arc<UpstreamState>>, req: Request) -> Response
 
 /// What the real APIs answer, in the shapes the official SDKs parse: OpenAI chat
 /// completions (JSON or SSE ending in `[DONE]`) and Gemini generateContent (JSON or SSE).
-fn sdk_answer(path: &str, body: &[u8]) -> Option<Response> {
+pub fn sdk_answer(path: &str, body: &[u8]) -> Option<Response> {
     let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let sse = |events: Vec<Value>, done: bool| {
         let mut text: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
@@ -702,7 +702,26 @@ impl TestApp {
         Config::from_toml(toml, "test.toml", &env).expect("test config is valid")
     }
 
-    async fn launch(&mut self, toml: &str) {
+    /// A TestApp whose fakes run but that tokenrelay does not use yet: the test launches
+    /// tokenrelay with its own configuration (`launch`).
+    pub async fn empty() -> TestApp {
+        init_logs();
+        let valid = ValidTokens::default();
+        TestApp {
+            app: None,
+            proxy: String::new(),
+            admin: String::new(),
+            tokens: FakeTokenEndpoint::start(Flavor::Google, valid.clone()).await,
+            upstream: FakeUpstream::start(Flavor::Google, valid).await,
+            dir: tempfile::tempdir().unwrap(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn launch(&mut self, toml: &str) {
         let app = App::start(Self::config(toml))
             .await
             .expect("tokenrelay starts");
@@ -899,4 +918,17 @@ pub async fn adc_app() -> TestApp {
 /// GET a URL and parse its JSON body.
 pub async fn get_json(http: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Polls `check` every 25 ms until it holds, failing the test after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }

@@ -8,18 +8,6 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 use crate::process::{write_config, Proc};
 
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 fn qwen_expiring_in(ms: i64, refresh: &str) -> Value {
     json!({
         "access_token": "soon-stale", "token_type": "Bearer", "refresh_token": refresh,
@@ -36,10 +24,16 @@ async fn tokens_are_refreshed_ahead_of_expiry_without_traffic() {
         .start()
         .await;
     assert_eq!(t.tokens.calls(), 0, "not due yet");
+    // The endpoint counts the call before tokenrelay has written the answer back: wait for
+    // the file too.
     wait_for("a background refresh", Duration::from_secs(5), || async {
         t.tokens.calls() == 1
+            && read_json(&t.cred_path("a.json"))["access_token"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("access-"))
     })
     .await;
+    assert_eq!(t.tokens.calls(), 1);
     let file = read_json(&t.cred_path("a.json"));
     assert!(file["access_token"]
         .as_str()

@@ -11,6 +11,7 @@ mod clients;
 mod config;
 mod deploy;
 mod failover;
+mod keys;
 mod lifecycle;
 mod proxy;
 mod refresh;

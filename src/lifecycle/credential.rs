@@ -24,7 +24,7 @@ use secrecy::SecretString;
 use tokio::time::Instant;
 
 use super::state::{Snapshot, State, Status};
-use super::token::{bearer, fingerprint, token_from_file, Expiry, Token};
+use super::token::{fingerprint, token_from_file, Expiry, Token};
 use crate::clock;
 use crate::config::{ProviderConfig, RefreshConfig};
 use crate::oauth::RefreshError;
@@ -128,7 +128,7 @@ impl Credential {
     ) -> Credential {
         let token = Token {
             generation: 0,
-            bearer: bearer(key),
+            auth: provider.key_header.attach(key),
             access: Some(key.clone()),
             expiry: Expiry::Never,
             refresh: None,
@@ -230,7 +230,17 @@ impl Credential {
             .and_then(|t| t.checked_duration_since(now))
             .filter(|d| !d.is_zero());
         let valid = token.is_valid(now_ms);
-        let state = if st.needs_reauth {
+        let model_cooldowns = st
+            .model_cooldowns
+            .iter()
+            .filter_map(|(m, until)| {
+                let left = until.checked_duration_since(now)?;
+                (!left.is_zero()).then(|| (m.clone(), left))
+            })
+            .collect();
+        let state = if st.invalid {
+            State::Invalid
+        } else if st.needs_reauth {
             State::NeedsReauth
         } else if cooldown_remaining.is_some() {
             State::CoolingDown
@@ -247,7 +257,7 @@ impl Credential {
         };
         // Usable: can serve a request now, or can try to get a token for one now.
         let usable = match state {
-            State::NeedsReauth | State::CoolingDown => false,
+            State::NeedsReauth | State::CoolingDown | State::Invalid => false,
             State::Expired => retry_in.is_none(),
             _ => true,
         };
@@ -258,6 +268,7 @@ impl Credential {
             last_error: st.last_error.clone(),
             consecutive_failures: st.consecutive_failures,
             cooldown_remaining,
+            model_cooldowns,
             retry_in,
             usable,
         }
@@ -266,6 +277,59 @@ impl Credential {
     /// Whether a request may use this credential now (no network call to decide).
     pub fn is_usable(&self) -> bool {
         self.snapshot().usable
+    }
+
+    /// How much longer this credential cools down for `model` (a per-model 429).
+    pub fn model_cooldown(&self, model: &str) -> Option<Duration> {
+        let st = self.lock_status();
+        if st.model_cooldowns.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        st.model_cooldowns
+            .iter()
+            .find(|(m, _)| m == model)
+            .and_then(|(_, until)| until.checked_duration_since(now))
+            .filter(|d| !d.is_zero())
+    }
+
+    /// Keeps the credential out of rotation for `model` for `d` (a 429 naming it); never
+    /// shortens a longer cool-down. Expired entries are dropped on the way.
+    pub fn cool_down_model(&self, model: &str, d: Duration) {
+        let now = Instant::now();
+        let until = now + d;
+        let mut st = self.lock_status();
+        st.model_cooldowns.retain(|(_, u)| *u > now);
+        match st.model_cooldowns.iter_mut().find(|(m, _)| m == model) {
+            Some((_, u)) => *u = (*u).max(until),
+            None => st.model_cooldowns.push((model.to_string(), until)),
+        }
+    }
+
+    /// Takes the credential out of rotation: the upstream refused it (`reason`, a protocol
+    /// code) and `action` says what fixes it. Warns and alerts once per transition.
+    pub fn mark_invalid(&self, reason: &str, action: &str) {
+        let message = format!("the upstream refused this credential ({reason}); to fix: {action}");
+        let first = {
+            let mut st = self.lock_status();
+            st.last_error = Some(message.clone());
+            st.last_error_transient = false;
+            !std::mem::replace(&mut st.invalid, true)
+        };
+        if first {
+            tracing::warn!(target: "tokenrelay::proxy", provider = %self.provider.name, credential = %self.id,
+                reason, action, "credential refused by the upstream; taking it out of rotation");
+            self.alert(Kind::Invalid, message);
+        }
+    }
+
+    /// Brings an `invalid` credential back (its key or file changed, or a manual refresh).
+    pub(super) fn clear_invalid(&self) {
+        let mut st = self.lock_status();
+        if std::mem::replace(&mut st.invalid, false) {
+            st.last_error = None;
+            st.model_cooldowns.clear();
+        }
     }
 
     /// Keeps the credential out of rotation for `d` (an upstream rate limit).

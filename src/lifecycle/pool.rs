@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 use crate::config::{Config, CredentialPath, ProviderConfig, Strategy};
@@ -90,12 +91,11 @@ impl Pool {
                     load_credential(&provider, &found, &mut ids, refresher).map_err(LoadError)?;
                 creds.push(cred);
             }
-            for (i, key) in provider.api_keys.iter().enumerate() {
-                let id = unique_id(&mut ids, Some(format!("api-key-{}", i + 1)), Path::new(""));
+            for (id, key) in api_keys(&provider).map_err(LoadError)? {
                 creds.push(Arc::new(Credential::api_key(
                     Arc::clone(&provider),
                     id,
-                    key,
+                    &key,
                     Arc::clone(refresher),
                 )));
             }
@@ -183,8 +183,54 @@ impl Pool {
                     },
                 }
             }
-            // API keys come from the configuration, which a reload does not re-read.
-            next.extend(current.iter().filter(|c| c.is_api_key()).cloned());
+            // API keys: the configured ones stay; an `api_keys_file` is re-read. A key keeps
+            // its credential (and state) while it is listed; new keys join, gone ones leave.
+            let mut keys_now: HashMap<String, Arc<Credential>> = current
+                .iter()
+                .filter(|c| c.is_api_key())
+                .map(|c| (c.id.clone(), Arc::clone(c)))
+                .collect();
+            match api_keys(provider) {
+                Ok(keys) => {
+                    for (id, key) in keys {
+                        match keys_now.remove(&id) {
+                            Some(c) => {
+                                next.push(c);
+                                report.kept += 1;
+                            }
+                            None => {
+                                let c = Arc::new(Credential::api_key(
+                                    Arc::clone(provider),
+                                    id,
+                                    &key,
+                                    Arc::clone(&self.refresher),
+                                ));
+                                self.refresher
+                                    .metrics
+                                    .init_credential(&provider.name, &c.id);
+                                report.added.push(format!("{}/{}", provider.name, c.id));
+                                next.push(c);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    // An unreadable key file keeps the keys as they were.
+                    tracing::error!(target: "tokenrelay::credentials", provider = %provider.name, error = %e,
+                        "api keys not reloaded");
+                    report.errors.push(e);
+                    next.extend(keys_now.drain().map(|(_, c)| c));
+                }
+            }
+            for (id, gone) in keys_now {
+                gone.retire();
+                self.refresher
+                    .metrics
+                    .forget_credential(&provider.name, &id);
+                tracing::info!(target: "tokenrelay::credentials", provider = %provider.name, credential = %id,
+                    "api key left the pool");
+                report.removed.push(format!("{}/{}", provider.name, id));
+            }
             for (path, gone) in by_path {
                 gone.retire();
                 self.refresher
@@ -210,6 +256,12 @@ impl Pool {
             .iter()
             .flat_map(|p| p.config.credentials.iter())
             .filter_map(|e| watch_dir(&e.pattern))
+            .chain(
+                self.providers
+                    .iter()
+                    .filter_map(|p| p.config.api_keys_file.as_deref())
+                    .filter_map(watch_dir),
+            )
             .collect();
         dirs.sort();
         dirs.dedup();
@@ -334,6 +386,46 @@ fn warn_if_readable_by_others(path: &Path) {
 }
 
 /// The configured id, else the file stem made safe; suffixed `-2`, `-3`… when taken.
+/// A provider's static keys with their ids: the configured id, else `key-` and 8 hex
+/// digits of the key's SHA-256 (stable across reloads and reorderings, never the key). The
+/// same key listed twice is one credential.
+pub fn api_keys(provider: &ProviderConfig) -> Result<Vec<(String, SecretString)>, String> {
+    let from_file = match &provider.api_keys_file {
+        Some(path) => crate::config::read_key_file(path)
+            .map_err(|e| format!("providers.{}.api_keys_file: {e}", provider.name))?,
+        None => Vec::new(),
+    };
+    let listed = provider
+        .api_keys
+        .iter()
+        .map(|k| (k.id.clone(), k.key.clone()))
+        .chain(from_file.into_iter().map(|k| (None, k)));
+    let mut seen_ids = HashSet::new();
+    let mut seen_keys = HashSet::new();
+    let mut out = Vec::new();
+    for (id, key) in listed {
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.expose_secret().as_bytes());
+        if !seen_keys.insert(digest.as_ref().to_vec()) {
+            continue;
+        }
+        let id = id.unwrap_or_else(|| {
+            let hex: String = digest.as_ref()[..4]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("key-{hex}")
+        });
+        if !seen_ids.insert(id.clone()) {
+            return Err(format!(
+                "providers.{}: two api keys have the id {id:?}; give each its own id",
+                provider.name
+            ));
+        }
+        out.push((id, key));
+    }
+    Ok(out)
+}
+
 fn unique_id(taken: &mut HashSet<String>, configured: Option<String>, path: &Path) -> String {
     let base = configured.unwrap_or_else(|| {
         let stem = path

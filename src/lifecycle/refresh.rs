@@ -66,6 +66,12 @@ impl Credential {
     /// A manual refresh: calls the token endpoint even if the token is fresh, and clears
     /// `needs_reauth` and backoff first.
     pub async fn force_refresh(self: &Arc<Self>) -> Result<Arc<Token>, RefreshError> {
+        // An operator asking for it is the way back for a refused key (there is nothing to
+        // refresh) and for a token whose project was fixed.
+        self.clear_invalid();
+        if self.is_api_key() {
+            return Ok(self.token.load_full());
+        }
         self.refresh_shared(Want::Forced).await
     }
 
@@ -75,7 +81,10 @@ impl Credential {
         if let Source::Store(store) = &self.source {
             let _gate = self.gate.lock().await;
             let current = self.token.load_full();
-            self.adopt_from_store(store, &current).await;
+            if self.adopt_from_store(store, &current).await.is_some() {
+                // A new file: whatever the upstream refused is gone with the old one.
+                self.clear_invalid();
+            }
         }
         self.wake.notify_one();
     }
@@ -220,7 +229,11 @@ impl Credential {
         current: &Token,
     ) -> Result<TokenUpdate, RefreshError> {
         let cfg = &self.refresher.config;
-        let token_url = &self.provider.token_url;
+        let Some(token_url) = &self.provider.token_url else {
+            return Err(RefreshError::NoTokenUrl {
+                provider: self.provider.name.clone(),
+            });
+        };
         let grant = if let Some(sa) = &current.service_account {
             let assertion = oauth::service_account_assertion(
                 sa,
@@ -363,7 +376,7 @@ impl Credential {
         let expires_at = now + update.expires_in_secs as i64 * 1000;
         let token = Arc::new(Token {
             generation: current.generation + 1,
-            bearer: bearer(&update.access_token),
+            auth: bearer(&update.access_token),
             access: Some(update.access_token),
             expiry: Expiry::At(expires_at),
             refresh: update.refresh_token.or_else(|| current.refresh.clone()),
@@ -530,7 +543,7 @@ impl Credential {
             Token {
                 generation: current.generation,
                 access: current.access.clone(),
-                bearer: current.bearer.clone(),
+                auth: current.auth.clone(),
                 expiry: current.expiry,
                 ..candidate
             }

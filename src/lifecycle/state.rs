@@ -14,16 +14,20 @@ pub enum State {
     CoolingDown,
     Expired,
     NeedsReauth,
+    /// The upstream refused the credential itself (a dead or blocked key, a project with
+    /// the API off): out of rotation until its key or file changes or a manual refresh.
+    Invalid,
 }
 
 impl State {
-    pub const ALL: [State; 6] = [
+    pub const ALL: [State; 7] = [
         State::Ready,
         State::Refreshing,
         State::Backoff,
         State::CoolingDown,
         State::Expired,
         State::NeedsReauth,
+        State::Invalid,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -34,6 +38,7 @@ impl State {
             State::CoolingDown => "cooling_down",
             State::Expired => "expired",
             State::NeedsReauth => "needs_reauth",
+            State::Invalid => "invalid",
         }
     }
 }
@@ -41,6 +46,11 @@ impl State {
 #[derive(Debug, Default)]
 pub(super) struct Status {
     pub(super) needs_reauth: bool,
+    /// Refused by the upstream (`State::Invalid`).
+    pub(super) invalid: bool,
+    /// Per-model cool-downs (a 429 naming a model); the credential serves other models.
+    /// Few entries: a linear scan beats a map.
+    pub(super) model_cooldowns: Vec<(String, Instant)>,
     pub(super) consecutive_failures: u32,
     /// The last failure, as a message fit for operators (no secrets).
     pub(super) last_error: Option<String>,
@@ -72,6 +82,8 @@ pub struct Snapshot {
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
     pub cooldown_remaining: Option<Duration>,
+    /// Models this credential is cooling down for, and for how long.
+    pub model_cooldowns: Vec<(String, Duration)>,
     pub retry_in: Option<Duration>,
     pub usable: bool,
 }

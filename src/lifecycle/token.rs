@@ -29,8 +29,9 @@ pub struct Token {
     /// token is still generation `g`.
     pub generation: u64,
     pub(super) access: Option<SecretString>,
-    /// `Authorization: Bearer …`, built once, marked sensitive.
-    pub bearer: Option<HeaderValue>,
+    /// The header that carries the secret upstream (`Authorization: Bearer …` for OAuth
+    /// tokens, the provider's key header for static keys), built once, marked sensitive.
+    pub auth: Option<(HeaderName, HeaderValue)>,
     pub expiry: Expiry,
     pub(super) refresh: Option<SecretString>,
     pub(super) client_id: Option<String>,
@@ -47,7 +48,7 @@ pub struct Token {
 impl Token {
     /// Whether the token stays valid for at least `min_validity` from `now_ms`.
     pub fn is_fresh(&self, now_ms: i64, min_validity: Duration) -> bool {
-        self.bearer.is_some()
+        self.auth.is_some()
             && match self.expiry {
                 Expiry::Never => true,
                 Expiry::At(t) => t - now_ms >= min_validity.as_millis() as i64,
@@ -84,10 +85,9 @@ impl Token {
     }
 }
 
-pub(super) fn bearer(token: &SecretString) -> Option<HeaderValue> {
-    let mut v = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret())).ok()?;
-    v.set_sensitive(true);
-    Some(v)
+/// `Authorization: Bearer <token>`, for OAuth access tokens.
+pub(super) fn bearer(token: &SecretString) -> Option<(HeaderName, HeaderValue)> {
+    providers::bearer_value(token).map(|v| (http::header::AUTHORIZATION, v))
 }
 
 /// Builds the in-memory token from a parsed credential file.
@@ -105,7 +105,7 @@ pub fn token_from_file(
     let upstream_headers = providers::upstream_headers(file)?;
     Ok(Token {
         generation,
-        bearer: file.access_token.as_ref().and_then(bearer),
+        auth: file.access_token.as_ref().and_then(bearer),
         access: file.access_token.clone(),
         expiry,
         refresh: file.refresh_token.clone(),

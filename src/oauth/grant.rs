@@ -27,6 +27,8 @@ pub enum RefreshError {
     NoRefreshToken,
     #[error("no OAuth client id to refresh with: put your own OAuth client in the file (`client_id`, `client_secret`) or set `providers.{provider}.client_id`")]
     NoClientId { provider: String },
+    #[error("providers.{provider}.token_url is not set: this provider takes API keys only")]
+    NoTokenUrl { provider: String },
     #[error("token endpoint unreachable: {0}")]
     Network(String),
     #[error("token endpoint did not answer within {0:?}")]
@@ -56,6 +58,7 @@ impl RefreshError {
             RefreshError::Rejected { .. }
                 | RefreshError::NoRefreshToken
                 | RefreshError::NoClientId { .. }
+                | RefreshError::NoTokenUrl { .. }
                 | RefreshError::BadKey(_)
         )
     }
@@ -66,6 +69,7 @@ impl RefreshError {
             RefreshError::Rejected { .. }
             | RefreshError::NoRefreshToken
             | RefreshError::NoClientId { .. }
+            | RefreshError::NoTokenUrl { .. }
             | RefreshError::BadKey(_) => "auth_error",
             RefreshError::Network(_) | RefreshError::Timeout(_) | RefreshError::LockBusy(_) => {
                 "network_error"

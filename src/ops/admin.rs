@@ -109,6 +109,10 @@ struct CredentialView {
     last_error: Option<String>,
     consecutive_failures: u32,
     writable: bool,
+    /// Models this credential cools down for (a per-model 429), with seconds left.
+    model_cooldowns: Vec<serde_json::Value>,
+    /// What replaces this credential when it is dead: the same text as `tokenrelay status`.
+    hint: String,
 }
 
 fn view(c: &Credential) -> CredentialView {
@@ -127,6 +131,12 @@ fn view(c: &Credential) -> CredentialView {
         last_error: snap.last_error,
         consecutive_failures: snap.consecutive_failures,
         writable: c.writable(),
+        model_cooldowns: snap
+            .model_cooldowns
+            .iter()
+            .map(|(m, d)| json!({"model": m, "seconds": d.as_secs_f64().ceil() as u64}))
+            .collect(),
+        hint: c.provider.hint_for(c.kind),
     }
 }
 
@@ -231,11 +241,8 @@ struct RefreshOutcome {
 }
 
 async fn refresh_credential(c: Arc<Credential>) -> RefreshOutcome {
-    let result = if c.is_api_key() {
-        Ok(c.current())
-    } else {
-        c.force_refresh().await
-    };
+    // For an API key this only brings a refused key back into rotation.
+    let result = c.force_refresh().await;
     let snap = c.snapshot();
     RefreshOutcome {
         provider: c.provider.name.clone(),

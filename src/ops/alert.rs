@@ -51,6 +51,7 @@ impl Default for AlertsConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     NeedsReauth,
+    Invalid,
     RefreshFailing,
     PersistFailed,
     ExpiringSoon,
@@ -61,6 +62,7 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::NeedsReauth => "needs_reauth",
+            Kind::Invalid => "credential_invalid",
             Kind::RefreshFailing => "refresh_failing",
             Kind::PersistFailed => "persist_failed",
             Kind::ExpiringSoon => "expiring_soon",
@@ -70,7 +72,7 @@ impl Kind {
 
     fn icon(self) -> &'static str {
         match self {
-            Kind::NeedsReauth => "🔴",
+            Kind::NeedsReauth | Kind::Invalid => "🔴",
             Kind::RefreshFailing | Kind::ExpiringSoon | Kind::PersistFailed => "🟠",
             Kind::Recovered => "🟢",
         }

@@ -25,10 +25,22 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub persist_total: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub model_cooldowns: IntCounterVec,
+    /// The model labels in use: only models named in upstream answers or requests that
+    /// were rate-limited, at most `MAX_MODEL_LABELS`, then `other`.
+    model_labels: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
+/// A bound on the `model` label's values.
+const MAX_MODEL_LABELS: usize = 64;
+
 pub const REFRESH_OUTCOMES: [&str; 4] = ["success", "auth_error", "network_error", "server_error"];
-pub const RETRY_REASONS: [&str; 3] = ["unauthorized", "rate_limited", "connect_error"];
+pub const RETRY_REASONS: [&str; 4] = [
+    "unauthorized",
+    "rate_limited",
+    "connect_error",
+    "invalid_credential",
+];
 
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
@@ -126,6 +138,12 @@ impl Metrics {
                 "Always 1; the version label says which build.",
                 &["version"],
             )?,
+            model_cooldowns: counter(
+                "tokenrelay_model_cooldowns_total",
+                "Per-model cool-downs started by an upstream 429 that named or implied a model.",
+                &["provider", "model"],
+            )?,
+            model_labels: std::sync::Mutex::default(),
             registry,
         };
         m.build_info
@@ -142,6 +160,27 @@ impl Metrics {
             self.upstream_retries.with_label_values(&[provider, r]);
         }
         self.requests.with_label_values(&[provider, "200"]);
+    }
+
+    /// Counts a per-model cool-down; the label set stays bounded.
+    pub fn count_model_cooldown(&self, provider: &str, model: &str) {
+        let sane = !model.is_empty()
+            && model.len() <= 80
+            && model
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'@'));
+        let label = {
+            let mut seen = self.model_labels.lock().unwrap_or_else(|p| p.into_inner());
+            if sane && (seen.contains(model) || seen.len() < MAX_MODEL_LABELS) {
+                seen.insert(model.to_string());
+                model
+            } else {
+                "other"
+            }
+        };
+        self.model_cooldowns
+            .with_label_values(&[provider, label])
+            .inc();
     }
 
     /// Creates every series of a credential at zero.

@@ -3,6 +3,11 @@
 
 use url::Url;
 
-pub fn reauth_hint(token_url: &Url) -> String {
-    format!("obtain a new refresh token from {token_url} and replace the credential file")
+pub fn reauth_hint(token_url: Option<&Url>) -> String {
+    match token_url {
+        Some(url) => {
+            format!("obtain a new refresh token from {url} and replace the credential file")
+        }
+        None => "add an API key to this provider's api_keys".to_string(),
+    }
 }

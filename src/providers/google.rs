@@ -5,6 +5,9 @@
 //! OAuth client, so credentials carry their own (or `providers.gemini.client_id`).
 
 use http::{HeaderName, HeaderValue};
+use serde_json::Value;
+
+use super::Refusal;
 
 pub const UPSTREAM: &str = "https://generativelanguage.googleapis.com";
 pub const TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
@@ -26,4 +29,144 @@ pub fn quota_project_header(project: &str) -> Result<(HeaderName, HeaderValue), 
     HeaderValue::from_str(project)
         .map(|v| (USER_PROJECT.clone(), v))
         .map_err(|_| "quota_project_id is not a valid header value".to_string())
+}
+
+/// Where Google takes an API key (`AIza…`); `Authorization` carries only OAuth tokens
+/// (a key there is refused with 401 UNAUTHENTICATED).
+pub static API_KEY_HEADER: HeaderName = HeaderName::from_static("x-goog-api-key");
+
+/// A key listing models: what `probe` asks when a 403 does not say why.
+pub const PROBE_PATH: &str = "/v1beta/models?pageSize=1";
+
+pub fn key_hint() -> String {
+    "replace the key in providers.gemini.api_keys (create one at https://aistudio.google.com/apikey)".to_string()
+}
+
+pub fn service_account_hint() -> String {
+    "create a new key for the service account (`gcloud iam service-accounts keys create key.json --iam-account=SA_EMAIL`) and replace the file".to_string()
+}
+
+/// The `google.rpc.ErrorInfo` reasons of `details[]`, and its metadata.
+fn error_infos(body: &Value) -> impl Iterator<Item = &Value> {
+    body["error"]["details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["@type"] == "type.googleapis.com/google.rpc.ErrorInfo")
+}
+
+/// Whether Google's answer refuses the credential itself, from `error.status` and
+/// `ErrorInfo.reason` (never the message): a dead or blocked key, or a project whose API is
+/// off. `None` when the answer is about the request.
+pub fn refusal(status: u16, body: &Value, static_key: bool) -> Option<Refusal> {
+    for info in error_infos(body) {
+        let reason = info["reason"].as_str().unwrap_or("");
+        let project = info["metadata"]["consumer"]
+            .as_str()
+            .and_then(|c| c.strip_prefix("projects/"))
+            .unwrap_or("the key's project");
+        let service = info["metadata"]["service"]
+            .as_str()
+            .unwrap_or("generativelanguage.googleapis.com");
+        let action = match reason {
+            "API_KEY_INVALID" | "API_KEY_EXPIRED" if static_key => key_hint(),
+            r if static_key && r.starts_with("API_KEY_") && r.ends_with("_BLOCKED") => format!(
+                "the key's restrictions block this API: lift them in the Cloud console (APIs & Services → Credentials) or {}",
+                key_hint()
+            ),
+            "SERVICE_DISABLED" => format!(
+                "enable {service} in project {project}: https://console.cloud.google.com/apis/api/{service}/overview?project={project}"
+            ),
+            "BILLING_DISABLED" => format!("enable billing for project {project}"),
+            "CONSUMER_SUSPENDED" => format!("project {project} is suspended: use a key or credential of another project"),
+            _ => continue,
+        };
+        return Some(Refusal::Dead {
+            reason: reason.to_string(),
+            action,
+        });
+    }
+    // Google blocks a key it found published with a bare 403 PERMISSION_DENIED and no
+    // ErrorInfo; the same answer can mean "not your file". Ask Google about the key alone.
+    if static_key && status == 403 && body["error"]["status"] == "PERMISSION_DENIED" {
+        return Some(Refusal::Probe);
+    }
+    None
+}
+
+/// The models a Gemini 429 names (`QuotaFailure.violations[].quotaDimensions.model`), each
+/// with whether that quota is zero (the key's tier has none for that model).
+pub fn quota_models(body: &Value) -> Vec<(String, bool)> {
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    body["error"]["details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["@type"] == "type.googleapis.com/google.rpc.QuotaFailure")
+        .flat_map(|d| d["violations"].as_array().into_iter().flatten())
+        .filter_map(|v| {
+            let model = v["quotaDimensions"]["model"].as_str()?;
+            let zero = match v["quotaValue"].as_str() {
+                Some(q) => q == "0",
+                // Google often states the limit only in the message. This is the one place
+                // tokenrelay reads message text, as a fallback after the structured fields:
+                // "…, limit: 0, model: gemini-3.1-pro" (pinned by a test).
+                None => message.contains(&format!("limit: 0, model: {model}")),
+            };
+            Some((model.to_string(), zero))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Value {
+        let path = format!(
+            "{}/tests/fixtures/responses/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn dead_keys_and_disabled_projects_are_told_by_error_info() {
+        let invalid = fixture("google_400_api_key_invalid.json");
+        assert!(
+            matches!(refusal(400, &invalid, true), Some(Refusal::Dead { reason, .. }) if reason == "API_KEY_INVALID")
+        );
+        let disabled = fixture("google_403_service_disabled.json");
+        match refusal(403, &disabled, false) {
+            Some(Refusal::Dead { reason, action }) => {
+                assert_eq!(reason, "SERVICE_DISABLED");
+                assert!(action.contains("project 123456789012"), "{action}");
+            }
+            _ => panic!("SERVICE_DISABLED kills a token's project too"),
+        }
+        let leaked = fixture("google_403_api_key_leaked.json");
+        assert!(matches!(refusal(403, &leaked, true), Some(Refusal::Probe)));
+        assert!(refusal(403, &leaked, false).is_none());
+        let unauthenticated = fixture("google_401_unauthenticated.json");
+        assert!(refusal(401, &unauthenticated, true).is_none());
+    }
+
+    #[test]
+    fn quota_answers_name_their_model_and_a_zero_limit() {
+        assert_eq!(
+            quota_models(&fixture("google_429_quota_per_model.json")),
+            vec![("gemini-2.5-pro".to_string(), false)]
+        );
+        // No quotaValue: the limit is read from the message, in this format.
+        let zero = fixture("google_429_model_not_in_tier.json");
+        assert!(zero["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit: 0, model: gemini-3.1-pro"));
+        assert_eq!(
+            quota_models(&zero),
+            vec![("gemini-3.1-pro".to_string(), true)]
+        );
+        assert!(quota_models(&fixture("google_429_resource_exhausted.json")).is_empty());
+    }
 }

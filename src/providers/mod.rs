@@ -8,10 +8,13 @@
 //! credential file shapes.
 
 pub mod custom;
+pub mod dashscope;
 pub mod google;
 pub mod qwen;
 
-use http::{HeaderName, HeaderValue};
+use http::{header, HeaderName, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
 use url::Url;
 
 use crate::store::shape::CredentialFile;
@@ -21,6 +24,7 @@ use crate::store::shape::CredentialFile;
 pub enum ProviderKind {
     Gemini,
     Qwen,
+    Dashscope,
     Custom,
 }
 
@@ -57,6 +61,15 @@ pub fn preset(name: &str) -> Preset {
             default_credentials: Some(qwen::DEFAULT_CREDENTIALS),
             env_credentials: Some(qwen::ENV_CREDENTIALS),
         },
+        "dashscope" => Preset {
+            kind: ProviderKind::Dashscope,
+            // Chosen by `region` (dashscope::REGIONS) unless `upstream` is set.
+            upstream: None,
+            token_url: None,
+            client_id: None,
+            default_credentials: None,
+            env_credentials: None,
+        },
         _ => Preset {
             kind: ProviderKind::Custom,
             upstream: None,
@@ -68,14 +81,79 @@ pub fn preset(name: &str) -> Preset {
     }
 }
 
+/// How a static API key goes upstream. OAuth access tokens always go as
+/// `Authorization: Bearer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyHeader {
+    /// `Authorization: Bearer <key>` (OpenAI-compatible upstreams).
+    Bearer,
+    /// The bare key in this header (Google's `x-goog-api-key`, or a custom one).
+    Named(HeaderName),
+}
+
+impl KeyHeader {
+    /// The header that carries `secret`, marked sensitive. `None` when the secret cannot be
+    /// a header value.
+    pub fn attach(&self, secret: &SecretString) -> Option<(HeaderName, HeaderValue)> {
+        let (name, mut value) = match self {
+            KeyHeader::Bearer => (header::AUTHORIZATION, bearer_value(secret)?),
+            KeyHeader::Named(n) => (
+                n.clone(),
+                HeaderValue::from_str(secret.expose_secret()).ok()?,
+            ),
+        };
+        value.set_sensitive(true);
+        Some((name, value))
+    }
+}
+
+/// `Bearer <secret>`.
+pub fn bearer_value(secret: &SecretString) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {}", secret.expose_secret())).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
+/// What an upstream's refusal means for the credential that was used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The credential is dead for this upstream: out of rotation until its key or file
+    /// changes or a manual refresh. `reason` is the protocol code; `action` says what to do.
+    Dead { reason: String, action: String },
+    /// The answer does not say whether the key or the request is at fault: ask the
+    /// upstream about the key alone (`probe_path`).
+    Probe,
+}
+
 impl ProviderKind {
     /// What gets a provider of this kind a fresh credential, for errors, `/readyz`, logs
-    /// and alerts.
-    pub fn reauth_hint(self, token_url: &Url) -> String {
+    /// and alerts, when no credential kind is known (a provider without credentials).
+    pub fn reauth_hint(self, token_url: Option<&Url>) -> String {
         match self {
-            ProviderKind::Gemini => google::reauth_hint(),
+            ProviderKind::Gemini => format!(
+                "add Gemini API keys to providers.gemini.api_keys, or {}",
+                google::reauth_hint()
+            ),
             ProviderKind::Qwen => qwen::reauth_hint(),
+            ProviderKind::Dashscope => dashscope::key_hint(),
             ProviderKind::Custom => custom::reauth_hint(token_url),
+        }
+    }
+
+    /// The hint for one credential kind (`authorized_user`, `cli`, `generic`,
+    /// `service_account`, `api_key`): what replaces that credential.
+    pub fn hint_for(self, credential_kind: &str, token_url: Option<&Url>) -> String {
+        match (self, credential_kind) {
+            (ProviderKind::Gemini, "api_key") => google::key_hint(),
+            (_, "service_account") => google::service_account_hint(),
+            (ProviderKind::Gemini, _) => google::reauth_hint(),
+            (ProviderKind::Dashscope, _) => dashscope::key_hint(),
+            (ProviderKind::Qwen, "api_key") => dashscope::key_hint(),
+            (ProviderKind::Qwen, _) => qwen::reauth_hint(),
+            (ProviderKind::Custom, "api_key") => {
+                "replace the key in this provider's api_keys".to_string()
+            }
+            (ProviderKind::Custom, _) => custom::reauth_hint(token_url),
         }
     }
 
@@ -85,6 +163,91 @@ impl ProviderKind {
     pub fn rotates_refresh_tokens(self) -> bool {
         self != ProviderKind::Gemini
     }
+
+    /// How this kind's static keys go upstream; a custom provider names its header.
+    pub fn key_header(self, custom: Option<&HeaderName>) -> KeyHeader {
+        match (self, custom) {
+            (ProviderKind::Gemini, _) => KeyHeader::Named(google::API_KEY_HEADER.clone()),
+            (_, Some(h)) if *h != header::AUTHORIZATION => KeyHeader::Named(h.clone()),
+            _ => KeyHeader::Bearer,
+        }
+    }
+
+    /// Whether the client's `?key=` is a credential on this kind's paths (Google's
+    /// convention): it is removed before the request goes upstream.
+    pub fn key_in_query(self) -> bool {
+        self == ProviderKind::Gemini
+    }
+
+    /// Whether this kind's quotas are per model, so a 429 cools (credential, model) and
+    /// not the whole credential.
+    pub fn quota_per_model(self) -> bool {
+        matches!(self, ProviderKind::Gemini | ProviderKind::Dashscope)
+    }
+
+    /// A cheap request that only a live key passes (see `Refusal::Probe`).
+    pub fn probe_path(self) -> Option<&'static str> {
+        match self {
+            ProviderKind::Gemini => Some(google::PROBE_PATH),
+            _ => None,
+        }
+    }
+
+    /// Reads an upstream refusal (400/401/403) of the credential's own standing, from
+    /// protocol fields only. `static_key`: the credential is an API key (a 401 to a key is
+    /// final; a 401 to an OAuth token is refreshed by the caller first).
+    pub fn refusal(self, status: u16, body: &Value, static_key: bool) -> Option<Refusal> {
+        if let Some(r) = google::refusal(status, body, static_key) {
+            if self == ProviderKind::Gemini || matches!(r, Refusal::Dead { .. }) {
+                return Some(r);
+            }
+        }
+        let code = body["error"]["code"].as_str().unwrap_or("");
+        if static_key && status == 401 {
+            let reason = if code.is_empty() { "HTTP 401" } else { code };
+            let action = match self {
+                ProviderKind::Dashscope | ProviderKind::Qwen => dashscope::key_hint(),
+                ProviderKind::Gemini => google::key_hint(),
+                ProviderKind::Custom => "replace the key in this provider's api_keys".into(),
+            };
+            return Some(Refusal::Dead {
+                reason: reason.to_string(),
+                action,
+            });
+        }
+        if static_key && dashscope::is_dead_key_code(code) {
+            return Some(Refusal::Dead {
+                reason: code.to_string(),
+                action: dashscope::key_hint(),
+            });
+        }
+        None
+    }
+}
+
+/// The model a request is for: `…/models/{model}:verb` in the path (Gemini API and
+/// Vertex AI), else an OpenAI-style body's `"model"`.
+pub fn request_model(path: &str, body: &[u8]) -> Option<String> {
+    if let Some(i) = path.find("/models/") {
+        let rest = &path[i + "/models/".len()..];
+        let end = rest.find([':', '/', '?']).unwrap_or(rest.len());
+        if end > 0 {
+            return Some(rest[..end].to_string());
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct WithModel {
+        model: Option<String>,
+    }
+    if body.first().is_some_and(|b| *b == b'{') {
+        return serde_json::from_slice::<WithModel>(body).ok()?.model;
+    }
+    None
+}
+
+/// The model names a quota answer attributes the limit to, with whether the limit is zero.
+pub fn quota_models(body: &Value) -> Vec<(String, bool)> {
+    google::quota_models(body)
 }
 
 /// The upstream base for a credential: its `resource_url` (Qwen's rule, see

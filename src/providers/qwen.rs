@@ -11,8 +11,9 @@ pub const DEFAULT_CREDENTIALS: &str = "~/.qwen/oauth_creds.json";
 /// Where existing deployments list Qwen Code files (comma-separated).
 pub const ENV_CREDENTIALS: &str = "QWEN_CODE_OAUTH_CREDENTIALS";
 
+/// Qwen closed its free OAuth tier on 2026-04-15; paid access is DashScope API keys.
 pub fn reauth_hint() -> String {
-    "run `qwen` and sign in again (it rewrites ~/.qwen/oauth_creds.json), or add a DashScope key to providers.qwen.api_keys".to_string()
+    "Qwen's free OAuth tier ended on 2026-04-15, so signing in again with `qwen` no longer yields a working token: use DashScope API keys with the `dashscope` preset ([providers.dashscope] api_keys = [\"env:DASHSCOPE_API_KEY\"])".to_string()
 }
 
 /// The upstream base for a credential: its `resource_url` (scheme added when missing) or

@@ -42,6 +42,7 @@ use crate::proxy::error::{ProxyError, Reason};
 use browser::{BrowserGuard, Verdict};
 
 use crate::lifecycle::{Credential, State as CredState, Token};
+use crate::providers::{self, Refusal};
 use crate::proxy::upstream::{BodyError, Upstream};
 
 pub struct ProxyState {
@@ -106,24 +107,19 @@ pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response 
     };
     let provider = pool.config.name.as_str();
     let deadline = s.pool_config.request_deadline;
-    let outcome = match tokio::time::timeout(deadline, serve(&s, pool, &parts, rest, body)).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => Outcome {
-            response: e.into_response(),
-            credential: None,
-            attempts: 0,
-        },
-        Err(_) => Outcome {
-            response: ProxyError::new(
+    let mut trail = Trail::default();
+    let response =
+        match tokio::time::timeout(deadline, serve(&s, pool, &parts, rest, body, &mut trail)).await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => e.into_response(),
+            Err(_) => ProxyError::new(
                 Reason::DeadlineExceeded,
                 format!("no upstream answer within pool.request_deadline ({deadline:?})"),
             )
             .into_response(),
-            credential: None,
-            attempts: 0,
-        },
-    };
-    let status = outcome.response.status();
+        };
+    let status = response.status();
     let elapsed = started.elapsed();
     s.metrics
         .requests
@@ -133,20 +129,32 @@ pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response 
         .request_duration
         .with_label_values(&[provider])
         .observe(elapsed.as_secs_f64());
-    tracing::info!(target: "tokenrelay::proxy", provider, credential = outcome.credential.as_deref().unwrap_or("-"),
-        method = %parts.method, path = parts.uri.path(), status = status.as_u16(), attempts = outcome.attempts,
-        duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
-    let mut response = outcome.response;
+    tracing::info!(target: "tokenrelay::proxy", provider, credential = trail.served.as_deref().unwrap_or("-"),
+        tried = %trail.tried, method = %parts.method, path = parts.uri.path(), status = status.as_u16(),
+        attempts = trail.attempts, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+    let mut response = response;
     if let Some(origin) = cors {
         browser::allow_origin(&mut response, origin);
     }
     response
 }
 
-struct Outcome {
-    response: Response,
-    credential: Option<String>,
+/// What a request did, for its log line: every credential it tried (also when it ended
+/// in an error), the one that served, and how many upstream attempts it made.
+#[derive(Default)]
+struct Trail {
+    tried: String,
+    served: Option<String>,
     attempts: u32,
+}
+
+impl Trail {
+    fn tried(&mut self, id: &str) {
+        if !self.tried.is_empty() {
+            self.tried.push(',');
+        }
+        self.tried.push_str(id);
+    }
 }
 
 fn provider_names(pool: &Pool) -> String {
@@ -191,10 +199,24 @@ fn percent_decode_lower(seg: &str) -> String {
         .unwrap_or_default()
 }
 
-fn authorized(keys: &[SecretString], headers: &HeaderMap) -> bool {
+/// Whether and where the client presented one of `server.client_keys`.
+enum ClientKey {
+    NotNeeded,
+    InHeader,
+    /// In `?key=` (Google's convention): removed before the request goes upstream.
+    InQuery,
+    Missing,
+}
+
+fn client_key(keys: &[SecretString], headers: &HeaderMap, query: Option<&str>) -> ClientKey {
     if keys.is_empty() {
-        return true;
+        return ClientKey::NotNeeded;
     }
+    let matches = |p: &str| {
+        keys.iter().fold(false, |ok, k| {
+            ok | constant_time_eq(p.trim().as_bytes(), k.expose_secret().as_bytes())
+        })
+    };
     let presented = [
         headers
             .get(header::AUTHORIZATION)
@@ -206,11 +228,33 @@ fn authorized(keys: &[SecretString], headers: &HeaderMap) -> bool {
         headers.get(&X_API_KEY).and_then(|v| v.to_str().ok()),
         headers.get(&GOOG_API_KEY).and_then(|v| v.to_str().ok()),
     ];
-    presented.into_iter().flatten().any(|p| {
-        keys.iter().fold(false, |ok, k| {
-            ok | constant_time_eq(p.trim().as_bytes(), k.expose_secret().as_bytes())
-        })
-    })
+    if presented.into_iter().flatten().any(matches) {
+        return ClientKey::InHeader;
+    }
+    let in_query = query.is_some_and(|q| {
+        url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "key" && matches(&v))
+    });
+    if in_query {
+        ClientKey::InQuery
+    } else {
+        ClientKey::Missing
+    }
+}
+
+/// The query without its `key` parameters (the client's key), other parameters kept as
+/// sent. `None` when nothing is left.
+fn without_key_param(query: &str) -> Option<String> {
+    if !query
+        .split('&')
+        .any(|p| p == "key" || p.starts_with("key="))
+    {
+        return Some(query.to_string());
+    }
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| *p != "key" && !p.starts_with("key="))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
 }
 
 /// Compares without an early exit on the first differing byte.
@@ -271,7 +315,7 @@ fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
 
 /// Why one credential did not serve this request.
 enum Miss {
-    /// Not tried: its state rules it out.
+    /// Not tried: its state rules it out (or it cools down for this request's model).
     Skipped {
         state: CredState,
         detail: String,
@@ -281,10 +325,33 @@ enum Miss {
     Refresh(RefreshError),
     /// Upstream could not be reached.
     Connect(String),
-    /// Upstream rejected its token even after a refresh (or rejected an API key).
-    Rejected,
-    /// Upstream rate-limited it.
-    RateLimited(Duration),
+    /// Upstream answered 401 to its token; `refreshed` says whether a refresh and replay
+    /// happened first.
+    Rejected { refreshed: bool },
+    /// Upstream refused the credential itself; it left the rotation.
+    Invalid { reason: String, action: String },
+    /// Upstream rate-limited it (for `model`, when the quota is per model).
+    RateLimited {
+        cooldown: Duration,
+        model: Option<String>,
+    },
+}
+
+/// The model of this request, worked out only when something needs it (a per-model
+/// cool-down to honour, or a 429 to attribute): the path, else the buffered body.
+struct LazyModel<'a> {
+    path: &'a str,
+    body: &'a [u8],
+    model: Option<Option<String>>,
+}
+
+impl LazyModel<'_> {
+    fn get(&mut self) -> Option<&str> {
+        let (path, body) = (self.path, self.body);
+        self.model
+            .get_or_insert_with(|| providers::request_model(path, body))
+            .as_deref()
+    }
 }
 
 async fn serve(
@@ -293,23 +360,38 @@ async fn serve(
     parts: &Parts,
     rest: &str,
     body: Body,
-) -> Result<Outcome, ProxyError> {
-    if !authorized(&s.client_keys, &parts.headers) {
-        return Err(ProxyError::new(
-            Reason::Unauthorized,
-            "missing or wrong client key: send one of server.client_keys as `Authorization: Bearer <key>`, `x-api-key` or `x-goog-api-key`",
-        ));
-    }
+    trail: &mut Trail,
+) -> Result<Response, ProxyError> {
+    let kind = pool.config.kind;
+    let query_key = match client_key(&s.client_keys, &parts.headers, parts.uri.query()) {
+        ClientKey::Missing => {
+            return Err(ProxyError::new(
+                Reason::Unauthorized,
+                "missing or wrong client key: send one of server.client_keys as `Authorization: Bearer <key>`, `x-api-key`, `x-goog-api-key` or `?key=`",
+            ))
+        }
+        ClientKey::InQuery => true,
+        ClientKey::NotNeeded | ClientKey::InHeader => false,
+    };
     check_path(rest)?;
     let body = read_body(body, &parts.headers, s.max_request_body).await?;
     let headers = forwarded_headers(&parts.headers);
+    // The client's own key never goes upstream, wherever it put it.
     let path_and_query = match parts.uri.query() {
+        Some(q) if query_key || kind.key_in_query() => match without_key_param(q) {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_string(),
+        },
         Some(q) => format!("{rest}?{q}"),
         None => rest.to_string(),
     };
     let provider = pool.config.name.as_str();
+    let mut model = LazyModel {
+        path: rest,
+        body: &body,
+        model: None,
+    };
     let mut misses: Vec<(Arc<Credential>, Miss)> = Vec::new();
-    let mut attempts = 0;
     for cred in pool.order() {
         let snap = cred.snapshot();
         if !snap.usable {
@@ -324,6 +406,22 @@ async fn serve(
             ));
             continue;
         }
+        if !snap.model_cooldowns.is_empty() {
+            if let Some(m) = model.get() {
+                if let Some((_, left)) = snap.model_cooldowns.iter().find(|(c, _)| c == m) {
+                    misses.push((
+                        Arc::clone(&cred),
+                        Miss::Skipped {
+                            state: CredState::CoolingDown,
+                            detail: format!("model {m}"),
+                            cooldown: Some(*left),
+                        },
+                    ));
+                    continue;
+                }
+            }
+        }
+        trail.tried(&cred.id);
         let mut token = match cred.fresh_token().await {
             Ok(t) => t,
             Err(e) => {
@@ -331,9 +429,10 @@ async fn serve(
                 continue;
             }
         };
+        let static_key = cred.is_api_key();
         let mut replayed = false;
         let miss = loop {
-            attempts += 1;
+            trail.attempts += 1;
             let sent = send(s, &token, parts, &headers, &path_and_query, body.clone()).await;
             let resp = match sent {
                 Ok(r) => r,
@@ -360,13 +459,14 @@ async fn serve(
                 .upstream_requests
                 .with_label_values(&[provider, &cred.id, status.as_str()])
                 .inc();
-            if status == StatusCode::UNAUTHORIZED {
+            if status == StatusCode::UNAUTHORIZED && !static_key {
+                // An OAuth token: refresh it once and replay.
                 s.metrics
                     .upstream_retries
                     .with_label_values(&[provider, "unauthorized"])
                     .inc();
                 if replayed {
-                    break Miss::Rejected;
+                    break Miss::Rejected { refreshed: true };
                 }
                 match cred.replace_token(token.generation).await {
                     Some(Ok(t)) => {
@@ -375,35 +475,118 @@ async fn serve(
                         continue;
                     }
                     Some(Err(e)) => break Miss::Refresh(e),
-                    None => break Miss::Rejected,
+                    None => break Miss::Rejected { refreshed: false },
                 }
             }
-            let (resp, rate_limit) = match check_rate_limit(resp).await {
+            let (resp, verdict) = match inspect(resp).await {
                 Ok(x) => x,
                 Err(e) => break Miss::Connect(error_chain(&e)),
             };
-            if let Some(hint) = rate_limit {
-                let cooldown = hint
-                    .unwrap_or(s.pool_config.default_cooldown)
-                    .min(s.pool_config.max_cooldown);
-                cred.cool_down(cooldown);
-                s.metrics
-                    .upstream_retries
-                    .with_label_values(&[provider, "rate_limited"])
-                    .inc();
-                tracing::warn!(target: "tokenrelay::proxy", provider, credential = %cred.id, status = status.as_u16(),
-                    cooldown_s = cooldown.as_secs_f64(), "upstream rate-limited the credential; cooling it down");
-                break Miss::RateLimited(cooldown);
+            let Some(verdict) = verdict else {
+                trail.served = Some(cred.id.clone());
+                return Ok(stream_back(resp, &cred.id));
+            };
+            match verdict.judge(kind, static_key) {
+                Judgement::Pass => {}
+                Judgement::RateLimited { hint, models } => {
+                    break rate_limited(s, pool, &cred, hint, models, &mut model, status);
+                }
+                Judgement::Refused(Refusal::Dead { reason, action }) => {
+                    break invalid(s, provider, &cred, reason, action);
+                }
+                Judgement::Refused(Refusal::Probe) => {
+                    if let Some(reason) = probe(s, kind, &token).await {
+                        break invalid(s, provider, &cred, reason, pool.config.hint_for(cred.kind));
+                    }
+                }
             }
-            return Ok(Outcome {
-                response: stream_back(resp, &cred.id),
-                credential: Some(cred.id.clone()),
-                attempts,
-            });
+            trail.served = Some(cred.id.clone());
+            return Ok(stream_back(resp, &cred.id));
         };
         misses.push((cred, miss));
     }
-    Err(exhausted(pool, &misses))
+    Err(exhausted(pool, &misses, model.get()))
+}
+
+/// Cools a rate-limited credential down: for the models the answer names (or the
+/// request's model, where the provider's quotas are per model), else whole. A zero quota
+/// (the key's tier has none for that model) cools the pair for `pool.max_cooldown`.
+fn rate_limited(
+    s: &ProxyState,
+    pool: &ProviderPool,
+    cred: &Credential,
+    hint: Option<Duration>,
+    named: Vec<(String, bool)>,
+    model: &mut LazyModel,
+    status: StatusCode,
+) -> Miss {
+    let provider = pool.config.name.as_str();
+    let cap = s.pool_config.max_cooldown;
+    let cooldown = hint.unwrap_or(s.pool_config.default_cooldown).min(cap);
+    s.metrics
+        .upstream_retries
+        .with_label_values(&[provider, "rate_limited"])
+        .inc();
+    let mut models = named;
+    if models.is_empty() && pool.config.kind.quota_per_model() {
+        if let Some(m) = model.get() {
+            models.push((m.to_string(), false));
+        }
+    }
+    if models.is_empty() {
+        cred.cool_down(cooldown);
+        tracing::warn!(target: "tokenrelay::proxy", provider, credential = %cred.id, status = status.as_u16(),
+            cooldown_s = cooldown.as_secs_f64(), "upstream rate-limited the credential; cooling it down");
+        return Miss::RateLimited {
+            cooldown,
+            model: None,
+        };
+    }
+    let mut longest = Duration::ZERO;
+    for (m, zero) in &models {
+        let d = if *zero { cap } else { cooldown };
+        longest = longest.max(d);
+        cred.cool_down_model(m, d);
+        s.metrics.count_model_cooldown(provider, m);
+        tracing::warn!(target: "tokenrelay::proxy", provider, credential = %cred.id, model = %m, status = status.as_u16(),
+            cooldown_s = d.as_secs_f64(), zero_quota = *zero, "upstream rate-limited the credential for one model; other models keep using it");
+    }
+    Miss::RateLimited {
+        cooldown: longest,
+        model: models.into_iter().next().map(|(m, _)| m),
+    }
+}
+
+fn invalid(
+    s: &ProxyState,
+    provider: &str,
+    cred: &Credential,
+    reason: String,
+    action: String,
+) -> Miss {
+    s.metrics
+        .upstream_retries
+        .with_label_values(&[provider, "invalid_credential"])
+        .inc();
+    cred.mark_invalid(&reason, &action);
+    Miss::Invalid { reason, action }
+}
+
+/// Asks the upstream about the key alone (a refusal that did not say whether the key or
+/// the request was at fault). `Some(reason)` when the key is refused there too.
+async fn probe(s: &ProxyState, kind: providers::ProviderKind, token: &Token) -> Option<String> {
+    let path = kind.probe_path()?;
+    let base = token.base.as_str().trim_end_matches('/');
+    let uri = http::Uri::try_from(format!("{base}{path}")).ok()?;
+    let mut req = http::Request::new(http_body_util::Full::new(Bytes::new()));
+    *req.uri_mut() = uri;
+    if let Some((name, value)) = &token.auth {
+        req.headers_mut().insert(name, value.clone());
+    }
+    let resp = s.client.send(req).await.ok()?;
+    let status = resp.status();
+    matches!(status.as_u16(), 400 | 401 | 403)
+        .then(|| format!("HTTP {} to a plain model list", status.as_u16()))
 }
 
 async fn send(
@@ -428,8 +611,8 @@ async fn send(
     };
     *req.headers_mut() = headers.clone();
     let h = req.headers_mut();
-    if let Some(b) = &token.bearer {
-        h.insert(header::AUTHORIZATION, b.clone());
+    if let Some((name, value)) = &token.auth {
+        h.insert(name, value.clone());
     }
     for (name, value) in &token.upstream_headers {
         h.insert(name, value.clone());
@@ -437,23 +620,60 @@ async fn send(
     s.client.send(req).await
 }
 
-/// A 429, or a quota error some upstreams answer with 403 (Qwen `insufficient_quota`) or
-/// 400/403 with Google's `RESOURCE_EXHAUSTED`. Returns the answer (re-assembled if its
-/// body had to be read) and, when rate-limited, the retry hint if there was one.
-async fn check_rate_limit(
+/// The parts of a small upstream error answer that decide what happens next.
+struct ErrorAnswer {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    /// The JSON body, when it was read whole and parsed.
+    body: Option<serde_json::Value>,
+}
+
+enum Judgement {
+    Pass,
+    RateLimited {
+        hint: Option<Duration>,
+        models: Vec<(String, bool)>,
+    },
+    Refused(Refusal),
+}
+
+impl ErrorAnswer {
+    /// Decides from protocol fields: the status, `error.status`/`error.code`/`type`, and
+    /// Google's `ErrorInfo`, `QuotaFailure` and `RetryInfo`.
+    fn judge(&self, kind: providers::ProviderKind, static_key: bool) -> Judgement {
+        let null = serde_json::Value::Null;
+        let body = self.body.as_ref().unwrap_or(&null);
+        let quota = self.status == StatusCode::TOO_MANY_REQUESTS || is_quota_error(body);
+        if quota {
+            return Judgement::RateLimited {
+                hint: self
+                    .retry_after
+                    .or_else(|| retry_after::google_retry_delay_of(body)),
+                models: providers::quota_models(body),
+            };
+        }
+        match kind.refusal(self.status.as_u16(), body, static_key) {
+            Some(r) => Judgement::Refused(r),
+            None => Judgement::Pass,
+        }
+    }
+}
+
+/// Reads the small error answers that may mean "next credential" (400, 401, 403, 429) up
+/// to 64 KiB and parses them; anything else, or a longer body (not an API error answer),
+/// passes through untouched. Returns the answer (re-assembled if its body was read).
+async fn inspect(
     resp: http::Response<crate::proxy::upstream::IdleTimeout>,
-) -> Result<(http::Response<Body>, Option<Option<Duration>>), BodyError> {
+) -> Result<(http::Response<Body>, Option<ErrorAnswer>), BodyError> {
     let status = resp.status();
-    if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::FORBIDDEN {
+    if !matches!(status.as_u16(), 400 | 401 | 403 | 429) {
         return Ok((resp.map(Body::new), None));
     }
-    let header_hint = resp
+    let retry_after = resp
         .headers()
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(retry_after::parse);
-    // Error bodies are small: read up to 64 KiB to look for a quota code or RetryInfo.
-    // A longer one is not an API error answer; it passes through whole.
     const INSPECT: usize = 64 << 10;
     let (head_parts, mut rest) = resp.into_parts();
     let mut head = Vec::new();
@@ -472,13 +692,10 @@ async fn check_rate_limit(
         }
     }
     let head = Bytes::from(head);
-    let (quota, hint) = if complete {
-        (
-            status == StatusCode::TOO_MANY_REQUESTS || is_quota_error(&head),
-            header_hint.or_else(|| retry_after::google_retry_delay(&head)),
-        )
+    let parsed = if complete {
+        serde_json::from_slice(&head).ok()
     } else {
-        (status == StatusCode::TOO_MANY_REQUESTS, header_hint)
+        None
     };
     let body = if complete {
         Body::from(head)
@@ -492,14 +709,15 @@ async fn check_rate_limit(
     };
     Ok((
         http::Response::from_parts(head_parts, body),
-        quota.then_some(hint),
+        Some(ErrorAnswer {
+            status,
+            retry_after,
+            body: parsed,
+        }),
     ))
 }
 
-fn is_quota_error(body: &[u8]) -> bool {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return false;
-    };
+fn is_quota_error(v: &serde_json::Value) -> bool {
     let e = &v["error"];
     e["code"] == "insufficient_quota"
         || e["type"] == "insufficient_quota"
@@ -519,7 +737,11 @@ fn stream_back(mut resp: http::Response<Body>, credential: &str) -> Response {
 }
 
 /// The error when no credential served the request.
-fn exhausted(pool: &ProviderPool, misses: &[(Arc<Credential>, Miss)]) -> ProxyError {
+fn exhausted(
+    pool: &ProviderPool,
+    misses: &[(Arc<Credential>, Miss)],
+    model: Option<&str>,
+) -> ProxyError {
     let provider = &pool.config;
     if misses.is_empty() {
         let looked: Vec<String> = looked_at(provider)
@@ -534,7 +756,14 @@ fn exhausted(pool: &ProviderPool, misses: &[(Arc<Credential>, Miss)]) -> ProxyEr
         return ProxyError::new(Reason::NoUsableCredential, msg);
     }
     let mut lines = Vec::new();
-    let mut needs_reauth = false;
+    // Hints for the kinds of credential that need replacing, each once.
+    let mut hints: Vec<String> = Vec::new();
+    let mut hint = |c: &Credential| {
+        let h = provider.hint_for(c.kind);
+        if !hints.contains(&h) {
+            hints.push(h);
+        }
+    };
     for (c, m) in misses {
         let why = match m {
             Miss::Skipped {
@@ -542,16 +771,21 @@ fn exhausted(pool: &ProviderPool, misses: &[(Arc<Credential>, Miss)]) -> ProxyEr
                 detail,
                 cooldown,
             } => {
-                needs_reauth |= *state == CredState::NeedsReauth;
+                if *state == CredState::NeedsReauth {
+                    hint(c);
+                }
                 match cooldown {
-                    Some(d) => format!("{} for {}s", state.as_str(), d.as_secs().max(1)),
+                    Some(d) if detail.is_empty() => {
+                        format!("{} for {}s", state.as_str(), d.as_secs().max(1))
+                    }
+                    Some(d) => format!("{} for {}s ({detail})", state.as_str(), d.as_secs().max(1)),
                     None if detail.is_empty() => state.as_str().to_string(),
                     None => format!("{}: {detail}", state.as_str()),
                 }
             }
             Miss::Refresh(e) => {
-                needs_reauth |= e.is_permanent();
                 let state = if e.is_permanent() {
+                    hint(c);
                     "needs_reauth"
                 } else {
                     "refresh failed"
@@ -559,12 +793,28 @@ fn exhausted(pool: &ProviderPool, misses: &[(Arc<Credential>, Miss)]) -> ProxyEr
                 format!("{state}: {e}")
             }
             Miss::Connect(e) => format!("upstream unreachable: {e}"),
-            Miss::Rejected => {
+            Miss::Rejected { refreshed: true } => {
                 "upstream rejected its token (HTTP 401) even after a refresh".to_string()
             }
-            Miss::RateLimited(d) => format!(
+            Miss::Rejected { refreshed: false } => {
+                "upstream rejected it (HTTP 401); it cannot be refreshed".to_string()
+            }
+            Miss::Invalid { reason, action } => {
+                format!("refused by the upstream ({reason}), now out of rotation; to fix: {action}")
+            }
+            Miss::RateLimited {
+                cooldown,
+                model: Some(m),
+            } => format!(
+                "rate-limited by upstream for model {m}; cooling down for {}s",
+                cooldown.as_secs().max(1)
+            ),
+            Miss::RateLimited {
+                cooldown,
+                model: None,
+            } => format!(
                 "rate-limited by upstream; cooling down for {}s",
-                d.as_secs().max(1)
+                cooldown.as_secs().max(1)
             ),
         };
         lines.push(format!("{}/{}: {why}", provider.name, c.id));
@@ -574,36 +824,48 @@ fn exhausted(pool: &ProviderPool, misses: &[(Arc<Credential>, Miss)]) -> ProxyEr
         provider.name,
         lines.join("; ")
     );
-    if needs_reauth {
-        let _ = write!(message, ". To re-authenticate: {}", provider.reauth_hint());
+    if !hints.is_empty() {
+        let _ = write!(message, ". To re-authenticate: {}", hints.join("; or "));
     }
-    let all = |f: fn(&Miss) -> bool| misses.iter().all(|(_, m)| f(m));
-    let cooldowns = misses.iter().filter_map(|(_, m)| match m {
-        Miss::RateLimited(d) => Some(*d),
-        Miss::Skipped {
-            state: CredState::CoolingDown,
-            cooldown,
-            ..
-        } => *cooldown,
-        _ => None,
-    });
-    if all(|m| {
+    let all = |f: &dyn Fn(&Miss) -> bool| misses.iter().all(|(_, m)| f(m));
+    let cooling = |m: &Miss| {
         matches!(
             m,
-            Miss::RateLimited(_)
+            Miss::RateLimited { .. }
                 | Miss::Skipped {
                     state: CredState::CoolingDown,
                     ..
                 }
         )
-    }) {
+    };
+    if all(&cooling) {
+        let soonest = misses
+            .iter()
+            .filter_map(|(_, m)| match m {
+                Miss::RateLimited { cooldown, .. } => Some(*cooldown),
+                Miss::Skipped { cooldown, .. } => *cooldown,
+                _ => None,
+            })
+            .min();
+        if let Some(model) = model {
+            let per_model = misses.iter().any(|(_, m)| {
+                matches!(m, Miss::RateLimited { model: Some(_), .. })
+                    || matches!(m, Miss::Skipped { detail, .. } if detail.starts_with("model "))
+            });
+            if per_model {
+                let _ = write!(
+                    message,
+                    " (for model {model}; other models may still be served)"
+                );
+            }
+        }
         return ProxyError {
             reason: Reason::AllCredentialsRateLimited,
             message,
-            retry_after: cooldowns.min(),
+            retry_after: soonest,
         };
     }
-    if all(|m| matches!(m, Miss::Connect(_))) {
+    if all(&|m| matches!(m, Miss::Connect(_))) {
         return ProxyError::new(Reason::UpstreamUnreachable, message);
     }
     let transient = |m: &Miss| match m {
@@ -611,7 +873,7 @@ fn exhausted(pool: &ProviderPool, misses: &[(Arc<Credential>, Miss)]) -> ProxyEr
         Miss::Skipped { state, .. } => matches!(state, CredState::Expired | CredState::Backoff),
         _ => false,
     };
-    if all(transient) {
+    if all(&transient) {
         return ProxyError::new(Reason::TokenEndpointUnreachable, message);
     }
     ProxyError::new(Reason::NoUsableCredential, message)
@@ -664,14 +926,44 @@ mod tests {
 
     #[test]
     fn quota_errors_are_recognised() {
-        assert!(is_quota_error(include_bytes!(
+        let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+        assert!(is_quota_error(&json(include_bytes!(
             "../../tests/fixtures/responses/qwen_403_insufficient_quota.json"
-        )));
-        assert!(is_quota_error(include_bytes!(
+        ))));
+        assert!(is_quota_error(&json(include_bytes!(
             "../../tests/fixtures/responses/google_429_resource_exhausted.json"
-        )));
-        assert!(!is_quota_error(include_bytes!(
+        ))));
+        assert!(!is_quota_error(&json(include_bytes!(
             "../../tests/fixtures/responses/qwen_401_invalid_api_key.json"
-        )));
+        ))));
+    }
+
+    #[test]
+    fn the_key_parameter_is_removed_and_the_rest_kept_as_sent() {
+        assert_eq!(without_key_param("key=abc"), None);
+        assert_eq!(
+            without_key_param("alt=sse&key=abc").as_deref(),
+            Some("alt=sse")
+        );
+        assert_eq!(
+            without_key_param("key=a&alt=sse&key=b&x=%20").as_deref(),
+            Some("alt=sse&x=%20")
+        );
+        assert_eq!(without_key_param("keys=1").as_deref(), Some("keys=1"));
+    }
+
+    #[test]
+    fn a_query_key_is_a_client_key() {
+        let keys = [SecretString::from("ck-secret".to_string())];
+        let none = HeaderMap::new();
+        assert!(matches!(
+            client_key(&keys, &none, Some("key=ck-secret")),
+            ClientKey::InQuery
+        ));
+        assert!(matches!(
+            client_key(&keys, &none, Some("key=wrong")),
+            ClientKey::Missing
+        ));
+        assert!(matches!(client_key(&[], &none, None), ClientKey::NotNeeded));
     }
 }

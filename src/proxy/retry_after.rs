@@ -19,6 +19,11 @@ pub fn parse(value: &str) -> Option<Duration> {
 /// Finds `RetryInfo.retryDelay` in a Google error body.
 pub fn google_retry_delay(body: &[u8]) -> Option<Duration> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    google_retry_delay_of(&v)
+}
+
+/// `RetryInfo.retryDelay` in an already parsed Google error body.
+pub fn google_retry_delay_of(v: &serde_json::Value) -> Option<Duration> {
     v.pointer("/error/details")?
         .as_array()?
         .iter()
