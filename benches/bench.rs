@@ -167,6 +167,40 @@ fn tokenrelay(
     (Proc(child), port, admin)
 }
 
+/// Starts tokenrelay with a pool of `n` static API keys (an `api_keys_file`).
+fn tokenrelay_keys(
+    bin: &Path,
+    work: &Path,
+    name: &str,
+    upstream: SocketAddr,
+    n: usize,
+) -> (Proc, u16) {
+    let keys = work.join(format!("{name}-keys.txt"));
+    let lines: String = (0..n).map(|i| format!("bench-key-{i:04}\n")).collect();
+    std::fs::write(&keys, lines).unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let config = work.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nmax_connections = 20000\n[providers.bench]\nupstream = \"http://{upstream}\"\napi_keys_file = \"{}\"\n",
+            keys.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .env("TOKENRELAY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(work.join(format!("{name}.log"))).unwrap())
+        .spawn()
+        .expect("tokenrelay binary");
+    wait_port(port);
+    wait_port(admin);
+    (Proc(child), port)
+}
+
 fn nginx(work: &Path, upstream: SocketAddr) -> (Proc, u16) {
     let port = free_port();
     let dir = work.join("nginx");
@@ -372,6 +406,22 @@ fn main() {
         max[i] = oha(&format!("{base}/v1/chat/completions"), None, secs, 64).rps;
         eprintln!("saturation {name}: {:.0} req/s", max[i]);
     }
+    // Key pools: one key vs 1,000 keys, side by side (selection is an index into a
+    // snapshot; nothing should grow with the pool).
+    let mut keys = Vec::new();
+    for n in [1usize, 1000] {
+        let (p, port) = tokenrelay_keys(&bin, &work, &format!("keys{n}"), up, n);
+        let url = format!("http://127.0.0.1:{port}/bench/v1/chat/completions");
+        let _ = oha(&url, Some(500), 1, 8);
+        let at_rate = oha(&url, Some(1000), secs, 64);
+        let sat = oha(&url, None, secs, 64).rps;
+        let rss = rss_mb(p.0.id());
+        eprintln!(
+            "{n} keys: p50 {:.3} ms p99 {:.3} ms at 1000/s, saturation {sat:.0} req/s, RSS {rss:.1} MB",
+            at_rate.p50, at_rate.p99
+        );
+        keys.push((n, at_rate, sat, rss));
+    }
     let mut sse = [(0.0, 0.0); 3];
     for (i, (name, base)) in paths.iter().enumerate() {
         sse[i] = rt.block_on(first_event(
@@ -470,6 +520,7 @@ fn main() {
     let report = report(
         &fixed,
         &max,
+        &keys,
         &sse,
         rss_idle,
         rss_streams,
@@ -492,6 +543,7 @@ fn main() {
 fn report(
     fixed: &[(u32, [Latency; 3])],
     max: &[f64; 3],
+    keys: &[(usize, Latency, f64, f64)],
     sse: &[(f64, f64); 3],
     rss_idle: f64,
     rss_streams: f64,
@@ -545,6 +597,19 @@ fn report(
     let _ = writeln!(s, "|---|---|---|");
     for (i, name) in ["direct", "nginx", "tokenrelay"].iter().enumerate() {
         let _ = writeln!(s, "| {name} | {:.0} | {:.2} |", max[i], max[2] / max[i]);
+    }
+    let _ = writeln!(s, "\n## API key pools: 1 key vs 1,000 keys\n");
+    let _ = writeln!(
+        s,
+        "| keys | p50 at 1000/s (ms) | p99 at 1000/s (ms) | saturation req/s | RSS MB |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for (n, l, sat, rss) in keys {
+        let _ = writeln!(
+            s,
+            "| {n} | {:.3} | {:.3} | {sat:.0} | {rss:.1} |",
+            l.p50, l.p99
+        );
     }
     let _ = writeln!(s, "\n## SSE: time to first event (ms)\n");
     let _ = writeln!(s, "| path | median | p99 | added median |");

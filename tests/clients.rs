@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use crate::helpers::*;
+use crate::keys::{Key, KeyUpstream};
 
 fn ci_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ci")
@@ -101,6 +102,56 @@ async fn google_genai_sdk_generates_and_streams() {
             .unwrap()
             .starts_with("Bearer access-"));
         assert_eq!(s.headers["x-goog-user-project"], "my-gcp-project");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn google_genai_sdk_works_with_a_gemini_key_pool() {
+    let up = KeyUpstream::start(
+        false,
+        &[("AIza-pool-1", Key::Good), ("AIza-pool-2", Key::Good)],
+    )
+    .await;
+    let mut t = TestApp::empty().await;
+    t.launch(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[providers.gemini]\nupstream = \"{}\"\ncredentials = []\napi_keys = [\"AIza-pool-1\", \"AIza-pool-2\"]",
+        up.url
+    ))
+    .await;
+    let env = [("BASE_URL", format!("{}/gemini", t.proxy))];
+    tokio::task::spawn_blocking(move || run_python("genai_client.py", &env))
+        .await
+        .unwrap();
+    let hits = up.hits();
+    assert_eq!(hits.len(), 2, "{hits:?}");
+    for h in &hits {
+        assert!(
+            h.key.starts_with("AIza-pool-"),
+            "the SDK's dummy key was replaced"
+        );
+        assert!(!h.headers.contains_key("authorization"));
+    }
+    assert_ne!(hits[0].key, hits[1].key, "round robin over the pool");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_sdk_works_against_the_dashscope_preset() {
+    let up = KeyUpstream::start(true, &[("sk-ds", Key::Good)]).await;
+    let mut t = TestApp::empty().await;
+    t.launch(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[providers.dashscope]\nupstream = \"{}/compatible-mode\"\napi_keys = [\"sk-ds\"]",
+        up.url
+    ))
+    .await;
+    let env = [("BASE_URL", format!("{}/dashscope/v1", t.proxy))];
+    tokio::task::spawn_blocking(move || run_python("openai_dashscope.py", &env))
+        .await
+        .unwrap();
+    let hits = up.hits();
+    assert_eq!(hits.len(), 2);
+    for h in &hits {
+        assert_eq!(h.path_and_query, "/compatible-mode/v1/chat/completions");
+        assert_eq!(h.headers["authorization"], "Bearer sk-ds");
     }
 }
 

@@ -71,7 +71,7 @@ pub async fn status(config: &Config, admin: Option<&str>) -> anyhow::Result<i32>
         anyhow::bail!("admin listener answered HTTP {code}: {body}");
     }
     let creds = body["credentials"].as_array().cloned().unwrap_or_default();
-    let rows: Vec<[String; 6]> = creds
+    let rows: Vec<[String; 7]> = creds
         .iter()
         .map(|c| {
             [
@@ -86,6 +86,7 @@ pub async fn status(config: &Config, admin: Option<&str>) -> anyhow::Result<i32>
                     .map_or("-".into(), human_secs),
                 c["last_refresh_at"].as_str().unwrap_or("never").to_string(),
                 c["consecutive_failures"].as_u64().unwrap_or(0).to_string(),
+                model_cooldowns(c),
                 c["last_error"].as_str().unwrap_or("").to_string(),
             ]
         })
@@ -99,16 +100,48 @@ pub async fn status(config: &Config, admin: Option<&str>) -> anyhow::Result<i32>
                 "EXPIRES IN",
                 "LAST REFRESH",
                 "FAILURES",
+                "COOLING",
                 "LAST ERROR"
             ],
             &rows
         )
     );
+    // What fixes each credential that cannot serve: the same hint /readyz and errors give.
+    for c in creds.iter().filter(|c| c["usable"] == false) {
+        if let Some(hint) = c["hint"].as_str() {
+            println!(
+                "{}/{}: to fix: {hint}",
+                c["provider"].as_str().unwrap_or("?"),
+                c["id"].as_str().unwrap_or("?")
+            );
+        }
+    }
     if creds.is_empty() {
         println!("(no credentials loaded; see GET /readyz for where tokenrelay looked)");
     }
     let attention = creds.iter().any(|c| c["usable"] == false);
     Ok(i32::from(attention))
+}
+
+/// Per-model cool-downs as `model 36s, model2 2h`, or `-`.
+fn model_cooldowns(c: &serde_json::Value) -> String {
+    let list: Vec<String> = c["model_cooldowns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            format!(
+                "{} {}",
+                m["model"].as_str().unwrap_or("?"),
+                human_secs(m["seconds"].as_i64().unwrap_or(0))
+            )
+        })
+        .collect();
+    if list.is_empty() {
+        "-".into()
+    } else {
+        list.join(", ")
+    }
 }
 
 /// `tokenrelay health`: whether a running instance answers `/healthz`.
@@ -201,7 +234,21 @@ pub fn check(config: &Config) -> anyhow::Result<i32> {
                 continue;
             }
         };
-        if found.is_empty() && provider.api_keys.is_empty() {
+        let keys = match pool::api_keys(&provider) {
+            Ok(k) => k,
+            Err(e) => {
+                problems += 1;
+                rows.push([
+                    format!("{}/-", provider.name),
+                    "api_key".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("ERROR {e}"),
+                ]);
+                Vec::new()
+            }
+        };
+        if found.is_empty() && keys.is_empty() {
             problems += 1;
             rows.push([
                 format!("{}/-", provider.name),
@@ -279,9 +326,9 @@ pub fn check(config: &Config) -> anyhow::Result<i32> {
                 }
             }
         }
-        for (i, _) in provider.api_keys.iter().enumerate() {
+        for (id, _) in &keys {
             rows.push([
-                format!("{}/api-key-{}", provider.name, i + 1),
+                format!("{}/{id}", provider.name),
                 "api_key".into(),
                 "never expires".into(),
                 "-".into(),

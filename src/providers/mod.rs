@@ -135,7 +135,7 @@ impl ProviderKind {
                 google::reauth_hint()
             ),
             ProviderKind::Qwen => qwen::reauth_hint(),
-            ProviderKind::Dashscope => dashscope::key_hint(),
+            ProviderKind::Dashscope => "add DashScope keys to providers.dashscope.api_keys (Model Studio console → API keys); keys work only in their own region and plan, so check providers.dashscope.region".to_string(),
             ProviderKind::Custom => custom::reauth_hint(token_url),
         }
     }
