@@ -299,8 +299,13 @@ async fn prometheus_scrapes_tokenrelay() {
             .as_array()
             .unwrap()
             .len(),
-        5,
-        "alert rules loaded"
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml")
+        )
+        .unwrap()
+        .matches("- alert:")
+        .count(),
+        "every rule of alerts.yml loaded"
     );
     let _ = prometheus.kill();
     let _ = prometheus.wait();
