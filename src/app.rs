@@ -109,16 +109,26 @@ impl App {
             &config.server.allowed_hosts,
             &config.server.allowed_origins,
         );
+        // `resolve` overrides of every provider, for the upstream clients.
+        let resolve: std::collections::HashMap<String, std::net::IpAddr> = config
+            .providers
+            .iter()
+            .flat_map(|p| p.resolve.iter().cloned())
+            .collect();
+        let upgrades = Arc::new(tokio::sync::Semaphore::new(config.server.max_connections));
         let apps = (0..config.server.proxy_threads)
             .map(|_| {
                 let state = Arc::new(ProxyState {
                     pool: Arc::clone(&pool),
-                    client: Upstream::new(
+                    client: Upstream::with_resolve(
                         config.server.upstream_connect_timeout,
                         config.server.upstream_idle_timeout,
+                        resolve.clone(),
                     ),
                     metrics: Arc::clone(&metrics),
                     max_request_body: config.server.max_request_body,
+                    max_upload_body: config.server.max_upload_body,
+                    upgrades: Arc::clone(&upgrades),
                     client_keys: config.server.client_keys.clone(),
                     pool_config: config.pool.clone(),
                     browser: proxy_guard.clone(),

@@ -18,7 +18,7 @@ use url::Url;
 
 use crate::ops::alert::{AlertsConfig, Format, WebhookConfig};
 pub use crate::providers::ProviderKind;
-use crate::providers::{self, dashscope, google, KeyHeader};
+use crate::providers::{self, dashscope, google, vertex, KeyHeader};
 use crate::proxy::browser;
 
 /// A configuration problem, always naming where it is.
@@ -77,6 +77,7 @@ struct RawServer {
     admin_token: Option<String>,
     allow_unauthenticated: bool,
     max_request_body: Option<String>,
+    max_upload_body: Option<String>,
     upstream_connect_timeout: Option<String>,
     upstream_idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
@@ -121,6 +122,8 @@ struct RawProvider {
     api_keys_file: Option<String>,
     api_key_header: Option<String>,
     region: Option<String>,
+    locations: Option<Vec<String>>,
+    resolve: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +176,9 @@ pub struct ServerConfig {
     pub admin_token: Option<SecretString>,
     pub allow_unauthenticated: bool,
     pub max_request_body: usize,
+    /// Bodies larger than `max_request_body` up to this stream upstream unbuffered (uploads)
+    /// and are sent once.
+    pub max_upload_body: u64,
     pub upstream_connect_timeout: Duration,
     pub upstream_idle_timeout: Duration,
     pub shutdown_grace: Duration,
@@ -233,6 +239,12 @@ pub struct ProviderConfig {
     pub api_keys_file: Option<PathBuf>,
     /// How this provider's static keys go upstream.
     pub key_header: KeyHeader,
+    /// An upstream with `{location}` (Vertex AI): the host is chosen per request from the
+    /// path's location, among `locations`.
+    pub upstream_template: Option<String>,
+    pub locations: Vec<String>,
+    /// Host → address overrides for upstream connections (like curl's `--resolve`).
+    pub resolve: Vec<(String, std::net::IpAddr)>,
 }
 
 /// One configured static key and its id (configured, else a hash of the key).
@@ -549,7 +561,12 @@ impl Validator<'_> {
             None => 32 << 20,
             Some(s) => parse_size(s).map_err(|p| self.err("server.max_request_body", p))?,
         };
+        let max_upload_body = match raw.max_upload_body.as_deref() {
+            None => 2 << 30,
+            Some(s) => parse_size(s).map_err(|p| self.err("server.max_upload_body", p))? as u64,
+        };
         Ok(ServerConfig {
+            max_upload_body,
             listen,
             admin_listen,
             client_keys,
@@ -644,7 +661,14 @@ impl Validator<'_> {
             }
             (_, None) => None,
         };
-        let upstream = match raw.upstream.as_deref().or(upstream).or(region_upstream) {
+        let raw_upstream = raw.upstream.as_deref().or(upstream).or(region_upstream);
+        let upstream_template = raw_upstream
+            .filter(|u| u.contains(vertex::PLACEHOLDER))
+            .map(str::to_string);
+        let upstream = match raw_upstream {
+            Some(u) if u.contains(vertex::PLACEHOLDER) => {
+                self.url(&key("upstream"), &vertex::base_for(u, "global"))?
+            }
             Some(u) => self.url(&key("upstream"), u)?,
             None => {
                 return Err(self.err(
@@ -738,6 +762,41 @@ impl Validator<'_> {
                 Some(path)
             }
         };
+        let locations: Vec<String> = match raw.locations.clone() {
+            Some(l) => l,
+            None => vertex::DEFAULT_LOCATIONS
+                .iter()
+                .map(|l| l.to_string())
+                .collect(),
+        };
+        for (i, l) in locations.iter().enumerate() {
+            if l.is_empty()
+                || !l
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(self.err(
+                    format!("providers.{name}.locations[{i}]"),
+                    format!("{l:?} is not a location (e.g. \"us-central1\", \"global\")"),
+                ));
+            }
+        }
+        if upstream_template.is_none() && raw.locations.is_some() {
+            return Err(self.err(
+                key("locations"),
+                "only an upstream with {location} (the vertex preset) chooses a location",
+            ));
+        }
+        let mut resolve = Vec::new();
+        for (host, addr) in raw.resolve {
+            let ip = addr.parse().map_err(|_| {
+                self.err(
+                    format!("providers.{name}.resolve.{host}"),
+                    format!("{addr:?} is not an IP address"),
+                )
+            })?;
+            resolve.push((host.to_ascii_lowercase(), ip));
+        }
         if token_url.is_none()
             && (!credentials.is_empty()
                 || kind == ProviderKind::Custom && api_keys.is_empty() && api_keys_file.is_none())
@@ -762,6 +821,9 @@ impl Validator<'_> {
             api_keys,
             api_keys_file,
             key_header,
+            upstream_template,
+            locations,
+            resolve,
         })
     }
 

@@ -28,7 +28,15 @@ pub struct ProviderPool {
     credentials: ArcSwap<Vec<Arc<Credential>>>,
     cursor: AtomicUsize,
     strategy: Strategy,
+    /// Sessions bound to one credential (a resumable upload): key → (credential id, until).
+    pins: std::sync::Mutex<HashMap<String, (String, tokio::time::Instant)>>,
 }
+
+/// How long an upload session stays bound to its credential (Google keeps a resumable
+/// session for a week; an upload that takes longer than this starts over).
+const PIN_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// A bound on pinned sessions; expired ones go first, then the oldest.
+const MAX_PINS: usize = 10_000;
 
 impl ProviderPool {
     pub fn credentials(&self) -> Arc<Vec<Arc<Credential>>> {
@@ -45,6 +53,34 @@ impl ProviderPool {
             _ => 0,
         };
         (0..n).map(move |i| Arc::clone(&list[(start + i) % n]))
+    }
+
+    /// Binds a session (an upload) to the credential that started it.
+    pub fn pin(&self, session: String, credential: &str) {
+        let now = tokio::time::Instant::now();
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        if pins.len() >= MAX_PINS {
+            pins.retain(|_, (_, until)| *until > now);
+            if pins.len() >= MAX_PINS {
+                if let Some(oldest) = pins
+                    .iter()
+                    .min_by_key(|(_, (_, u))| *u)
+                    .map(|(k, _)| k.clone())
+                {
+                    pins.remove(&oldest);
+                }
+            }
+        }
+        pins.insert(session, (credential.to_string(), now + PIN_TTL));
+    }
+
+    /// The credential a session is bound to, while it is in the pool.
+    pub fn pinned(&self, session: &str) -> Option<Arc<Credential>> {
+        let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let (id, until) = pins.get(session)?;
+        (*until > tokio::time::Instant::now())
+            .then(|| self.find(id))
+            .flatten()
     }
 
     pub fn find(&self, id: &str) -> Option<Arc<Credential>> {
@@ -112,6 +148,7 @@ impl Pool {
                 credentials: ArcSwap::from_pointee(creds),
                 cursor: AtomicUsize::new(0),
                 strategy: config.pool.strategy,
+                pins: std::sync::Mutex::default(),
             }));
         }
         Ok(Pool {

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub persist_total: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub model_cooldowns: IntCounterVec,
+    pub upgrades_open: IntGaugeVec,
+    pub upgrade_duration: HistogramVec,
     /// The model labels in use: only models named in upstream answers or requests that
     /// were rate-limited, at most `MAX_MODEL_LABELS`, then `other`.
     model_labels: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -143,6 +145,16 @@ impl Metrics {
                 "Per-model cool-downs started by an upstream 429 that named or implied a model.",
                 &["provider", "model"],
             )?,
+            upgrades_open: int_gauge(
+                "tokenrelay_upgrades_open",
+                "WebSocket connections spliced through now.",
+                &["provider"],
+            )?,
+            upgrade_duration: histogram(
+                "tokenrelay_upgrade_duration_seconds",
+                "How long WebSocket connections stayed open.",
+                vec![1.0, 10.0, 60.0, 300.0, 900.0, 3600.0],
+            )?,
             model_labels: std::sync::Mutex::default(),
             registry,
         };
@@ -160,6 +172,8 @@ impl Metrics {
             self.upstream_retries.with_label_values(&[provider, r]);
         }
         self.requests.with_label_values(&[provider, "200"]);
+        self.upgrades_open.with_label_values(&[provider]);
+        self.upgrade_duration.with_label_values(&[provider]);
     }
 
     /// Counts a per-model cool-down; the label set stays bounded.

@@ -11,6 +11,7 @@ pub mod custom;
 pub mod dashscope;
 pub mod google;
 pub mod qwen;
+pub mod vertex;
 
 use http::{header, HeaderName, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
@@ -25,6 +26,7 @@ pub enum ProviderKind {
     Gemini,
     Qwen,
     Dashscope,
+    Vertex,
     Custom,
 }
 
@@ -60,6 +62,14 @@ pub fn preset(name: &str) -> Preset {
             client_id: Some(qwen::CLIENT_ID),
             default_credentials: Some(qwen::DEFAULT_CREDENTIALS),
             env_credentials: Some(qwen::ENV_CREDENTIALS),
+        },
+        "vertex" => Preset {
+            kind: ProviderKind::Vertex,
+            upstream: Some(vertex::UPSTREAM),
+            token_url: Some(google::TOKEN_URL),
+            client_id: None,
+            default_credentials: Some(google::DEFAULT_CREDENTIALS),
+            env_credentials: None,
         },
         "dashscope" => Preset {
             kind: ProviderKind::Dashscope,
@@ -135,6 +145,10 @@ impl ProviderKind {
                 google::reauth_hint()
             ),
             ProviderKind::Qwen => qwen::reauth_hint(),
+            ProviderKind::Vertex => format!(
+                "add a service-account key or an ADC file (Vertex AI needs only the cloud-platform scope), or express-mode API keys to providers.vertex.api_keys; {}",
+                google::reauth_hint()
+            ),
             ProviderKind::Dashscope => "add DashScope keys to providers.dashscope.api_keys (Model Studio console → API keys); keys work only in their own region and plan, so check providers.dashscope.region".to_string(),
             ProviderKind::Custom => custom::reauth_hint(token_url),
         }
@@ -145,8 +159,9 @@ impl ProviderKind {
     pub fn hint_for(self, credential_kind: &str, token_url: Option<&Url>) -> String {
         match (self, credential_kind) {
             (ProviderKind::Gemini, "api_key") => google::key_hint(),
+            (ProviderKind::Vertex, "api_key") => vertex::key_hint(),
             (_, "service_account") => google::service_account_hint(),
-            (ProviderKind::Gemini, _) => google::reauth_hint(),
+            (ProviderKind::Gemini | ProviderKind::Vertex, _) => google::reauth_hint(),
             (ProviderKind::Dashscope, _) => dashscope::key_hint(),
             (ProviderKind::Qwen, "api_key") => dashscope::key_hint(),
             (ProviderKind::Qwen, _) => qwen::reauth_hint(),
@@ -161,13 +176,20 @@ impl ProviderKind {
     /// read-only file without `state_dir` loses the account on restart). Google never
     /// rotates; Qwen does; a custom OAuth server may.
     pub fn rotates_refresh_tokens(self) -> bool {
-        self != ProviderKind::Gemini
+        !self.is_google()
+    }
+
+    /// The Gemini API and Vertex AI: Google's keys, errors and quotas.
+    pub fn is_google(self) -> bool {
+        matches!(self, ProviderKind::Gemini | ProviderKind::Vertex)
     }
 
     /// How this kind's static keys go upstream; a custom provider names its header.
     pub fn key_header(self, custom: Option<&HeaderName>) -> KeyHeader {
         match (self, custom) {
-            (ProviderKind::Gemini, _) => KeyHeader::Named(google::API_KEY_HEADER.clone()),
+            (ProviderKind::Gemini | ProviderKind::Vertex, _) => {
+                KeyHeader::Named(google::API_KEY_HEADER.clone())
+            }
             (_, Some(h)) if *h != header::AUTHORIZATION => KeyHeader::Named(h.clone()),
             _ => KeyHeader::Bearer,
         }
@@ -176,13 +198,16 @@ impl ProviderKind {
     /// Whether the client's `?key=` is a credential on this kind's paths (Google's
     /// convention): it is removed before the request goes upstream.
     pub fn key_in_query(self) -> bool {
-        self == ProviderKind::Gemini
+        self.is_google()
     }
 
     /// Whether this kind's quotas are per model, so a 429 cools (credential, model) and
     /// not the whole credential.
     pub fn quota_per_model(self) -> bool {
-        matches!(self, ProviderKind::Gemini | ProviderKind::Dashscope)
+        matches!(
+            self,
+            ProviderKind::Gemini | ProviderKind::Vertex | ProviderKind::Dashscope
+        )
     }
 
     /// A cheap request that only a live key passes (see `Refusal::Probe`).
@@ -199,6 +224,7 @@ impl ProviderKind {
     pub fn refusal(self, status: u16, body: &Value, static_key: bool) -> Option<Refusal> {
         if let Some(r) = google::refusal(status, body, static_key) {
             if self == ProviderKind::Gemini || matches!(r, Refusal::Dead { .. }) {
+                // (Vertex has no model-list probe for keys: a bare 403 passes through.)
                 return Some(r);
             }
         }
@@ -208,6 +234,7 @@ impl ProviderKind {
             let action = match self {
                 ProviderKind::Dashscope | ProviderKind::Qwen => dashscope::key_hint(),
                 ProviderKind::Gemini => google::key_hint(),
+                ProviderKind::Vertex => vertex::key_hint(),
                 ProviderKind::Custom => "replace the key in this provider's api_keys".into(),
             };
             return Some(Refusal::Dead {

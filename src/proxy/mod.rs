@@ -15,8 +15,10 @@
 pub mod browser;
 pub mod error;
 pub mod retry_after;
+pub mod rewrite;
 pub mod server;
 pub mod upstream;
+pub mod websocket;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -43,16 +45,19 @@ use browser::{BrowserGuard, Verdict};
 
 use crate::lifecycle::{Credential, State as CredState, Token};
 use crate::providers::{self, Refusal};
-use crate::proxy::upstream::{BodyError, Upstream};
+use crate::proxy::upstream::{BodyError, UpBody, Upstream};
 
 pub struct ProxyState {
     pub pool: Arc<Pool>,
     pub client: Upstream,
     pub metrics: Arc<Metrics>,
     pub max_request_body: usize,
+    pub max_upload_body: u64,
     pub client_keys: Vec<SecretString>,
     pub pool_config: PoolConfig,
     pub browser: BrowserGuard,
+    /// Open WebSocket splices, shared by every proxy thread (`server.max_connections`).
+    pub upgrades: Arc<tokio::sync::Semaphore>,
 }
 
 static CREDENTIAL_HEADER: HeaderName = HeaderName::from_static("x-tokenrelay-credential");
@@ -73,7 +78,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response {
     let started = Instant::now();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let upgrade = if websocket::is_upgrade(&parts.method, &parts.headers) {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
     let cors = match s.browser.check(&parts.method, &parts.uri, &parts.headers) {
         Verdict::Pass(cors) => cors,
         Verdict::Answer(refused) => return refused,
@@ -108,17 +118,20 @@ pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response 
     let provider = pool.config.name.as_str();
     let deadline = s.pool_config.request_deadline;
     let mut trail = Trail::default();
-    let response =
-        match tokio::time::timeout(deadline, serve(&s, pool, &parts, rest, body, &mut trail)).await
-        {
-            Ok(Ok(response)) => response,
-            Ok(Err(e)) => e.into_response(),
-            Err(_) => ProxyError::new(
-                Reason::DeadlineExceeded,
-                format!("no upstream answer within pool.request_deadline ({deadline:?})"),
-            )
-            .into_response(),
-        };
+    let response = match tokio::time::timeout(
+        deadline,
+        serve(&s, pool, &parts, rest, body, upgrade, &mut trail),
+    )
+    .await
+    {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => ProxyError::new(
+            Reason::DeadlineExceeded,
+            format!("no upstream answer within pool.request_deadline ({deadline:?})"),
+        )
+        .into_response(),
+    };
     let status = response.status();
     let elapsed = started.elapsed();
     s.metrics
@@ -265,28 +278,66 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ProxyError> {
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    upload_limit: u64,
+) -> Result<RequestBody, ProxyError> {
     let too_large = || {
         ProxyError::new(
             Reason::RequestTooLarge,
-            format!("the request body is larger than server.max_request_body ({limit} bytes)"),
+            format!(
+                "the request body is larger than server.max_upload_body ({upload_limit} bytes)"
+            ),
         )
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared.is_some_and(|n| n > upload_limit) {
         return Err(too_large());
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ProxyError::new(
-            Reason::BadRequest,
-            format!("could not read the request body: {e}"),
-        )),
+    if declared.is_some_and(|n| n > limit as u64) {
+        // An upload: streamed, never buffered whole.
+        return Ok(RequestBody::Streamed(capped(body, upload_limit)));
     }
+    // Unknown or small length: buffer up to the replay limit; beyond it, stream on.
+    let mut body = body;
+    let mut head = Vec::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(RequestBody::Buffered(Bytes::from(head))),
+            Some(Err(e)) => {
+                return Err(ProxyError::new(
+                    Reason::BadRequest,
+                    format!("could not read the request body: {e}"),
+                ))
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    head.extend_from_slice(&data);
+                }
+                if head.len() > limit {
+                    let first = futures_util::stream::once(async move {
+                        Ok::<_, axum::Error>(Bytes::from(head))
+                    });
+                    let rest = capped(body, upload_limit.saturating_sub(limit as u64));
+                    let chained = first.chain(rest.into_data_stream());
+                    return Ok(RequestBody::Streamed(Body::from_stream(chained)));
+                }
+            }
+        }
+    }
+}
+
+/// A streamed body that fails once it passes `limit` bytes.
+fn capped(body: Body, limit: u64) -> Body {
+    Body::new(Limited::new(
+        body,
+        usize::try_from(limit).unwrap_or(usize::MAX),
+    ))
 }
 
 /// The request headers to forward: everything but client credentials, `Host`,
@@ -354,12 +405,21 @@ impl LazyModel<'_> {
     }
 }
 
+/// A request body: buffered up to `server.max_request_body` (replayable on another
+/// credential), or streamed upstream once (an upload, up to `server.max_upload_body`).
+enum RequestBody {
+    Buffered(Bytes),
+    Streamed(Body),
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     s: &ProxyState,
     pool: &ProviderPool,
     parts: &Parts,
     rest: &str,
     body: Body,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
     trail: &mut Trail,
 ) -> Result<Response, ProxyError> {
     let kind = pool.config.kind;
@@ -374,7 +434,7 @@ async fn serve(
         ClientKey::NotNeeded | ClientKey::InHeader => false,
     };
     check_path(rest)?;
-    let body = read_body(body, &parts.headers, s.max_request_body).await?;
+    let location_base = location_base(&pool.config, rest)?;
     let headers = forwarded_headers(&parts.headers);
     // The client's own key never goes upstream, wherever it put it.
     let path_and_query = match parts.uri.query() {
@@ -385,14 +445,33 @@ async fn serve(
         Some(q) => format!("{rest}?{q}"),
         None => rest.to_string(),
     };
+    let body = if upgrade.is_some() {
+        RequestBody::Buffered(Bytes::new())
+    } else {
+        read_body(body, &parts.headers, s.max_request_body, s.max_upload_body).await?
+    };
     let provider = pool.config.name.as_str();
+    // A cheap handle on the buffered bytes (reference counted), for the model lookup.
+    let model_bytes = match &body {
+        RequestBody::Buffered(b) => b.clone(),
+        RequestBody::Streamed(_) => Bytes::new(),
+    };
     let mut model = LazyModel {
         path: rest,
-        body: &body,
+        body: &model_bytes,
         model: None,
     };
+    let streamed = matches!(body, RequestBody::Streamed(_));
+    let mut body = Some(body);
+    // The next leg of an upload goes with the credential that started it, or not at all.
+    let pinned = rewrite::session_key(&path_and_query).and_then(|k| pool.pinned(&k));
+    let candidates: Vec<Arc<Credential>> = match &pinned {
+        Some(c) => vec![Arc::clone(c)],
+        None => pool.order().collect(),
+    };
+    let mut upgrade = upgrade;
     let mut misses: Vec<(Arc<Credential>, Miss)> = Vec::new();
-    for cred in pool.order() {
+    for cred in candidates {
         let snap = cred.snapshot();
         if !snap.usable {
             let detail = snap.last_error.clone().unwrap_or_default();
@@ -429,14 +508,66 @@ async fn serve(
                 continue;
             }
         };
+        let base = location_base
+            .as_deref()
+            .unwrap_or_else(|| token.base.as_str())
+            .trim_end_matches('/')
+            .to_string();
+        if let Some(client) = upgrade.take() {
+            trail.attempts += 1;
+            let uri = upstream_uri(&base, &path_and_query);
+            match websocket::handshake(s, &token, uri, &headers).await {
+                Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    trail.served = Some(cred.id.clone());
+                    return Ok(websocket::splice(s, provider, client, resp));
+                }
+                Ok(resp) => {
+                    trail.served = Some(cred.id.clone());
+                    let resp = resp.map(|b| {
+                        Body::new(crate::proxy::upstream::IdleTimeout::new(
+                            b,
+                            s.client.idle_timeout(),
+                        ))
+                    });
+                    return Ok(stream_back(resp, &cred.id, None));
+                }
+                Err(e) if e.is_connect() => {
+                    upgrade = Some(client);
+                    misses.push((Arc::clone(&cred), Miss::Connect(error_chain(&e))));
+                    continue;
+                }
+                Err(e) => {
+                    return Err(ProxyError::new(
+                        Reason::UpstreamUnreachable,
+                        format!(
+                            "upstream {base} failed the WebSocket handshake: {}",
+                            error_chain(&e)
+                        ),
+                    ))
+                }
+            }
+        }
         let static_key = cred.is_api_key();
         let mut replayed = false;
         let miss = loop {
             trail.attempts += 1;
-            let sent = send(s, &token, parts, &headers, &path_and_query, body.clone()).await;
+            // A buffered body is cloned for each attempt; a streamed one goes once.
+            let up_body = match body.as_ref() {
+                Some(RequestBody::Buffered(b)) => UpBody::Left(http_body_util::Full::new(b.clone())),
+                _ => match body.take() {
+                    Some(RequestBody::Streamed(b)) => UpBody::Right(b),
+                    _ => {
+                        return Err(ProxyError::new(
+                            Reason::UpstreamUnreachable,
+                            "the upload was already sent once and cannot be replayed on another credential",
+                        ))
+                    }
+                },
+            };
+            let sent = send(s, &token, &base, parts, &headers, &path_and_query, up_body).await;
             let resp = match sent {
                 Ok(r) => r,
-                Err(e) if e.is_connect() => {
+                Err(e) if e.is_connect() && !streamed => {
                     s.metrics
                         .upstream_retries
                         .with_label_values(&[provider, "connect_error"])
@@ -447,8 +578,7 @@ async fn serve(
                     return Err(ProxyError::new(
                         Reason::UpstreamUnreachable,
                         format!(
-                            "upstream {} failed before answering: {}",
-                            token.base,
+                            "upstream {base} failed before answering: {}",
                             error_chain(&e)
                         ),
                     ));
@@ -459,6 +589,20 @@ async fn serve(
                 .upstream_requests
                 .with_label_values(&[provider, &cred.id, status.as_str()])
                 .inc();
+            let origins = rewrite::Origins {
+                client: client_origin(parts),
+                provider,
+                upstream: &base,
+            };
+            if streamed {
+                // Sent once: whatever the upstream answered is the answer.
+                trail.served = Some(cred.id.clone());
+                return Ok(stream_back(
+                    resp.map(Body::new),
+                    &cred.id,
+                    Some((&origins, pool)),
+                ));
+            }
             if status == StatusCode::UNAUTHORIZED && !static_key {
                 // An OAuth token: refresh it once and replay.
                 s.metrics
@@ -484,7 +628,7 @@ async fn serve(
             };
             let Some(verdict) = verdict else {
                 trail.served = Some(cred.id.clone());
-                return Ok(stream_back(resp, &cred.id));
+                return Ok(stream_back(resp, &cred.id, Some((&origins, pool))));
             };
             match verdict.judge(kind, static_key) {
                 Judgement::Pass => {}
@@ -495,17 +639,68 @@ async fn serve(
                     break invalid(s, provider, &cred, reason, action);
                 }
                 Judgement::Refused(Refusal::Probe) => {
-                    if let Some(reason) = probe(s, kind, &token).await {
+                    if let Some(reason) = probe(s, kind, &token, &base).await {
                         break invalid(s, provider, &cred, reason, pool.config.hint_for(cred.kind));
                     }
                 }
             }
             trail.served = Some(cred.id.clone());
-            return Ok(stream_back(resp, &cred.id));
+            return Ok(stream_back(resp, &cred.id, Some((&origins, pool))));
         };
         misses.push((cred, miss));
+        if streamed && body.is_none() {
+            break;
+        }
+    }
+    if pinned.is_none() && misses.is_empty() && !pool.credentials().is_empty() {
+        // Every credential left the pool between choosing and trying.
+        return Err(ProxyError::new(
+            Reason::NoUsableCredential,
+            "no credential left in the pool",
+        ));
     }
     Err(exhausted(pool, &misses, model.get()))
+}
+
+/// The upstream base when the provider's upstream has a `{location}` (Vertex AI): the
+/// location the path names, if it is one of `locations`, else `global`.
+fn location_base(
+    provider: &crate::config::ProviderConfig,
+    rest: &str,
+) -> Result<Option<String>, ProxyError> {
+    let Some(template) = &provider.upstream_template else {
+        return Ok(None);
+    };
+    let location = providers::vertex::path_location(rest).unwrap_or("global");
+    if !provider.locations.iter().any(|l| l == location) {
+        return Err(ProxyError::new(
+            Reason::BadRequest,
+            format!(
+                "location {location:?} is not in providers.{}.locations; add it there to use it",
+                provider.name
+            ),
+        ));
+    }
+    Ok(Some(providers::vertex::base_for(template, location)))
+}
+
+/// `http://{Host}`: where the client reached tokenrelay (the Host rule has vetted it).
+fn client_origin(parts: &Parts) -> String {
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("127.0.0.1");
+    format!("http://{host}")
+}
+
+fn upstream_uri(base: &str, path_and_query: &str) -> http::Uri {
+    let mut uri = String::with_capacity(base.len() + path_and_query.len());
+    uri.push_str(base);
+    uri.push_str(path_and_query);
+    // The base is a validated URL and the path and query came in as a valid request target.
+    http::Uri::try_from(uri).unwrap_or_else(|_| http::Uri::from_static("/"))
 }
 
 /// Cools a rate-limited credential down: for the models the answer names (or the
@@ -574,12 +769,15 @@ fn invalid(
 
 /// Asks the upstream about the key alone (a refusal that did not say whether the key or
 /// the request was at fault). `Some(reason)` when the key is refused there too.
-async fn probe(s: &ProxyState, kind: providers::ProviderKind, token: &Token) -> Option<String> {
+async fn probe(
+    s: &ProxyState,
+    kind: providers::ProviderKind,
+    token: &Token,
+    base: &str,
+) -> Option<String> {
     let path = kind.probe_path()?;
-    let base = token.base.as_str().trim_end_matches('/');
-    let uri = http::Uri::try_from(format!("{base}{path}")).ok()?;
-    let mut req = http::Request::new(http_body_util::Full::new(Bytes::new()));
-    *req.uri_mut() = uri;
+    let mut req = http::Request::new(UpBody::Left(http_body_util::Full::new(Bytes::new())));
+    *req.uri_mut() = upstream_uri(base, path);
     if let Some((name, value)) = &token.auth {
         req.headers_mut().insert(name, value.clone());
     }
@@ -592,23 +790,16 @@ async fn probe(s: &ProxyState, kind: providers::ProviderKind, token: &Token) -> 
 async fn send(
     s: &ProxyState,
     token: &Token,
+    base: &str,
     parts: &Parts,
     headers: &HeaderMap,
     path_and_query: &str,
-    body: Bytes,
+    body: UpBody,
 ) -> Result<http::Response<crate::proxy::upstream::IdleTimeout>, hyper_util::client::legacy::Error>
 {
-    let base = token.base.as_str().trim_end_matches('/');
-    let mut uri = String::with_capacity(base.len() + path_and_query.len());
-    uri.push_str(base);
-    uri.push_str(path_and_query);
-    let mut req = http::Request::new(http_body_util::Full::new(body));
+    let mut req = http::Request::new(body);
     *req.method_mut() = parts.method.clone();
-    // The base is a validated URL and the path and query came in as a valid request target.
-    *req.uri_mut() = match http::Uri::try_from(uri) {
-        Ok(u) => u,
-        Err(_) => http::Uri::from_static("/"),
-    };
+    *req.uri_mut() = upstream_uri(base, path_and_query);
     *req.headers_mut() = headers.clone();
     let h = req.headers_mut();
     if let Some((name, value)) = &token.auth {
@@ -724,11 +915,24 @@ fn is_quota_error(v: &serde_json::Value) -> bool {
         || e["status"] == "RESOURCE_EXHAUSTED"
 }
 
-/// Streams the upstream answer to the client as it arrives.
-fn stream_back(mut resp: http::Response<Body>, credential: &str) -> Response {
+/// Streams the upstream answer to the client as it arrives; absolute URLs on the
+/// upstream's origin point back through tokenrelay, and a new upload session is pinned to
+/// the credential.
+fn stream_back(
+    mut resp: http::Response<Body>,
+    credential: &str,
+    rewrite: Option<(&rewrite::Origins, &ProviderPool)>,
+) -> Response {
     let headers = resp.headers_mut();
     for h in &HOP_BY_HOP {
         headers.remove(h);
+    }
+    if let Some((origins, pool)) = rewrite {
+        if let Some(session) = rewrite::point_back(headers, origins) {
+            if let Some(key) = rewrite::session_key(&session) {
+                pool.pin(key, credential);
+            }
+        }
     }
     if let Ok(v) = HeaderValue::from_str(credential) {
         headers.insert(&CREDENTIAL_HEADER, v);

@@ -11,43 +11,102 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, Sleep};
 
-pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+pub type Connector = hyper_rustls::HttpsConnector<HttpConnector<Resolver>>;
+
+/// A request body going upstream: buffered (replayable) or streamed (an upload larger
+/// than `server.max_request_body`, sent once).
+pub type UpBody = Either<Full<Bytes>, axum::body::Body>;
 
 /// The shared upstream client.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<Connector, Full<Bytes>>,
+    client: Client<Connector, UpBody>,
+    /// HTTP/1.1 only: a WebSocket upgrade needs it (no RFC 8441 over HTTP/2 upstream).
+    http1: Client<Connector, UpBody>,
     idle_timeout: Duration,
+}
+
+/// Name resolution with `resolve` overrides (host → address, like curl's `--resolve`:
+/// loopback tests and Private Service Connect endpoints), else the system resolver. The
+/// port still comes from the URL; TLS still checks the original name.
+#[derive(Clone)]
+pub struct Resolver {
+    overrides: Arc<HashMap<String, IpAddr>>,
+    system: GaiResolver,
+}
+
+impl tower_service::Service<Name> for Resolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.system.poll_ready(cx)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        if let Some(ip) = self.overrides.get(name.as_str()) {
+            let addr = SocketAddr::new(*ip, 0);
+            return Box::pin(async move { Ok(vec![addr].into_iter()) });
+        }
+        let lookup = self.system.call(name);
+        Box::pin(async move { Ok(lookup.await?.collect::<Vec<_>>().into_iter()) })
+    }
 }
 
 impl Upstream {
     pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
+        Upstream::with_resolve(connect_timeout, idle_timeout, HashMap::new())
+    }
+
+    /// A client whose name lookups honour `overrides` first.
+    pub fn with_resolve(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        overrides: HashMap<String, IpAddr>,
+    ) -> Self {
+        let resolver = Resolver {
+            overrides: Arc::new(overrides),
+            system: GaiResolver::new(),
+        };
+        let build = |h2: bool| {
+            let mut http = HttpConnector::new_with_resolver(resolver.clone());
+            http.set_connect_timeout(Some(connect_timeout));
+            http.set_nodelay(true);
+            http.enforce_http(false);
+            let builder = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_webpki_roots()
+                .https_or_http()
+                .enable_http1();
+            let https = if h2 {
+                builder.enable_http2().wrap_connector(http)
+            } else {
+                builder.wrap_connector(http)
+            };
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(1024)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .build(https)
+        };
         Upstream {
-            client,
+            client: build(true),
+            http1: build(false),
             idle_timeout,
         }
     }
@@ -55,11 +114,24 @@ impl Upstream {
     /// Sends a request; the response body times out after `idle_timeout` of silence.
     pub async fn send(
         &self,
-        req: http::Request<Full<Bytes>>,
+        req: http::Request<UpBody>,
     ) -> Result<http::Response<IdleTimeout>, hyper_util::client::legacy::Error> {
         let resp = self.client.request(req).await?;
         let idle = self.idle_timeout;
         Ok(resp.map(|body| IdleTimeout::new(body, idle)))
+    }
+
+    /// Sends a WebSocket handshake over HTTP/1.1; a 101 answer can be upgraded with
+    /// `hyper::upgrade::on`.
+    pub async fn send_upgrade(
+        &self,
+        req: http::Request<UpBody>,
+    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+        self.http1.request(req).await
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
     }
 }
 
@@ -72,7 +144,7 @@ pub struct IdleTimeout {
 }
 
 impl IdleTimeout {
-    fn new(inner: Incoming, idle: Duration) -> Self {
+    pub fn new(inner: Incoming, idle: Duration) -> Self {
         IdleTimeout {
             inner,
             idle,
