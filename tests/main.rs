@@ -13,6 +13,7 @@ mod deploy;
 mod failover;
 mod keys;
 mod lifecycle;
+mod passthrough;
 mod proxy;
 mod refresh;
 mod robustness;

@@ -233,8 +233,14 @@ async fn oversized_body_is_413() {
     let (status, e) = error_of(t.post("/qwen/v1/chat/completions", big).await).await;
     assert_eq!(status, 413);
     assert_eq!(e["reason"], "request_too_large");
-    assert!(e["message"].as_str().unwrap().contains("server.max_upload_body"));
-    assert!(t.upstream.seen().is_empty(), "refused before anything was forwarded");
+    assert!(e["message"]
+        .as_str()
+        .unwrap()
+        .contains("server.max_upload_body"));
+    assert!(
+        t.upstream.seen().is_empty(),
+        "refused before anything was forwarded"
+    );
     // Chunked (no Content-Length) past the upload limit is cut off: the upstream never
     // receives a whole body, the client no success.
     let stream =

@@ -118,7 +118,9 @@ where
     let last = AtomicU64::new(0);
     let (cr, cw) = tokio::io::split(client);
     let (ur, uw) = tokio::io::split(upstream);
-    let both = async { tokio::join!(copy(cr, uw, &last, epoch), copy(ur, cw, &last, epoch)) };
+    let up = copy(cr, uw, &last, epoch);
+    let down = copy(ur, cw, &last, epoch);
+    tokio::pin!(up, down);
     let watchdog = async {
         loop {
             let quiet = epoch
@@ -130,8 +132,18 @@ where
             tokio::time::sleep(idle - quiet).await;
         }
     };
+    // A WebSocket has no half-open state: once one side has closed, the other gets a moment
+    // to finish its close frame, then both go.
+    const LINGER: Duration = Duration::from_secs(2);
     tokio::select! {
-        (up, down) = both => (up, down),
+        sent = &mut up => {
+            let received = tokio::time::timeout(LINGER, &mut down).await.unwrap_or(0);
+            (sent, received)
+        }
+        received = &mut down => {
+            let sent = tokio::time::timeout(LINGER, &mut up).await.unwrap_or(0);
+            (sent, received)
+        }
         () = watchdog => {
             tracing::info!(target: "tokenrelay::proxy", ?idle, "WebSocket idle; closing both sides");
             (0, 0)
