@@ -32,6 +32,18 @@ pub enum Key {
     ZeroFor(&'static str),
     /// DashScope's 401 invalid_api_key.
     DashscopeDead,
+    /// (Internal) the key that started an upload session.
+    StartedBy(String),
+}
+
+fn behaviour_key(headers: &axum::http::HeaderMap) -> Key {
+    Key::StartedBy(
+        headers
+            .get("x-goog-api-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+    )
 }
 
 #[derive(Clone, Debug)]
@@ -43,6 +55,7 @@ pub struct Hit {
 
 #[derive(Default)]
 pub struct KeyState {
+    url: Mutex<String>,
     keys: Mutex<HashMap<String, Key>>,
     pub hits: Mutex<Vec<Hit>>,
     dashscope: bool,
@@ -64,6 +77,7 @@ impl KeyUpstream {
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        *state.url.lock().unwrap() = url.clone();
         let app = Router::new()
             .fallback(answer)
             .with_state(Arc::clone(&state));
@@ -160,6 +174,49 @@ async fn answer(State(s): State<Arc<KeyState>>, req: Request) -> Response {
             return quota_answer("google_429_model_not_in_tier.json", "gemini-3.1-pro", m)
         }
         Some(_) => {}
+    }
+    // Google's resumable upload: `start` gives a session URL on this host; the upload leg
+    // must carry the key that started it.
+    let command = parts
+        .headers
+        .get("x-goog-upload-command")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if command == "start" {
+        let id = format!("up{}", s.hits.lock().unwrap().len());
+        s.keys
+            .lock()
+            .unwrap()
+            .insert(format!("upload:{id}"), behaviour_key(&parts.headers));
+        return Response::builder()
+            .header(
+                "x-goog-upload-url",
+                format!(
+                    "{}/upload/v1beta/files?upload_id={id}&upload_protocol=resumable",
+                    s.url.lock().unwrap()
+                ),
+            )
+            .header("x-goog-upload-status", "active")
+            .body(Body::empty())
+            .unwrap();
+    }
+    if command.contains("upload") {
+        let id = path_and_query
+            .split("upload_id=")
+            .nth(1)
+            .and_then(|r| r.split('&').next())
+            .unwrap_or("");
+        let started_by = s.keys.lock().unwrap().get(&format!("upload:{id}")).cloned();
+        if !matches!(started_by, Some(Key::StartedBy(k)) if Some(&k) == parts.headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()).map(str::to_string).as_ref())
+        {
+            return (StatusCode::FORBIDDEN, "not the key that started the upload").into_response();
+        }
+        let size = body.len();
+        return Response::builder()
+            .header("x-goog-upload-status", "final")
+            .header("content-type", "application/json")
+            .body(Body::from(json!({"file": {"name": format!("files/{id}"), "sizeBytes": size.to_string(), "mimeType": "text/plain", "state": "ACTIVE", "uri": "https://example/files/x"}}).to_string()))
+            .unwrap();
     }
     if path.starts_with("/v1beta/files/") {
         // Someone else's file: a bare PERMISSION_DENIED about the request, not the key.

@@ -15,6 +15,7 @@ mod keys;
 mod lifecycle;
 mod passthrough;
 mod proxy;
+mod recipes;
 mod refresh;
 mod robustness;
 mod security;
