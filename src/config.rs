@@ -16,6 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
+use crate::oauth::login;
 use crate::ops::alert::{AlertsConfig, Format, WebhookConfig};
 pub use crate::providers::ProviderKind;
 use crate::providers::{self, dashscope, google, vertex, KeyHeader};
@@ -124,6 +125,9 @@ struct RawProvider {
     region: Option<String>,
     locations: Option<Vec<String>>,
     resolve: BTreeMap<String, String>,
+    authorize_url: Option<String>,
+    device_url: Option<String>,
+    login_scopes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +249,11 @@ pub struct ProviderConfig {
     pub locations: Vec<String>,
     /// Host → address overrides for upstream connections (like curl's `--resolve`).
     pub resolve: Vec<(String, std::net::IpAddr)>,
+    /// `tokenrelay login`: the authorization endpoint (loopback flow), the device-code
+    /// endpoint (device flow), and the scopes a sign-in asks for.
+    pub authorize_url: Option<Url>,
+    pub device_url: Option<Url>,
+    pub login_scopes: Vec<String>,
 }
 
 /// One configured static key and its id (configured, else a hash of the key).
@@ -797,6 +806,34 @@ impl Validator<'_> {
             })?;
             resolve.push((host.to_ascii_lowercase(), ip));
         }
+        let authorize_url = match raw.authorize_url.as_deref().or(match kind {
+            ProviderKind::Gemini | ProviderKind::Vertex => Some(login::GOOGLE_AUTHORIZE_URL),
+            _ => None,
+        }) {
+            Some(u) => Some(self.url(&key("authorize_url"), u)?),
+            None => None,
+        };
+        let device_url = match raw.device_url.as_deref().or(match kind {
+            ProviderKind::Qwen => Some(login::QWEN_DEVICE_URL),
+            _ => None,
+        }) {
+            Some(u) => Some(self.url(&key("device_url"), u)?),
+            None => None,
+        };
+        let login_scopes = raw.login_scopes.unwrap_or_else(|| {
+            let mut s = match kind {
+                ProviderKind::Qwen => vec![login::QWEN_SCOPE.to_string()],
+                _ => vec![
+                    "openid".to_string(),
+                    "https://www.googleapis.com/auth/userinfo.email".to_string(),
+                    login::CLOUD_PLATFORM.to_string(),
+                ],
+            };
+            if kind == ProviderKind::Gemini {
+                s.push(login::RETRIEVER.to_string());
+            }
+            s
+        });
         if token_url.is_none()
             && (!credentials.is_empty()
                 || kind == ProviderKind::Custom && api_keys.is_empty() && api_keys_file.is_none())
@@ -824,6 +861,9 @@ impl Validator<'_> {
             upstream_template,
             locations,
             resolve,
+            authorize_url,
+            device_url,
+            login_scopes,
         })
     }
 

@@ -13,6 +13,7 @@ mod deploy;
 mod failover;
 mod keys;
 mod lifecycle;
+mod login;
 mod passthrough;
 mod proxy;
 mod recipes;

@@ -423,6 +423,16 @@ fn warn_if_readable_by_others(path: &Path) {
 }
 
 /// The configured id, else the file stem made safe; suffixed `-2`, `-3`… when taken.
+/// Every credential file of a provider with the id the pool gives it (the same order and
+/// rule as `Pool::load`), for commands that name a credential as PROVIDER/ID offline.
+pub fn credential_paths(provider: &ProviderConfig) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut ids = HashSet::new();
+    Ok(resolve(provider)?
+        .into_iter()
+        .map(|f| (unique_id(&mut ids, f.id.clone(), &f.path), f.path))
+        .collect())
+}
+
 /// A provider's static keys with their ids: the configured id, else `key-` and 8 hex
 /// digits of the key's SHA-256 (stable across reloads and reorderings, never the key). The
 /// same key listed twice is one credential.

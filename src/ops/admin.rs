@@ -136,7 +136,10 @@ fn view(c: &Credential) -> CredentialView {
             .iter()
             .map(|(m, d)| json!({"model": m, "seconds": d.as_secs_f64().ceil() as u64}))
             .collect(),
-        hint: c.provider.hint_for(c.kind),
+        hint: c
+            .provider
+            .hint_for(c.kind)
+            .replace("PROVIDER/ID", &format!("{}/{}", c.provider.name, c.id)),
     }
 }
 

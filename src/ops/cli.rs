@@ -40,7 +40,7 @@ fn client(config: &Config) -> anyhow::Result<(reqwest::Client, Option<String>)> 
     Ok((http, token))
 }
 
-async fn call(
+pub(crate) async fn call(
     config: &Config,
     admin: Option<&str>,
     method: reqwest::Method,

@@ -1,8 +1,9 @@
 //! Operations: what operators see and drive. The admin listener (`admin`), the
 //! Prometheus registry (`metrics`), alert webhooks (`alert`) and the command line
-//! (`cli`: status, refresh, check).
+//! (`cli`: status, refresh, check; `login`: the terminal side of re-authentication).
 
 pub mod admin;
 pub mod alert;
 pub mod cli;
+pub mod login;
 pub mod metrics;

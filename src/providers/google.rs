@@ -21,7 +21,7 @@ pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-pl
 pub static USER_PROJECT: HeaderName = HeaderName::from_static("x-goog-user-project");
 
 pub fn reauth_hint() -> String {
-    "run `gcloud auth application-default login --client-id-file=client_secret.json --scopes=https://www.googleapis.com/auth/cloud-platform,https://www.googleapis.com/auth/generative-language.retriever` with your own OAuth client".to_string()
+    "run `tokenrelay login gemini PROVIDER/ID` (with --client-secret client_secret.json of your own Desktop OAuth client if the file has none), or `gcloud auth application-default login --client-id-file=client_secret.json --scopes=https://www.googleapis.com/auth/cloud-platform,https://www.googleapis.com/auth/generative-language.retriever`".to_string()
 }
 
 /// `x-goog-user-project` from an ADC `quota_project_id`.

@@ -125,6 +125,77 @@ impl FileStore {
         Ok(true)
     }
 
+    /// Writes a whole new credential document (a fresh sign-in) under the lock file, so it
+    /// never races a refresh: atomically, mode 0600, through a symlink to its target; into
+    /// the state copy when the file cannot be written. Returns where it was written.
+    pub fn replace(&self, doc: &Map<String, Value>, wait: Duration) -> Result<PathBuf, StoreError> {
+        let deadline = std::time::Instant::now() + wait;
+        let _lock = loop {
+            match self.try_lock()? {
+                TryLock::Acquired(g) => break Some(g),
+                TryLock::Unavailable => break None,
+                TryLock::Busy if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                TryLock::Busy => {
+                    return Err(StoreError::Io {
+                        path: self.location(),
+                        op: "take the lock file",
+                        source: std::io::Error::other("a refresh holds it; try again in a moment"),
+                    })
+                }
+            }
+        };
+        let exists = fs::metadata(&self.path).is_ok();
+        if !exists || self.writable() {
+            let target = self.target();
+            if let Some(dir) = target.parent() {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(self.io("create the directory"))?;
+            }
+            let owner = fs::metadata(&target).ok().map(|m| (m.uid(), m.gid()));
+            write_atomically(&target, &to_bytes(doc)?, 0o600, owner).map_err(self.io("write"))?;
+            self.remember(doc);
+            return Ok(target);
+        }
+        let Some(state) = &self.state else {
+            return Err(StoreError::Io {
+                path: self.location(),
+                op: "write",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the file is read-only; set [refresh] state_dir, or write elsewhere with --out",
+                ),
+            });
+        };
+        let source = fs::read(&self.path).map_err(self.io("read"))?;
+        let mut doc = doc.clone();
+        doc.insert(
+            SOURCE_FINGERPRINT.into(),
+            Value::String(fingerprint(&source)),
+        );
+        if let Some(dir) = state.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(self.io("create state_dir"))?;
+        }
+        write_atomically(state, &to_bytes(&doc)?, 0o600, None)
+            .map_err(self.io("write the state copy"))?;
+        self.remember(&doc);
+        Ok(state.clone())
+    }
+
+    /// The document on disk now (the state copy while it is current), if it parses.
+    pub fn document(&self) -> Option<Map<String, Value>> {
+        self.load().ok()?;
+        self.last_doc.lock().ok()?.clone()
+    }
+
     fn target(&self) -> PathBuf {
         fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone())
     }
