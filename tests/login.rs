@@ -760,3 +760,77 @@ async fn an_expired_device_code_starts_again() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(read_json(&out)["refresh_token"], "qr2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_target_gets_the_new_credential_in_state_dir() {
+    let (_auth, url) = auth_server().await;
+    let s = setup(&url, "");
+    let secret_dir = s.dir.path().join("secret");
+    std::fs::create_dir_all(&secret_dir).unwrap();
+    let file = write_cred(
+        &secret_dir,
+        "work.json",
+        &json!({"type": "authorized_user", "client_id": CLIENT, "client_secret": SECRET, "refresh_token": "rt-revoked"}),
+    );
+    let state = s.dir.path().join("state");
+    std::fs::write(
+        &s.config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:1\"\n[refresh]\nstate_dir = \"{}\"\n[providers.gemini]\nupstream = \"http://127.0.0.1:9\"\nauthorize_url = \"{url}/auth\"\ntoken_url = \"{url}/token\"\ncredentials = [\"{}\"]\n[providers.qwen]\ncredentials = []\n",
+            state.display(),
+            file.display()
+        ),
+    )
+    .unwrap();
+    let (config, dir) = (s.config.clone(), secret_dir.clone());
+    // As a Kubernetes Secret volume is: read-only even for root (a private mount namespace).
+    let l = blocking(move || {
+        let mut child = Command::new("unshare")
+            .arg("-Urm")
+            .arg("sh")
+            .arg("-c")
+            .arg(format!(
+                "mount --bind -o ro '{0}' '{0}' && exec \"$0\" \"$@\"",
+                dir.display()
+            ))
+            .arg(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "login",
+                "gemini",
+                "gemini/work",
+                "--no-browser",
+                "--timeout",
+                "20s",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| l.trim().strip_prefix("http").map(|u| format!("http{u}")));
+        std::thread::spawn(move || for _ in lines {});
+        Login { child, url }
+    })
+    .await;
+    let redirect = consent(l.url.as_deref().unwrap()).await;
+    visit(&redirect).await;
+    let (code, err) = blocking(move || finish(l)).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        read_json(&file)["refresh_token"],
+        "rt-revoked",
+        "the read-only source is untouched"
+    );
+    let copy = read_json(&state.join("gemini/work.json"));
+    assert_eq!(copy["refresh_token"], "rt-login-0");
+    assert!(
+        copy["tokenrelay_source_fingerprint"].is_string(),
+        "tied to the source as it is now"
+    );
+}
