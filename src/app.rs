@@ -83,6 +83,11 @@ impl App {
                 &config.server.allowed_hosts,
                 &config.server.allowed_origins,
             ),
+            logins: Default::default(),
+            logins_enabled: admin_addr.ip().is_loopback() || config.server.admin_token.is_some(),
+            http: reqwest::Client::new(),
+            state_dir: config.refresh.state_dir.clone(),
+            admin_port: admin_addr.port(),
         }));
 
         let (shutdown, _) = watch::channel(false);

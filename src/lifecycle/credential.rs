@@ -138,6 +138,7 @@ impl Credential {
             base: provider.upstream.clone(),
             upstream_headers: Vec::new(),
             service_account: None,
+            account: None,
         };
         Credential::new(provider, id, "api_key", Source::ApiKey, token, refresher)
     }

@@ -386,6 +386,7 @@ impl Credential {
             base,
             upstream_headers: current.upstream_headers.clone(),
             service_account: current.service_account.clone(),
+            account: current.account.clone(),
         });
         self.token.store(Arc::clone(&token));
         // The background refresh reschedules from the new expiry (and resumes after a

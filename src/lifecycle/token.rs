@@ -43,6 +43,8 @@ pub struct Token {
     pub upstream_headers: Vec<(HeaderName, HeaderValue)>,
     /// Service accounts mint tokens with their key instead of a refresh token.
     pub(super) service_account: Option<ServiceAccountKey>,
+    /// Who the credential signs in as, when the file says (for operators).
+    pub account: Option<String>,
 }
 
 impl Token {
@@ -115,6 +117,7 @@ pub fn token_from_file(
         base,
         upstream_headers,
         service_account: file.service_account.clone(),
+        account: file.account.clone(),
     })
 }
 

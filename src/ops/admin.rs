@@ -15,6 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::json;
 
+use super::console;
 use crate::clock;
 use crate::lifecycle::pool::{looked_at, Pool, ProviderPool};
 use crate::lifecycle::Credential;
@@ -29,6 +30,13 @@ pub struct AdminState {
     pub admin_token: Option<SecretString>,
     /// Host and Origin rules (`proxy::browser`), before routing.
     pub browser: BrowserGuard,
+    /// Logins started from the console.
+    pub logins: console::Logins,
+    /// Off when the listener is reachable from other hosts without an admin token.
+    pub logins_enabled: bool,
+    pub http: reqwest::Client,
+    pub state_dir: Option<std::path::PathBuf>,
+    pub admin_port: u16,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -40,6 +48,12 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/admin/credentials/{provider}/{id}/refresh",
             post(refresh_one),
         )
+        .route(
+            "/admin/credentials/{provider}/{id}/login",
+            post(console::start),
+        )
+        .route("/admin/login/{session}", get(console::status))
+        .route("/admin/login/{session}/callback", post(console::pasted))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token,
@@ -48,6 +62,11 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/ui", get(console::index))
+        .route("/ui/", get(console::index))
+        .route("/ui/app.js", get(console::app_js))
+        .route("/ui/app.css", get(console::app_css))
+        .route("/ui/oauth/google/callback", get(console::callback))
         .merge(admin)
         .fallback(|| async {
             ProxyError::new(
@@ -67,7 +86,14 @@ async fn browser_guard(State(s): State<Arc<AdminState>>, req: Request, next: Nex
     match s.browser.check(req.method(), req.uri(), req.headers()) {
         Verdict::Answer(refused) => refused,
         Verdict::Pass(cors) => {
+            let admin_api = req.uri().path().starts_with("/admin/");
             let mut resp = next.run(req).await;
+            if admin_api {
+                resp.headers_mut().insert(
+                    header::CACHE_CONTROL,
+                    http::HeaderValue::from_static("no-store"),
+                );
+            }
             if let Some(origin) = cors {
                 browser::allow_origin(&mut resp, origin);
             }
@@ -113,6 +139,10 @@ struct CredentialView {
     model_cooldowns: Vec<serde_json::Value>,
     /// What replaces this credential when it is dead: the same text as `tokenrelay status`.
     hint: String,
+    /// Who it signs in as, where the file says.
+    account: Option<String>,
+    /// `tokenrelay login` flow this credential supports (`gemini`, `qwen`), if any.
+    login: Option<&'static str>,
 }
 
 fn view(c: &Credential) -> CredentialView {
@@ -136,6 +166,8 @@ fn view(c: &Credential) -> CredentialView {
             .iter()
             .map(|(m, d)| json!({"model": m, "seconds": d.as_secs_f64().ceil() as u64}))
             .collect(),
+        account: c.current().account.clone(),
+        login: console::login_kind(c),
         hint: c
             .provider
             .hint_for(c.kind)
@@ -145,7 +177,9 @@ fn view(c: &Credential) -> CredentialView {
 
 async fn credentials(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
     let list: Vec<_> = s.pool.all_credentials().map(|c| view(&c)).collect();
-    Json(json!({ "credentials": list }))
+    Json(
+        json!({ "server_time": clock::rfc3339(clock::now_ms()), "server_time_ms": clock::now_ms(), "credentials": list }),
+    )
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {

@@ -31,6 +31,7 @@ use super::error::{ProxyError, Reason};
 /// The header the operator page sends on every admin POST.
 pub static CSRF_HEADER: HeaderName = HeaderName::from_static("x-tokenrelay");
 static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+static SEC_FETCH_MODE: HeaderName = HeaderName::from_static("sec-fetch-mode");
 
 /// Which listener a guard protects: they differ in what same-origin may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +121,13 @@ impl BrowserGuard {
             // No Origin: a non-browser client, a same-origin GET, or a navigation. Only a
             // browser's own word that the request is from another site refuses it.
             let site = headers.get(&SEC_FETCH_SITE).map(HeaderValue::as_bytes);
-            if matches!(site, Some(b"cross-site" | b"same-site")) {
+            // A top-level navigation to the operator page (a link, Google's redirect back to
+            // the login callback) shows the page; it cannot read an answer. Only `/ui` GETs.
+            let navigation = self.listener == Listener::Admin
+                && method == Method::GET
+                && uri.path().starts_with("/ui")
+                && headers.get(&SEC_FETCH_MODE).map(HeaderValue::as_bytes) == Some(b"navigate");
+            if !navigation && matches!(site, Some(b"cross-site" | b"same-site")) {
                 return Verdict::Answer(refuse_origin(
                     "a cross-site browser request (Sec-Fetch-Site)",
                 ));

@@ -61,6 +61,9 @@ pub struct CredentialFile {
     pub quota_project_id: Option<String>,
     /// Service accounts: the signing key and identity.
     pub service_account: Option<ServiceAccountKey>,
+    /// Who this credential signs in as (`account` of a login's file, a service account's
+    /// `client_email`), for operators; never used to decide anything.
+    pub account: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -198,6 +201,10 @@ fn interpret(doc: &Map<String, Value>, mtime_ms: i64) -> Result<CredentialFile, 
         client_secret: opt_secret(doc, "client_secret")?,
         resource_url: opt_str(doc, "resource_url")?.filter(|c| !c.is_empty()),
         quota_project_id: opt_str(doc, "quota_project_id")?.filter(|c| !c.is_empty()),
+        account: opt_str(doc, "account")
+            .ok()
+            .flatten()
+            .or_else(|| service_account.as_ref().map(|sa| sa.client_email.clone())),
         service_account,
     })
 }
