@@ -33,20 +33,20 @@ enum Mode {
 }
 
 #[derive(Default)]
-struct AuthServer {
+pub struct AuthServer {
     mode: Mutex<Mode>,
     email: Mutex<String>,
     /// code → (challenge, redirect_uri, client_id)
     codes: Mutex<HashMap<String, (String, String, String)>>,
-    refresh_tokens: Mutex<Vec<String>>,
+    pub refresh_tokens: Mutex<Vec<String>>,
     /// Device flow: answers to give in order.
     device_script: Mutex<Vec<(u16, Value)>>,
     device_polls: Mutex<Vec<std::time::Instant>>,
     device_html: Mutex<bool>,
 }
 
-const CLIENT: &str = "desktop-client.apps.googleusercontent.com";
-const SECRET: &str = "desktop-secret";
+pub const CLIENT: &str = "desktop-client.apps.googleusercontent.com";
+pub const SECRET: &str = "desktop-secret";
 
 async fn authorize(
     State(s): State<Arc<AuthServer>>,
@@ -179,7 +179,7 @@ async fn device(
     .into_response()
 }
 
-async fn auth_server() -> (Arc<AuthServer>, String) {
+pub async fn auth_server() -> (Arc<AuthServer>, String) {
     let s = Arc::new(AuthServer::default());
     *s.email.lock().unwrap() = "alice@example.com".into();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -268,7 +268,7 @@ fn finish(mut l: Login) -> (i32, String) {
 
 /// The fake browser: follows the authorization URL to its redirect, and returns the
 /// redirect URL (without visiting it).
-async fn consent(url: &str) -> String {
+pub async fn consent(url: &str) -> String {
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
