@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, StoreConfig};
 use crate::lifecycle::pool::Pool;
 use crate::lifecycle::Refresher;
 use crate::ops::admin::{self, AdminState};
@@ -21,6 +21,7 @@ use crate::proxy::browser::{BrowserGuard, Listener};
 use crate::proxy::server::{self, Limits};
 use crate::proxy::upstream::Upstream;
 use crate::proxy::{self, ProxyState};
+use crate::store::redis::{Fleet, FleetEvent, FleetMetrics};
 
 /// A running tokenrelay: its bound addresses and a handle to stop it.
 pub struct App {
@@ -47,14 +48,28 @@ impl App {
             .build()
             .context("cannot build the token-endpoint HTTP client")?;
         let alerter = Alerter::start(&config.alerts, refresh_client.clone());
+        let fleet = match &config.store {
+            StoreConfig::File => None,
+            StoreConfig::Redis(cfg) => {
+                let fleet = Fleet::new(cfg.clone(), Arc::clone(&metrics) as Arc<dyn FleetMetrics>)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", config.source))?;
+                tracing::info!(target: "tokenrelay::store", replica = %fleet.replica, prefix = %cfg.key_prefix, "fleet mode: credentials are shared through Redis");
+                Some(fleet)
+            }
+        };
         let refresher = Arc::new(Refresher {
             alerter,
             alert_after_failures: config.alerts.after_failures,
             expiry_warning: config.alerts.expiry_warning,
+            fleet: fleet.clone(),
             ..Refresher::new(refresh_client, config.refresh.clone(), Arc::clone(&metrics))
         });
         let pool = Arc::new(Pool::load(&config, &refresher)?);
         pool.start_schedulers();
+        if let Some(fleet) = &fleet {
+            tokio::spawn(follow_fleet(fleet.subscribe(), Arc::downgrade(&pool)));
+            fleet.start();
+        }
         tokio::spawn(watch_expiry(Arc::downgrade(&pool)));
         let watcher = watch_credentials(&pool);
 
@@ -88,6 +103,7 @@ impl App {
             http: reqwest::Client::new(),
             state_dir: config.refresh.state_dir.clone(),
             admin_port: admin_addr.port(),
+            fleet: fleet.clone(),
         }));
 
         let (shutdown, _) = watch::channel(false);
@@ -277,5 +293,50 @@ async fn wait_for_stop_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Fleet mode: what the other replicas did reaches this one. A newer record is re-read
+/// (and adopted), a peer's cool-down is applied locally, and after a reconnect everything
+/// is re-read (which also re-asserts records Redis lost).
+async fn follow_fleet(
+    mut events: tokio::sync::broadcast::Receiver<FleetEvent>,
+    pool: std::sync::Weak<Pool>,
+) {
+    loop {
+        let event = match events.recv().await {
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => FleetEvent::Reconnected,
+            Err(_) => return,
+        };
+        let Some(pool) = pool.upgrade() else { return };
+        match event {
+            FleetEvent::Changed { provider, id } => {
+                if let Some(c) = pool.provider(&provider).and_then(|p| p.find(&id)) {
+                    c.reload().await;
+                }
+            }
+            FleetEvent::Cooldown {
+                provider,
+                id,
+                model,
+                until_ms,
+            } => {
+                if let Some(c) = pool.provider(&provider).and_then(|p| p.find(&id)) {
+                    let left = std::time::Duration::from_millis(
+                        (until_ms - crate::clock::now_ms()).max(0) as u64,
+                    );
+                    match model {
+                        Some(m) => c.cool_model_locally(&m, left),
+                        None => c.cool_locally(left),
+                    }
+                }
+            }
+            FleetEvent::Reconnected => {
+                for c in pool.all_credentials().filter(|c| !c.is_api_key()) {
+                    c.reload().await;
+                }
+            }
+        }
     }
 }

@@ -48,7 +48,29 @@ struct RawConfig {
     refresh: RawRefresh,
     pool: RawPool,
     alerts: RawAlerts,
+    store: RawStore,
     providers: Option<BTreeMap<String, RawProvider>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    kind: Option<String>,
+    url: Option<String>,
+    key_prefix: Option<String>,
+    lease: Option<String>,
+    poll_interval: Option<String>,
+    grace: Option<String>,
+    pubsub: Option<bool>,
+    op_timeout: Option<String>,
+}
+
+/// Where credentials live: files (one machine), or Redis shared by a fleet.
+#[derive(Debug, Clone, Default)]
+pub enum StoreConfig {
+    #[default]
+    File,
+    Redis(crate::store::redis::RedisConfig),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -169,6 +191,7 @@ pub struct Config {
     pub refresh: RefreshConfig,
     pub pool: PoolConfig,
     pub alerts: AlertsConfig,
+    pub store: StoreConfig,
     pub providers: Vec<ProviderConfig>,
 }
 
@@ -474,14 +497,63 @@ impl Validator<'_> {
             providers.push(self.provider(&name, p)?);
         }
         let alerts = self.alerts(raw.alerts)?;
+        let store = self.store(raw.store, &refresh)?;
         Ok(Config {
             source: self.file.to_string(),
             server,
             refresh,
             pool,
             alerts,
+            store,
             providers,
         })
+    }
+
+    fn store(&self, raw: RawStore, refresh: &RefreshConfig) -> Result<StoreConfig, ConfigError> {
+        match raw.kind.as_deref().unwrap_or("file") {
+            "file" => Ok(StoreConfig::File),
+            "redis" => {
+                let url = match raw.url.as_deref() {
+                    Some(u) if !u.is_empty() => self.secret("store.url", u)?,
+                    _ => return Err(self.err("store.url", "required with kind = \"redis\" (redis://host:6379, rediss:// for TLS; a password may come from env: or file:)")),
+                };
+                {
+                    use secrecy::ExposeSecret;
+                    let u = url.expose_secret();
+                    if !(u.starts_with("redis://")
+                        || u.starts_with("rediss://")
+                        || u.starts_with("unix://"))
+                    {
+                        return Err(self.err(
+                            "store.url",
+                            "must start with redis://, rediss:// (TLS) or unix://",
+                        ));
+                    }
+                }
+                // The lease outlives one token call with margin; it is renewed while held.
+                let lease = match raw.lease {
+                    Some(l) => self.duration("store.lease", Some(l), "30s")?,
+                    None => (refresh.timeout * 2).max(Duration::from_secs(10)),
+                };
+                let grace = match raw.grace {
+                    Some(g) => self.duration("store.grace", Some(g), "15s")?,
+                    None => refresh.timeout,
+                };
+                Ok(StoreConfig::Redis(crate::store::redis::RedisConfig {
+                    url,
+                    key_prefix: raw.key_prefix.unwrap_or_else(|| "tokenrelay".into()),
+                    lease,
+                    poll_interval: self.duration("store.poll_interval", raw.poll_interval, "1s")?,
+                    grace,
+                    pubsub: raw.pubsub.unwrap_or(true),
+                    op_timeout: self.duration("store.op_timeout", raw.op_timeout, "2s")?,
+                }))
+            }
+            other => Err(self.err(
+                "store.kind",
+                format!("unknown store {other:?}: \"file\" (default) or \"redis\""),
+            )),
+        }
     }
 
     fn alerts(&self, raw: RawAlerts) -> Result<AlertsConfig, ConfigError> {

@@ -46,6 +46,8 @@ pub struct Refresher {
     /// Where refreshes run: the long-lived main runtime, not a proxy thread's, so that
     /// stopping a proxy thread can never cut a refresh in half.
     pub runtime: Option<tokio::runtime::Handle>,
+    /// Fleet mode: credentials live in Redis, shared with the other replicas.
+    pub fleet: Option<Arc<crate::store::redis::Fleet>>,
 }
 
 impl Refresher {
@@ -60,6 +62,7 @@ impl Refresher {
             alert_after_failures: defaults.after_failures,
             expiry_warning: defaults.expiry_warning,
             runtime: tokio::runtime::Handle::try_current().ok(),
+            fleet: None,
         }
     }
 }
@@ -297,6 +300,12 @@ impl Credential {
     /// Keeps the credential out of rotation for `model` for `d` (a 429 naming it); never
     /// shortens a longer cool-down. Expired entries are dropped on the way.
     pub fn cool_down_model(&self, model: &str, d: Duration) {
+        self.cool_model_locally(model, d);
+        self.share_cooldown(Some(model), d);
+    }
+
+    /// A per-model cool-down in this replica only (one a peer shared with us).
+    pub fn cool_model_locally(&self, model: &str, d: Duration) {
         let now = Instant::now();
         let until = now + d;
         let mut st = self.lock_status();
@@ -304,6 +313,38 @@ impl Credential {
         match st.model_cooldowns.iter_mut().find(|(m, _)| m == model) {
             Some((_, u)) => *u = (*u).max(until),
             None => st.model_cooldowns.push((model.to_string(), until)),
+        }
+    }
+
+    /// Tells the other replicas (fleet mode), off the request path: the request never
+    /// waits on the store.
+    fn share_cooldown(&self, model: Option<&str>, d: Duration) {
+        let Source::Store(store) = &self.source else {
+            return;
+        };
+        if self.refresher.fleet.is_none() {
+            return;
+        }
+        let store = Arc::clone(store);
+        let model = model.map(str::to_string);
+        let until_ms = clock::now_ms() + d.as_millis() as i64;
+        let spawn = || {
+            tokio::task::spawn_blocking(move || store.share_cooldown(model.as_deref(), until_ms));
+        };
+        match &self.refresher.runtime {
+            Some(rt) => {
+                let _guard = rt.enter();
+                spawn();
+            }
+            None => spawn(),
+        }
+    }
+
+    /// The store's own account of this credential (fleet mode: version, last writer).
+    pub fn store_view(&self) -> Option<serde_json::Value> {
+        match &self.source {
+            Source::Store(s) => s.describe(),
+            Source::ApiKey => None,
         }
     }
 
@@ -333,8 +374,15 @@ impl Credential {
         }
     }
 
-    /// Keeps the credential out of rotation for `d` (an upstream rate limit).
+    /// Keeps the credential out of rotation for `d` (an upstream rate limit), here and
+    /// (fleet mode) in every replica.
     pub fn cool_down(&self, d: Duration) {
+        self.cool_locally(d);
+        self.share_cooldown(None, d);
+    }
+
+    /// A whole-credential cool-down in this replica only.
+    pub fn cool_locally(&self, d: Duration) {
         let until = Instant::now() + d;
         let mut st = self.lock_status();
         if st.cooldown_until.is_none_or(|u| u < until) {

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::config::{Config, CredentialPath, ProviderConfig, Strategy};
 use crate::lifecycle::{Credential, Refresher};
+use crate::store::redis::RedisStore;
 use crate::store::{CredentialStore, FileStore};
 
 /// Problems loading credential files, each naming the file.
@@ -363,11 +364,24 @@ fn load_credential(
 ) -> Result<Arc<Credential>, String> {
     let mut candidate_ids = ids.clone();
     let id = unique_id(&mut candidate_ids, found.id.clone(), &found.path);
-    let mut file_store = FileStore::new(found.path.clone());
-    if let Some(dir) = &refresher.config.state_dir {
-        file_store = file_store.with_state(dir.join(&provider.name).join(format!("{id}.json")));
-    }
-    let store: Arc<dyn CredentialStore> = Arc::new(file_store);
+    let store: Arc<dyn CredentialStore> = match &refresher.fleet {
+        // Fleet mode: the record in Redis; the file is where the credential enters.
+        Some(fleet) => RedisStore::new(
+            fleet,
+            found.path.clone(),
+            &provider.name,
+            &id,
+            provider.rotates_refresh_tokens(),
+        ),
+        None => {
+            let mut file_store = FileStore::new(found.path.clone());
+            if let Some(dir) = &refresher.config.state_dir {
+                file_store =
+                    file_store.with_state(dir.join(&provider.name).join(format!("{id}.json")));
+            }
+            Arc::new(file_store)
+        }
+    };
     let file = store.load().map_err(|e| {
         format!(
             "{e} (a credential of provider {}; fix the file or remove it from the configuration)",

@@ -280,6 +280,13 @@ impl Credential {
                 Ok(Ok(TryLock::Acquired(guard))) => return Ok(Some(guard)),
                 Ok(Ok(TryLock::Unavailable)) => return Ok(None),
                 Ok(Ok(TryLock::Busy)) => {}
+                Ok(Err(e)) if store.lock_required() => {
+                    // A rotating credential shared by a fleet: refreshing without the lease
+                    // could spend its refresh token twice. Serve the current token; retry.
+                    return Err(RefreshError::LockBusy(format!(
+                        "the fleet store is unreachable ({e}); a rotating credential is not refreshed without its lease"
+                    )));
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(target: "tokenrelay::refresh", provider = %self.provider.name, credential = %self.id, error = %e,
                         "cannot take the refresh lock; refreshing without it");

@@ -37,6 +37,8 @@ pub struct AdminState {
     pub http: reqwest::Client,
     pub state_dir: Option<std::path::PathBuf>,
     pub admin_port: u16,
+    /// Fleet mode: the Redis connection, for `/readyz`.
+    pub fleet: Option<Arc<crate::store::redis::Fleet>>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -143,6 +145,9 @@ struct CredentialView {
     account: Option<String>,
     /// `tokenrelay login` flow this credential supports (`gemini`, `qwen`), if any.
     login: Option<&'static str>,
+    /// Fleet mode: the record's version, which replica wrote it last and when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store: Option<serde_json::Value>,
 }
 
 fn view(c: &Credential) -> CredentialView {
@@ -168,6 +173,7 @@ fn view(c: &Credential) -> CredentialView {
             .collect(),
         account: c.current().account.clone(),
         login: console::login_kind(c),
+        store: c.store_view(),
         hint: c
             .provider
             .hint_for(c.kind)
@@ -176,7 +182,12 @@ fn view(c: &Credential) -> CredentialView {
 }
 
 async fn credentials(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
-    let list: Vec<_> = s.pool.all_credentials().map(|c| view(&c)).collect();
+    // Fleet mode asks Redis for each record: off the runtime's threads.
+    let pool = Arc::clone(&s.pool);
+    let list: Vec<_> =
+        tokio::task::spawn_blocking(move || pool.all_credentials().map(|c| view(&c)).collect())
+            .await
+            .unwrap_or_default();
     Json(
         json!({ "server_time": clock::rfc3339(clock::now_ms()), "server_time_ms": clock::now_ms(), "credentials": list }),
     )
@@ -219,9 +230,17 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Fleet mode: Redis being down does not stop serving (tokens are in memory), but it
+    // stops rotating credentials from refreshing: say so.
+    let store = match &s.fleet {
+        None => json!({"kind": "file", "up": true}),
+        Some(f) if f.is_up() => json!({"kind": "redis", "up": true, "replica": f.replica}),
+        Some(f) => json!({"kind": "redis", "up": false, "replica": f.replica,
+            "message": "Redis is unreachable: rotating credentials do not refresh (they serve until expiry), cool-downs are local; nothing is lost when it is back"}),
+    };
     (
         status,
-        Json(json!({ "ready": ready, "providers": providers })),
+        Json(json!({ "ready": ready, "providers": providers, "store": store })),
     )
         .into_response()
 }

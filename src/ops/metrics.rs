@@ -27,6 +27,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub model_cooldowns: IntCounterVec,
     pub upgrades_open: IntGaugeVec,
+    pub store_up: prometheus::IntGauge,
+    pub store_operations: IntCounterVec,
     pub upgrade_duration: HistogramVec,
     /// The model labels in use: only models named in upstream answers or requests that
     /// were rate-limited, at most `MAX_MODEL_LABELS`, then `other`.
@@ -154,6 +156,20 @@ impl Metrics {
                 "tokenrelay_upgrade_duration_seconds",
                 "How long WebSocket connections stayed open.",
                 vec![1.0, 10.0, 60.0, 300.0, 900.0, 3600.0],
+            )?,
+            store_up: {
+                let g = prometheus::IntGauge::new(
+                    "tokenrelay_store_up",
+                    "1 while the credential store answers (always 1 for files; Redis in fleet mode).",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g.set(1);
+                g
+            },
+            store_operations: counter(
+                "tokenrelay_store_operations_total",
+                "Operations on the fleet store (Redis), by operation and outcome.",
+                &["op", "outcome"],
             )?,
             model_labels: std::sync::Mutex::default(),
             registry,
@@ -288,5 +304,17 @@ impl Metrics {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl crate::store::redis::FleetMetrics for Metrics {
+    fn operation(&self, op: &str, ok: bool) {
+        self.store_operations
+            .with_label_values(&[op, if ok { "success" } else { "failure" }])
+            .inc();
+    }
+
+    fn up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
     }
 }

@@ -348,7 +348,7 @@ fn to_bytes(doc: &Map<String, Value>) -> Result<Vec<u8>, StoreError> {
 }
 
 /// FNV-1a: a stable fingerprint of a source file, to tell whether it changed.
-fn fingerprint(bytes: &[u8]) -> String {
+pub(super) fn fingerprint(bytes: &[u8]) -> String {
     let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     });

@@ -1,6 +1,6 @@
 //! Where credentials live. The token lifecycle talks to a [`CredentialStore`] (load, lock,
 //! save) and never to the file system directly; [`FileStore`] is the first
-//! implementation. A networked store (Redis) for replicas on many machines would sit
+//! implementation; [`redis::RedisStore`] shares credentials across a fleet of replicas
 //! behind the same trait with the same guarantees.
 //!
 //! Store methods block (file I/O); callers run them on the blocking pool. Guarantees of
@@ -19,6 +19,7 @@
 //!   user re-authenticated) the source wins.
 
 pub mod file;
+pub mod redis;
 pub mod shape;
 
 pub use file::{write_atomically, FileStore, LOCK_STALE_AFTER};
@@ -72,5 +73,17 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// One attempt at the cross-process refresh lock.
     fn try_lock(&self) -> Result<TryLock, StoreError> {
         Ok(TryLock::Unavailable)
+    }
+    /// Whether refreshing without the lock is unsafe when the lock cannot be had (a
+    /// rotating credential shared by a fleet: two refreshes would spend one refresh token).
+    fn lock_required(&self) -> bool {
+        false
+    }
+    /// Shares a cool-down (until, Unix ms; for a model or the whole credential) with other
+    /// replicas. Called off the request path.
+    fn share_cooldown(&self, _model: Option<&str>, _until_ms: i64) {}
+    /// What the store knows about the record (version, last writer), for operators.
+    fn describe(&self) -> Option<serde_json::Value> {
+        None
     }
 }
