@@ -437,7 +437,11 @@ async fn two_processes_share_a_rotating_credential_without_losing_it() {
     let mut statuses = std::collections::BTreeMap::new();
     let mut i = 0u64;
     while Instant::now() < stop {
-        let base = if i.is_multiple_of(2) { &a.proxy } else { &b.proxy };
+        let base = if i.is_multiple_of(2) {
+            &a.proxy
+        } else {
+            &b.proxy
+        };
         let r = t
             .http
             .post(format!("{base}/qwen/v1/chat/completions"))

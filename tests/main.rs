@@ -12,6 +12,7 @@ mod config;
 mod console;
 mod deploy;
 mod failover;
+mod fleet;
 mod keys;
 mod lifecycle;
 mod login;

@@ -192,6 +192,26 @@ impl Credential {
                 self.record_failure(&e, Duration::ZERO);
                 return Err(e);
             }
+            // Fleet mode: mark the attempt; if the record moved meanwhile, take it instead.
+            let s = Arc::clone(store);
+            match tokio::task::spawn_blocking(move || s.before_redeem()).await {
+                Ok(Ok(true)) => {
+                    if let Some(adopted) = self.adopt_from_store(store, &current).await {
+                        if self.satisfies(&adopted, want) {
+                            return Ok(adopted);
+                        }
+                        current = adopted;
+                    }
+                }
+                Ok(Err(e)) if store.lock_required() => {
+                    let e = RefreshError::LockBusy(format!(
+                        "the fleet store is unreachable ({e}); a rotating credential is not refreshed without it"
+                    ));
+                    self.record_failure(&e, Duration::ZERO);
+                    return Err(e);
+                }
+                _ => {}
+            }
             let started = Instant::now();
             let result = self.call_token_endpoint(&current).await;
             let took = started.elapsed();

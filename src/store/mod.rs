@@ -79,6 +79,13 @@ pub trait CredentialStore: Send + Sync + 'static {
     fn lock_required(&self) -> bool {
         false
     }
+    /// Called under the lock right before the refresh token is spent. `Ok(true)`: the
+    /// record moved meanwhile (re-read it instead of redeeming). Fleet mode marks the
+    /// attempt here and, if an earlier holder's attempt at this version never committed,
+    /// waits for its late write first.
+    fn before_redeem(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
     /// Shares a cool-down (until, Unix ms; for a model or the whole credential) with other
     /// replicas. Called off the request path.
     fn share_cooldown(&self, _model: Option<&str>, _until_ms: i64) {}

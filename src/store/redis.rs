@@ -356,6 +356,8 @@ pub struct RedisStore {
     src: Mutex<String>,
     /// A committed token whose write has not landed (Redis was down): retried.
     retrying: AtomicBool,
+    /// The lease this replica holds now (fence, value), for the attempt marker.
+    lease: Mutex<Option<(u64, String)>>,
 }
 
 impl RedisStore {
@@ -377,6 +379,7 @@ impl RedisStore {
             doc: Mutex::new(None),
             src: Mutex::new(String::new()),
             retrying: AtomicBool::new(false),
+            lease: Mutex::new(None),
         });
         fleet
             .stores
@@ -589,6 +592,15 @@ impl CredentialStore for RedisStore {
             }
         };
         let v: u64 = rec.get("v").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if v < self.seen.load(Ordering::Acquire) {
+            // Redis lost the record (restarted empty, failed over): ours is newer than
+            // anything in the file; put it back rather than import a stale file.
+            self.reassert();
+            if let Some(doc) = self.doc.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                let json = serde_json::to_string(&doc).map_err(|e| store_error("encode", e))?;
+                return Ok(self.parse_doc(&json, clock::now_ms())?.0);
+            }
+        }
         let recorded_src = rec.get("src").cloned().unwrap_or_default();
         let import = v == 0 || (!src_fp.is_empty() && recorded_src != src_fp);
         if import {
@@ -700,39 +712,7 @@ impl CredentialStore for RedisStore {
         if got.is_none() {
             return Ok(TryLock::Busy);
         }
-        // An earlier holder went to the token endpoint at this version and did not commit:
-        // it may have spent the refresh token. Give its late write time to land.
-        let rec_key = self.rec_key();
-        let (attempt, v): (Option<String>, Option<u64>) = self.fleet.run("read", |c| {
-            redis::cmd("HMGET")
-                .arg(&rec_key)
-                .arg("attempt")
-                .arg("v")
-                .query::<(Option<String>, Option<u64>)>(c)
-        })?;
-        let v = v.unwrap_or(0);
-        if let Some(a) = attempt {
-            let at_v: Option<u64> = a.split(':').nth(1).and_then(|x| x.parse().ok());
-            if at_v == Some(v) && self.rotating {
-                let deadline = Instant::now() + self.fleet.cfg.grace;
-                tracing::info!(target: "tokenrelay::store", credential = %self.name(), attempt = %a,
-                    "an earlier refresh of this version did not commit; waiting for its write before spending the refresh token");
-                while Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(200));
-                    let now_v: Option<u64> = self
-                        .fleet
-                        .run("read", |c| c.hget(&rec_key, "v"))
-                        .unwrap_or(None);
-                    if now_v.unwrap_or(0) > v {
-                        break;
-                    }
-                    let _ = renew_if_held(&self.fleet, &lease_key, &value, lease_ms);
-                }
-            }
-        }
-        let _: () = self.fleet.run("attempt", |c| {
-            c.hset(&rec_key, "attempt", format!("{fence}:{v}"))
-        })?;
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some((fence, value.clone()));
         let stop = Arc::new(AtomicBool::new(false));
         {
             let (stop, fleet, key, value) = (
@@ -762,6 +742,57 @@ impl CredentialStore for RedisStore {
             value,
         });
         Ok(TryLock::Acquired(guard))
+    }
+
+    fn before_redeem(&self) -> Result<bool, StoreError> {
+        let Some((fence, value)) = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        else {
+            return Ok(false);
+        };
+        let rec_key = self.rec_key();
+        let lease_key = self.key("lease");
+        let lease_ms = self.fleet.cfg.lease.as_millis() as u64;
+        let (attempt, v): (Option<String>, Option<u64>) = self.fleet.run("read", |c| {
+            redis::cmd("HMGET")
+                .arg(&rec_key)
+                .arg("attempt")
+                .arg("v")
+                .query::<(Option<String>, Option<u64>)>(c)
+        })?;
+        let v = v.unwrap_or(0);
+        if v > self.seen.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        // An earlier holder went to the token endpoint at this version and did not commit:
+        // it may have spent the refresh token. Give its late write time to land.
+        let earlier = attempt.as_deref().and_then(|a| {
+            let mut parts = a.split(':');
+            let f: u64 = parts.next()?.parse().ok()?;
+            let at: u64 = parts.next()?.parse().ok()?;
+            Some((f, at))
+        });
+        if let Some((f, at)) = earlier {
+            if at == v && f != fence && self.rotating {
+                tracing::info!(target: "tokenrelay::store", credential = %self.name(), attempt = ?attempt,
+                    "an earlier refresh of this version did not commit; waiting for its write before spending the refresh token");
+                let deadline = Instant::now() + self.fleet.cfg.grace;
+                while Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let now_v: Option<u64> = self
+                        .fleet
+                        .run("read", |c| c.hget(&rec_key, "v"))
+                        .unwrap_or(None);
+                    if now_v.unwrap_or(0) > v {
+                        return Ok(true);
+                    }
+                    let _ = renew_if_held(&self.fleet, &lease_key, &value, lease_ms);
+                }
+            }
+        }
+        let _: () = self.fleet.run("attempt", |c| {
+            c.hset(&rec_key, "attempt", format!("{fence}:{v}"))
+        })?;
+        Ok(false)
     }
 
     fn share_cooldown(&self, model: Option<&str>, until_ms: i64) {

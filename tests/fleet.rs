@@ -1,0 +1,392 @@
+//! Fleet mode against a real `redis-server` (started per test on a free port, nothing
+//! saved): replicas of tokenrelay share one rotating credential, adopt each other's
+//! refreshes by pub/sub or by polling alone, honour each other's 429s, survive Redis
+//! restarting empty, and a stale lease holder can neither renew nor release a lease it lost.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Redis::on(port)
+    }
+
+    fn on(port: u16) -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (.ci/run installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// Kills it (SIGKILL) and starts an empty one on the same port.
+    pub fn restart_empty(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        *self = Redis::on(self.port);
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+/// `n` in-process replicas of one tokenrelay configuration sharing `redis`, with one
+/// rotating Qwen credential file, against one strict-rotation token endpoint.
+struct Fleet {
+    apps: Vec<TestApp>,
+    tokens: FakeTokenEndpoint,
+    _redis_port: u16,
+}
+
+async fn fleet(n: usize, redis: &Redis, lifetime: u64, extra: &str) -> Fleet {
+    let first = spawn_app(Flavor::Qwen)
+        .cred("shared.json", json!({"access_token": "stale", "refresh_token": "rt-0", "expiry_date": now_ms() - 1000}))
+        .refresh_token("rt-0")
+        .toml(&format!("[refresh]\nlead_time = \"1s\"\nmin_validity = \"500ms\"\ntimeout = \"3s\"\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\n{extra}", redis.port))
+        .start()
+        .await;
+    first.tokens.set_lifetime(lifetime);
+    let tokens = first.tokens.clone();
+    let cred = first.cred_path("shared.json");
+    let mut apps = vec![first];
+    for _ in 1..n {
+        let mut t = TestApp::empty().await;
+        let up = apps[0].upstream.url.clone();
+        t.launch(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[refresh]\nlead_time = \"1s\"\nmin_validity = \"500ms\"\ntimeout = \"3s\"\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\n{extra}\n[providers.qwen]\nupstream = \"{up}\"\ntoken_url = \"{}\"\ncredentials = [\"{}\"]",
+            redis.port,
+            tokens.url,
+            cred.display()
+        ))
+        .await;
+        // These replicas' requests go to the first one's fake upstream, which accepts the
+        // tokens the shared token endpoint issues.
+        apps.push(t);
+    }
+    Fleet {
+        apps,
+        tokens,
+        _redis_port: redis.port,
+    }
+}
+
+async fn chat(t: &TestApp) -> u16 {
+    t.http
+        .post(format!("{}/qwen/v1/chat/completions", t.proxy))
+        .json(&json!({"model": "qwen3-coder-plus", "messages": []}))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_share_one_rotating_credential_with_one_redemption_per_expiry() {
+    let redis = Redis::start();
+    let f = fleet(3, &redis, 3, "").await;
+    let secs: u64 = std::env::var("TOKENRELAY_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30)
+        .clamp(6, 60);
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for app in &f.apps {
+        for _ in 0..50 {
+            let http = app.http.clone();
+            let url = format!("{}/qwen/v1/chat/completions", app.proxy);
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut bad) = (0u32, 0u32);
+                while Instant::now() < stop {
+                    let s = http
+                        .post(&url)
+                        .json(&json!({"model": "m", "messages": []}))
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0);
+                    if s == 200 {
+                        ok += 1
+                    } else {
+                        bad += 1
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                (ok, bad)
+            }));
+        }
+    }
+    let (mut ok, mut bad) = (0, 0);
+    for t in tasks {
+        let (o, b) = t.await.unwrap();
+        ok += o;
+        bad += b;
+    }
+    let calls = f.tokens.calls();
+    let refused = f.tokens.state.refused.load(Ordering::SeqCst);
+    eprintln!("{secs} s: {ok} ok, {bad} failed, {calls} token-endpoint calls, {refused} refused");
+    assert_eq!(refused, 0, "no replica spent a rotated-away refresh token");
+    assert_eq!(bad, 0, "every request served");
+    // Tokens live 3 s and are refreshed ~1 s ahead: about one redemption per 2 s for the
+    // whole fleet, not one per replica.
+    let per_expiry = (secs as f64 / 2.0).ceil() as usize + 2;
+    assert!(
+        calls >= 2 && calls <= per_expiry,
+        "{calls} redemptions in {secs} s (at most {per_expiry} for one per expiry)"
+    );
+    // Every replica serves the same, newest token.
+    let versions: Vec<Value> =
+        futures_util::future::join_all(f.apps.iter().map(|a| a.credential("shared"))).await;
+    for v in &versions {
+        assert_eq!(v["store"]["kind"], "redis", "{v}");
+        assert!(v["store"]["version"].as_u64().unwrap() >= 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_is_adopted_by_polling_alone_without_pubsub() {
+    let redis = Redis::start();
+    let f = fleet(2, &redis, 3600, "pubsub = false\npoll_interval = \"300ms\"").await;
+    assert_eq!(chat(&f.apps[0]).await, 200);
+    wait_for(
+        "both replicas on one version",
+        Duration::from_secs(5),
+        || async {
+            let a = f.apps[0].credential("shared").await;
+            let b = f.apps[1].credential("shared").await;
+            a["store"]["version"] == b["store"]["version"] && a["expires_at"] == b["expires_at"]
+        },
+    )
+    .await;
+    // A forced refresh on one replica reaches the other within the poll period.
+    let before = f.apps[1].credential("shared").await["expires_at"].clone();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, _) = f.apps[0]
+        .admin_post("/admin/credentials/qwen/shared/refresh")
+        .await;
+    assert_eq!(status, 200);
+    let started = Instant::now();
+    wait_for(
+        "the other replica to adopt",
+        Duration::from_secs(3),
+        || async { f.apps[1].credential("shared").await["expires_at"] != before },
+    )
+    .await;
+    eprintln!("adopted after {:?} with polling only", started.elapsed());
+    assert_eq!(
+        f.tokens.calls(),
+        2,
+        "the other replica did not refresh itself"
+    );
+    assert_eq!(f.tokens.state.refused.load(Ordering::SeqCst), 0);
+    assert_eq!(chat(&f.apps[1]).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_seen_by_one_replica_is_honoured_by_the_others() {
+    let redis = Redis::start();
+    let f = fleet(2, &redis, 3600, "").await;
+    assert_eq!(chat(&f.apps[0]).await, 200);
+    // The upstream rate-limits; replica 0 sees it.
+    let r = f.apps[0]
+        .http
+        .post(format!("{}/qwen/status/429", f.apps[0].proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    wait_for(
+        "the peer to cool down too",
+        Duration::from_secs(5),
+        || async { f.apps[1].credential("shared").await["state"] == "cooling_down" },
+    )
+    .await;
+    let seen = f.apps[0].upstream.seen().len();
+    assert_eq!(
+        chat(&f.apps[1]).await,
+        429,
+        "the peer does not spend a request on the cooled credential"
+    );
+    assert_eq!(f.apps[0].upstream.seen().len(), seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_gets_the_records_back_and_requests_keep_working() {
+    let mut redis = Redis::start();
+    let f = fleet(2, &redis, 3600, "poll_interval = \"300ms\"").await;
+    assert_eq!(chat(&f.apps[0]).await, 200);
+    // Both replicas hold the refreshed token in memory (not only in Redis).
+    wait_for(
+        "both replicas on the refreshed token",
+        Duration::from_secs(5),
+        || async {
+            let (a, b) = (
+                f.apps[0].credential("shared").await,
+                f.apps[1].credential("shared").await,
+            );
+            a["state"] == "ready" && b["state"] == "ready" && a["expires_at"] == b["expires_at"]
+        },
+    )
+    .await;
+    redis.restart_empty();
+    assert_eq!(redis.cli(&["EXISTS", "tokenrelay:{qwen/shared}:rec"]), "0");
+    // Requests never wait on Redis: served from memory meanwhile.
+    for app in &f.apps {
+        assert_eq!(chat(app).await, 200);
+    }
+    wait_for(
+        "the record re-asserted",
+        Duration::from_secs(10),
+        || async {
+            redis
+                .cli(&["HGET", "tokenrelay:{qwen/shared}:rec", "v"])
+                .parse::<u64>()
+                .unwrap_or(0)
+                >= 2
+        },
+    )
+    .await;
+    let doc: Value =
+        serde_json::from_str(&redis.cli(&["HGET", "tokenrelay:{qwen/shared}:rec", "doc"])).unwrap();
+    let rt = doc["refresh_token"].as_str().unwrap();
+    assert!(
+        rt.starts_with("refresh-"),
+        "the rotated refresh token came back, not the file's: {rt}"
+    );
+    let (_, ready) = f.apps[0].admin_json("/readyz").await;
+    assert_eq!(ready["store"]["up"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_bounds_latency_and_marks_the_store_down() {
+    let redis = Redis::start();
+    let f = fleet(
+        1,
+        &redis,
+        3600,
+        "op_timeout = \"500ms\"\npoll_interval = \"200ms\"",
+    )
+    .await;
+    assert_eq!(chat(&f.apps[0]).await, 200);
+    unsafe { libc::kill(redis.child.id() as i32, libc::SIGSTOP) };
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(chat(&f.apps[0]).await, 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "requests never wait on Redis: {:?}",
+        started.elapsed()
+    );
+    wait_for("store down", Duration::from_secs(5), || async {
+        f.apps[0].metrics().await.contains("tokenrelay_store_up 0")
+    })
+    .await;
+    let (_, ready) = f.apps[0].admin_json("/readyz").await;
+    assert_eq!(ready["store"]["up"], false, "{ready}");
+    assert!(ready["store"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("rotating credentials do not refresh"));
+    unsafe { libc::kill(redis.child.id() as i32, libc::SIGCONT) };
+    wait_for("store up", Duration::from_secs(5), || async {
+        f.apps[0].metrics().await.contains("tokenrelay_store_up 1")
+    })
+    .await;
+}
+
+#[test]
+fn a_stale_release_or_renew_after_a_takeover_is_a_no_op() {
+    use tokenrelay::store::redis::{
+        release_if_held, renew_if_held, Fleet as RedisFleet, RedisConfig,
+    };
+    struct NoMetrics;
+    impl tokenrelay::store::redis::FleetMetrics for NoMetrics {
+        fn operation(&self, _: &str, _: bool) {}
+        fn up(&self, _: bool) {}
+    }
+    let redis = Redis::start();
+    let fleet = RedisFleet::new(
+        RedisConfig {
+            url: format!("redis://127.0.0.1:{}", redis.port).into(),
+            key_prefix: "t".into(),
+            lease: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(1),
+            grace: Duration::from_secs(1),
+            pubsub: false,
+            op_timeout: Duration::from_secs(1),
+        },
+        Arc::new(NoMetrics),
+    )
+    .unwrap();
+    let key = "t:{p/c}:lease";
+    assert_eq!(redis.cli(&["SET", key, "1:a:x", "PX", "100"]), "OK");
+    std::thread::sleep(Duration::from_millis(200));
+    // B takes over after A's lease expired.
+    assert_eq!(redis.cli(&["SET", key, "2:b:y", "NX", "PX", "5000"]), "OK");
+    assert!(
+        !renew_if_held(&fleet, key, "1:a:x", 5000).unwrap(),
+        "A cannot renew B's lease"
+    );
+    assert!(
+        !release_if_held(&fleet, key, "1:a:x").unwrap(),
+        "A cannot release B's lease"
+    );
+    assert_eq!(redis.cli(&["GET", key]), "2:b:y");
+    assert!(renew_if_held(&fleet, key, "2:b:y", 5000).unwrap());
+    assert!(release_if_held(&fleet, key, "2:b:y").unwrap());
+    assert_eq!(redis.cli(&["EXISTS", key]), "0");
+}
