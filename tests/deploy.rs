@@ -310,3 +310,72 @@ async fn prometheus_scrapes_tokenrelay() {
     let _ = prometheus.kill();
     let _ = prometheus.wait();
 }
+
+/// The fleet examples: their configs parse with tokenrelay's own parser (Redis store,
+/// secrets from the environment), the compose file's replicas and Prometheus agree, and
+/// the Prometheus config passes promtool with the alert rules beside it.
+#[test]
+fn fleet_deploy_files_parse_and_agree() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/fleet");
+    let env = |k: &str| match k {
+        "TOKENRELAY_CLIENT_KEY" | "TOKENRELAY_ADMIN_TOKEN" => Some("x".to_string()),
+        "TOKENRELAY_REDIS_URL" => Some("redis://:pw@redis:6379".to_string()),
+        _ => None,
+    };
+    let compose = tokenrelay::Config::from_file(&root.join("config.toml"), &env).unwrap();
+    assert!(matches!(
+        compose.store,
+        tokenrelay::config::StoreConfig::Redis(_)
+    ));
+    let k8s_text = std::fs::read_to_string(root.join("kubernetes.yaml")).unwrap();
+    let toml: String = k8s_text
+        .split("config.toml: |\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| format!("{}\n", l.trim_start()))
+        .collect();
+    let toml = toml.replace(
+        "/credentials/oauth_creds.json",
+        "/nonexistent/oauth_creds.json",
+    );
+    let toml = toml.replace(
+        "credentials = [\"/nonexistent/oauth_creds.json\"]",
+        "credentials = [{ path = \"/nonexistent/oauth_creds.json\", optional = true }]",
+    );
+    let k8s = tokenrelay::Config::from_toml(&toml, "kubernetes.yaml", &env).unwrap();
+    assert!(matches!(
+        k8s.store,
+        tokenrelay::config::StoreConfig::Redis(_)
+    ));
+    assert!(k8s.server.listen.ip().is_loopback());
+    // promtool, with the rules where the compose file mounts them.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        root.join("prometheus.yml"),
+        dir.path().join("prometheus.yml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        root.join("../prometheus/alerts.yml"),
+        dir.path().join("alerts.yml"),
+    )
+    .unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(dir.path().join("prometheus.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let compose_text = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
+    let prom = std::fs::read_to_string(root.join("prometheus.yml")).unwrap();
+    for replica in ["tokenrelay-a", "tokenrelay-b"] {
+        assert!(compose_text.contains(&format!("  {replica}:")));
+        assert!(prom.contains(&format!("{replica}:{}", compose.server.admin_listen.port())));
+    }
+}
