@@ -144,27 +144,24 @@ fn tokenrelay(
 ) -> (Proc, u16, u16) {
     let creds = work.join(format!("{name}-creds"));
     write_creds(&creds, n, expires_at_ms);
-    let (port, admin) = (free_port(), free_port());
-    let config = work.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nmax_connections = 20000\n[refresh]\nmin_validity = \"60s\"\n[providers.bench]\nupstream = \"http://{upstream}\"\ntoken_url = \"http://{token}/token\"\nclient_id = \"bench\"\ncredentials = [\"{}\"]\n",
-            creds.display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(bin)
-        .arg("--config")
-        .arg(&config)
-        .env("TOKENRELAY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(work.join(format!("{name}.log"))).unwrap())
-        .spawn()
-        .expect("tokenrelay binary");
-    wait_port(port);
-    wait_port(admin);
-    (Proc(child), port, admin)
+    tokenrelay_with(bin, work, name, upstream, token, &creds, "")
+}
+
+/// Starts tokenrelay over the credentials in `creds`, with `extra` TOML (e.g. `[store]`).
+fn tokenrelay_with(
+    bin: &Path,
+    work: &Path,
+    name: &str,
+    upstream: SocketAddr,
+    token: SocketAddr,
+    creds: &Path,
+    extra: &str,
+) -> (Proc, u16, u16) {
+    let provider = format!(
+        "[refresh]\nmin_validity = \"60s\"\n{extra}\n[providers.bench]\nupstream = \"http://{upstream}\"\ntoken_url = \"http://{token}/token\"\nclient_id = \"bench\"\ncredentials = [\"{}\"]\n",
+        creds.display()
+    );
+    spawn_tokenrelay(bin, work, name, &provider)
 }
 
 /// Starts tokenrelay with a pool of `n` static API keys (an `api_keys_file`).
@@ -178,14 +175,22 @@ fn tokenrelay_keys(
     let keys = work.join(format!("{name}-keys.txt"));
     let lines: String = (0..n).map(|i| format!("bench-key-{i:04}\n")).collect();
     std::fs::write(&keys, lines).unwrap();
+    let provider = format!(
+        "[providers.bench]\nupstream = \"http://{upstream}\"\napi_keys_file = \"{}\"\n",
+        keys.display()
+    );
+    let (p, port, _) = spawn_tokenrelay(bin, work, name, &provider);
+    (p, port)
+}
+
+/// Writes `{name}.toml` (listeners on free ports, then `rest`) and starts the release
+/// binary on it; returns once both ports answer.
+fn spawn_tokenrelay(bin: &Path, work: &Path, name: &str, rest: &str) -> (Proc, u16, u16) {
     let (port, admin) = (free_port(), free_port());
     let config = work.join(format!("{name}.toml"));
     std::fs::write(
         &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nmax_connections = 20000\n[providers.bench]\nupstream = \"http://{upstream}\"\napi_keys_file = \"{}\"\n",
-            keys.display()
-        ),
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nmax_connections = 20000\n{rest}"),
     )
     .unwrap();
     let child = Command::new(bin)
@@ -198,7 +203,7 @@ fn tokenrelay_keys(
         .expect("tokenrelay binary");
     wait_port(port);
     wait_port(admin);
-    (Proc(child), port)
+    (Proc(child), port, admin)
 }
 
 fn nginx(work: &Path, upstream: SocketAddr) -> (Proc, u16) {
@@ -422,6 +427,108 @@ fn main() {
         );
         keys.push((n, at_rate, sat, rss));
     }
+    // Fleet mode: the request path with the Redis store (no Redis call per request) next
+    // to the file store, then a refresh storm on three replicas sharing one credential.
+    let redis_port = free_port();
+    let _redis = Proc(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/bench.sh installs it)"),
+    );
+    wait_port(redis_port);
+    let store = format!("[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{redis_port}\"");
+    let mut stores = Vec::new();
+    for (label, extra) in [("file", String::new()), ("redis", store.clone())] {
+        let creds = work.join(format!("store-{label}-creds"));
+        write_creds(&creds, 1, now + 3_600_000);
+        let (p, port, _) = tokenrelay_with(
+            &bin,
+            &work,
+            &format!("store-{label}"),
+            up,
+            tok,
+            &creds,
+            &extra,
+        );
+        let url = format!("http://127.0.0.1:{port}/bench/v1/chat/completions");
+        let _ = oha(&url, Some(500), 1, 8);
+        let at_rate = oha(&url, Some(1000), secs, 64);
+        let sat = oha(&url, None, secs, 64).rps;
+        eprintln!(
+            "{label} store: p50 {:.3} ms p99 {:.3} ms at 1000/s, saturation {sat:.0} req/s",
+            at_rate.p50, at_rate.p99
+        );
+        stores.push((label, at_rate, sat));
+        drop(p);
+    }
+    let fleet_creds = work.join("fleet-creds");
+    let soon_fleet = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 30_000;
+    write_creds(&fleet_creds, 1, soon_fleet);
+    let replicas: Vec<(Proc, u16, u16)> = (0..3)
+        .map(|i| {
+            tokenrelay_with(
+                &bin,
+                &work,
+                &format!("fleet{i}"),
+                up,
+                tok,
+                &fleet_creds,
+                &store,
+            )
+        })
+        .collect();
+    let before_fleet = calls.load(Ordering::SeqCst);
+    let fleet_n = if quick { 600 } else { 3000 };
+    let fleet_ok = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let tasks: Vec<_> = (0..fleet_n * 3)
+            .map(|i| {
+                let c = client.clone();
+                let u = format!(
+                    "http://127.0.0.1:{}/bench/v1/chat/completions",
+                    replicas[i % 3].1
+                );
+                tokio::spawn(async move {
+                    c.post(u)
+                        .body("{}")
+                        .send()
+                        .await
+                        .map(|r| r.status().is_success())
+                        .unwrap_or(false)
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for t in tasks {
+            ok += usize::from(t.await.unwrap());
+        }
+        ok
+    });
+    let fleet_calls = calls.load(Ordering::SeqCst) - before_fleet;
+    eprintln!(
+        "fleet storm: {fleet_calls} token-endpoint calls for 3 replicas, {fleet_ok}/{} ok",
+        fleet_n * 3
+    );
+    drop(replicas);
+    let fleet = (stores, fleet_calls, fleet_ok, fleet_n * 3);
     let mut sse = [(0.0, 0.0); 3];
     for (i, (name, base)) in paths.iter().enumerate() {
         sse[i] = rt.block_on(first_event(
@@ -521,6 +628,7 @@ fn main() {
         &fixed,
         &max,
         &keys,
+        &fleet,
         &sse,
         rss_idle,
         rss_streams,
@@ -544,6 +652,7 @@ fn report(
     fixed: &[(u32, [Latency; 3])],
     max: &[f64; 3],
     keys: &[(usize, Latency, f64, f64)],
+    fleet: &(Vec<(&str, Latency, f64)>, usize, usize, usize),
     sse: &[(f64, f64); 3],
     rss_idle: f64,
     rss_streams: f64,
@@ -611,6 +720,16 @@ fn report(
             l.p50, l.p99
         );
     }
+    let _ = writeln!(s, "\n## Fleet mode\n");
+    let _ = writeln!(
+        s,
+        "| store | p50 at 1000/s (ms) | p99 at 1000/s (ms) | saturation req/s |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|");
+    for (label, l, sat) in &fleet.0 {
+        let _ = writeln!(s, "| {label} | {:.3} | {:.3} | {sat:.0} |", l.p50, l.p99);
+    }
+    let _ = writeln!(s, "\nRefresh storm on 3 replicas sharing one credential through Redis ({} concurrent requests, a token that must be refreshed): {} token-endpoint calls (target 1), {}/{} answered 200.", fleet.3, fleet.1, fleet.2, fleet.3);
     let _ = writeln!(s, "\n## SSE: time to first event (ms)\n");
     let _ = writeln!(s, "| path | median | p99 | added median |");
     let _ = writeln!(s, "|---|---|---|---|");

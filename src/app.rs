@@ -192,11 +192,15 @@ impl App {
 /// Runs tokenrelay until SIGTERM or Ctrl-C, then drains and returns. SIGHUP reloads the
 /// credentials.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Installed before the listeners open: a signal that arrives as soon as tokenrelay
+    // answers must reload or drain, never meet the default action (terminate).
+    let hup = signal(SignalKind::hangup());
+    let term = signal(SignalKind::terminate());
     let app = App::start(config).await?;
     let pool = Arc::clone(&app.pool);
     let hup = tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        let Ok(mut hup) = hup else {
             tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
             return;
         };
@@ -205,7 +209,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             pool.reload().await;
         }
     });
-    wait_for_stop_signal().await;
+    wait_for_stop_signal(term).await;
     hup.abort();
     tracing::info!("shutting down: draining in-flight requests");
     app.shutdown().await;
@@ -280,9 +284,8 @@ fn is_own_artifact(p: &std::path::Path) -> bool {
     name.ends_with(".tmp") || name.ends_with(".lock") || name.contains(".stale.")
 }
 
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
+async fn wait_for_stop_signal(term: std::io::Result<tokio::signal::unix::Signal>) {
+    let mut term = match term {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for SIGTERM; stopping only on Ctrl-C");

@@ -135,17 +135,18 @@ async fn chat(t: &TestApp) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_share_one_rotating_credential_with_one_redemption_per_expiry() {
+    // 3 replicas × 20 clients in a loop (a request every 50 ms each), tokens living 3 s.
     let redis = Redis::start();
     let f = fleet(3, &redis, 3, "").await;
     let secs: u64 = std::env::var("TOKENRELAY_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(30)
+        .unwrap_or(20)
         .clamp(6, 60);
     let stop = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for app in &f.apps {
-        for _ in 0..50 {
+        for _ in 0..20 {
             let http = app.http.clone();
             let url = format!("{}/qwen/v1/chat/completions", app.proxy);
             tasks.push(tokio::spawn(async move {

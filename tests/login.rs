@@ -228,11 +228,14 @@ struct Login {
 }
 
 fn start_login(config: &Path, args: &[&str]) -> Login {
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .arg("login")
-        .args(args)
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(config).arg("login").args(args);
+    start_login_cmd(cmd)
+}
+
+/// Runs a login command, reading its output up to the sign-in link (or device code).
+fn start_login_cmd(mut cmd: Command) -> Login {
+    let mut child = cmd
         .env("HOME", "/nonexistent-home")
         .env_remove("DISPLAY")
         .stdin(Stdio::piped())
@@ -785,8 +788,8 @@ async fn a_read_only_target_gets_the_new_credential_in_state_dir() {
     let (config, dir) = (s.config.clone(), secret_dir.clone());
     // As a Kubernetes Secret volume is: read-only even for root (a private mount namespace).
     let l = blocking(move || {
-        let mut child = Command::new("unshare")
-            .arg("-Urm")
+        let mut cmd = Command::new("unshare");
+        cmd.arg("-Urm")
             .arg("sh")
             .arg("-c")
             .arg(format!(
@@ -803,19 +806,8 @@ async fn a_read_only_target_gets_the_new_credential_in_state_dir() {
                 "--no-browser",
                 "--timeout",
                 "20s",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let url = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|l| l.trim().strip_prefix("http").map(|u| format!("http{u}")));
-        std::thread::spawn(move || for _ in lines {});
-        Login { child, url }
+            ]);
+        start_login_cmd(cmd)
     })
     .await;
     let redirect = consent(l.url.as_deref().unwrap()).await;

@@ -105,13 +105,25 @@ impl FileStore {
             None => self.parse(&self.path, &source)?.1,
         };
         let changed = credential::apply_update(&mut doc, update, clock::now_ms());
-        doc.insert(
-            SOURCE_FINGERPRINT.into(),
-            Value::String(fingerprint(&source)),
-        );
         if !changed && fs::metadata(state).is_ok() {
             return Ok(false);
         }
+        self.write_state_copy(state, doc, &source)?;
+        Ok(true)
+    }
+
+    /// Writes `doc` as the state copy of the source as it is now (`source`): tagged with
+    /// the source's fingerprint, 0600, in a 0700 directory.
+    fn write_state_copy(
+        &self,
+        state: &Path,
+        mut doc: Map<String, Value>,
+        source: &[u8],
+    ) -> Result<(), StoreError> {
+        doc.insert(
+            SOURCE_FINGERPRINT.into(),
+            Value::String(fingerprint(source)),
+        );
         if let Some(dir) = state.parent() {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -122,7 +134,7 @@ impl FileStore {
         write_atomically(state, &to_bytes(&doc)?, 0o600, None)
             .map_err(self.io("write the state copy"))?;
         self.remember(&doc);
-        Ok(true)
+        Ok(())
     }
 
     /// Writes a whole new credential document (a fresh sign-in) under the lock file, so it
@@ -172,21 +184,7 @@ impl FileStore {
             });
         };
         let source = fs::read(&self.path).map_err(self.io("read"))?;
-        let mut doc = doc.clone();
-        doc.insert(
-            SOURCE_FINGERPRINT.into(),
-            Value::String(fingerprint(&source)),
-        );
-        if let Some(dir) = state.parent() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(self.io("create state_dir"))?;
-        }
-        write_atomically(state, &to_bytes(&doc)?, 0o600, None)
-            .map_err(self.io("write the state copy"))?;
-        self.remember(&doc);
+        self.write_state_copy(state, doc.clone(), &source)?;
         Ok(state.clone())
     }
 
