@@ -145,6 +145,7 @@ impl App {
                         config.server.upstream_connect_timeout,
                         config.server.upstream_idle_timeout,
                         resolve.clone(),
+                        &config.server.upstream_ca,
                     ),
                     metrics: Arc::clone(&metrics),
                     max_request_body: config.server.max_request_body,

@@ -101,6 +101,7 @@ struct RawServer {
     allow_unauthenticated: bool,
     max_request_body: Option<String>,
     max_upload_body: Option<String>,
+    upstream_ca: Option<String>,
     upstream_connect_timeout: Option<String>,
     upstream_idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
@@ -206,6 +207,9 @@ pub struct ServerConfig {
     /// Bodies larger than `max_request_body` up to this stream upstream unbuffered (uploads)
     /// and are sent once.
     pub max_upload_body: u64,
+    /// Extra roots to trust for upstream TLS (a private CA, a test upstream), beside the
+    /// web PKI roots.
+    pub upstream_ca: Vec<rustls_pki_types::CertificateDer<'static>>,
     pub upstream_connect_timeout: Duration,
     pub upstream_idle_timeout: Duration,
     pub shutdown_grace: Duration,
@@ -646,7 +650,37 @@ impl Validator<'_> {
             None => 2 << 30,
             Some(s) => parse_size(s).map_err(|p| self.err("server.max_upload_body", p))? as u64,
         };
+        let upstream_ca = match raw.upstream_ca.as_deref() {
+            None | Some("") => Vec::new(),
+            Some(spec) => {
+                use rustls_pki_types::pem::PemObject;
+                let path =
+                    expand_tilde(spec, self.env).map_err(|p| self.err("server.upstream_ca", p))?;
+                let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&path)
+                    .map_err(|e| {
+                        self.err(
+                            "server.upstream_ca",
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| {
+                        self.err(
+                            "server.upstream_ca",
+                            format!("{}: not PEM certificates: {e}", path.display()),
+                        )
+                    })?;
+                if certs.is_empty() {
+                    return Err(self.err(
+                        "server.upstream_ca",
+                        format!("{} holds no CERTIFICATE block", path.display()),
+                    ));
+                }
+                certs
+            }
+        };
         Ok(ServerConfig {
+            upstream_ca,
             max_upload_body,
             listen,
             admin_listen,

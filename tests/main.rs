@@ -22,4 +22,5 @@ mod recipes;
 mod refresh;
 mod robustness;
 mod security;
+mod tls;
 mod webdriver;

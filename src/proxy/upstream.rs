@@ -70,7 +70,7 @@ impl tower_service::Service<Name> for Resolver {
 
 impl Upstream {
     pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
-        Upstream::with_resolve(connect_timeout, idle_timeout, HashMap::new())
+        Upstream::with_resolve(connect_timeout, idle_timeout, HashMap::new(), &[])
     }
 
     /// A client whose name lookups honour `overrides` first.
@@ -78,7 +78,19 @@ impl Upstream {
         connect_timeout: Duration,
         idle_timeout: Duration,
         overrides: HashMap<String, IpAddr>,
+        extra_roots: &[rustls_pki_types::CertificateDer<'static>],
     ) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for c in extra_roots {
+            // Validated by the config; a certificate rustls cannot use is skipped.
+            let _ = roots.add(c.clone());
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
         let resolver = Resolver {
             overrides: Arc::new(overrides),
             system: GaiResolver::new(),
@@ -88,10 +100,14 @@ impl Upstream {
             http.set_connect_timeout(Some(connect_timeout));
             http.set_nodelay(true);
             http.enforce_http(false);
-            let builder = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_webpki_roots()
-                .https_or_http()
-                .enable_http1();
+            let builder = match &tls {
+                Ok(config) => {
+                    hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config.clone())
+                }
+                Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots(),
+            }
+            .https_or_http()
+            .enable_http1();
             let https = if h2 {
                 builder.enable_http2().wrap_connector(http)
             } else {
