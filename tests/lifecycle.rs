@@ -24,13 +24,14 @@ async fn tokens_are_refreshed_ahead_of_expiry_without_traffic() {
         .start()
         .await;
     assert_eq!(t.tokens.calls(), 0, "not due yet");
-    // The endpoint counts the call before tokenrelay has written the answer back: wait for
-    // the file too.
+    // The endpoint counts the call before tokenrelay has written the answer back and
+    // released its lock: wait for the file and the state too.
     wait_for("a background refresh", Duration::from_secs(5), || async {
         t.tokens.calls() == 1
             && read_json(&t.cred_path("a.json"))["access_token"]
                 .as_str()
                 .is_some_and(|a| a.starts_with("access-"))
+            && t.credential("a").await["state"] == "ready"
     })
     .await;
     assert_eq!(t.tokens.calls(), 1);
