@@ -391,3 +391,87 @@ fn a_stale_release_or_renew_after_a_takeover_is_a_no_op() {
     assert!(release_if_held(&fleet, key, "2:b:y").unwrap());
     assert_eq!(redis.cli(&["EXISTS", key]), "0");
 }
+
+/// Holder A redeems the refresh token, then stalls (SIGSTOP) past its lease before it
+/// commits. Replica B takes the lease, finds A's uncommitted attempt at the current version
+/// and waits instead of spending the same refresh token; A continues, its late commit (a
+/// compare-and-set on the version, not fenced by the lease) lands, and B adopts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_stalled_past_its_lease_after_redeeming_still_commits_and_peers_adopt_it() {
+    use crate::process::Proc;
+    let redis = Redis::start();
+    let valid = ValidTokens::default();
+    let tokens = FakeTokenEndpoint::start(Flavor::Qwen, valid.clone()).await;
+    let upstream = FakeUpstream::start(Flavor::Qwen, valid).await;
+    tokens.allow_refresh_token("rt-0");
+    tokens.allow_client(QWEN_CLIENT);
+    let dir = tempfile::tempdir().unwrap();
+    let cred = write_cred(dir.path(), "shared.json", &qwen_cred("a0", "rt-0"));
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[refresh]\ntimeout = \"3s\"\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\nlease = \"1s\"\ngrace = \"8s\"\npoll_interval = \"300ms\"\n[providers.qwen]\nupstream = \"{}\"\ntoken_url = \"{}\"\ncredentials = [\"{}\"]\n",
+            redis.port,
+            upstream.url,
+            tokens.url,
+            cred.display()
+        ),
+    )
+    .unwrap();
+    let mut a_cmd = std::process::Command::new(crate::process::BIN);
+    a_cmd
+        .arg("--config")
+        .arg(&config)
+        .env("TOKENRELAY_TEST_PAUSE_BEFORE_COMMIT_MS", "1500");
+    let a = Proc::spawn_cmd(a_cmd, &dir.path().join("a.log"));
+    let b = Proc::spawn(&config, &dir.path().join("b.log"));
+    let http = reqwest::Client::new();
+    let force = |admin: String| {
+        let http = http.clone();
+        tokio::spawn(async move {
+            http.post(format!("{admin}/admin/credentials/qwen/shared/refresh"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        })
+    };
+    let a_refresh = force(a.admin.clone());
+    wait_for("A to redeem", Duration::from_secs(5), || async {
+        tokens.calls() == 1
+    })
+    .await;
+    a.signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(1600)).await; // A's 1 s lease is gone
+    let b_refresh = force(b.admin.clone());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        tokens.calls(),
+        1,
+        "B waits on A's uncommitted attempt instead of redeeming"
+    );
+    a.signal(libc::SIGCONT);
+    assert_eq!(a_refresh.await.unwrap(), 200);
+    assert_eq!(b_refresh.await.unwrap(), 200);
+    assert_eq!(
+        tokens.state.refused.load(Ordering::SeqCst),
+        0,
+        "no refresh token was spent twice:\n{}",
+        b.logs()
+    );
+    let v: u64 = redis
+        .cli(&["HGET", "tokenrelay:{qwen/shared}:rec", "v"])
+        .parse()
+        .unwrap();
+    assert!(v >= 2, "A's late commit landed (version {v})");
+    let b_view: Value = http
+        .get(format!("{}/admin/credentials", b.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(b_view["credentials"][0]["state"], "ready", "{b_view}");
+}

@@ -333,6 +333,11 @@ impl Credential {
         update: TokenUpdate,
         took: Duration,
     ) -> Arc<Token> {
+        if let Some(pause) = commit_pause() {
+            // Test hook (off unless TOKENRELAY_TEST_PAUSE_BEFORE_COMMIT_MS is set): a window
+            // between the token endpoint's answer and the commit, to stall the process in.
+            tokio::time::sleep(pause).await;
+        }
         let provider = &self.provider.name;
         let m = &self.refresher.metrics;
         let rotated = update.refresh_token.is_some();
@@ -591,6 +596,17 @@ impl Credential {
             new_access_token = newer_access, new_refresh_token = new_refresh, "adopted a token stored by another writer");
         Some(adopted)
     }
+}
+
+/// The test hook's pause, read once.
+fn commit_pause() -> Option<Duration> {
+    static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *PAUSE.get_or_init(|| {
+        std::env::var("TOKENRELAY_TEST_PAUSE_BEFORE_COMMIT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    })
 }
 
 pub(super) struct ResetOnDrop<'a>(&'a AtomicBool);
