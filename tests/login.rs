@@ -789,25 +789,15 @@ async fn a_read_only_target_gets_the_new_credential_in_state_dir() {
     let (config, dir) = (s.config.clone(), secret_dir.clone());
     // As a Kubernetes Secret volume is: read-only even for root (a private mount namespace).
     let l = blocking(move || {
-        let mut cmd = Command::new("unshare");
-        cmd.arg("-Urm")
-            .arg("sh")
-            .arg("-c")
-            .arg(format!(
-                "mount --bind -o ro '{0}' '{0}' && exec \"$0\" \"$@\"",
-                dir.display()
-            ))
-            .arg(BIN)
-            .arg("--config")
-            .arg(&config)
-            .args([
-                "login",
-                "gemini",
-                "gemini/work",
-                "--no-browser",
-                "--timeout",
-                "20s",
-            ]);
+        let mut cmd = crate::process::read_only_cmd(&config, &dir);
+        cmd.args([
+            "login",
+            "gemini",
+            "gemini/work",
+            "--no-browser",
+            "--timeout",
+            "20s",
+        ]);
         start_login_cmd(cmd)
     })
     .await;

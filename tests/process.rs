@@ -27,18 +27,7 @@ impl Proc {
     /// Starts tokenrelay in a private mount namespace where `dir` is mounted read-only
     /// (as a Kubernetes Secret volume is), even for root.
     pub fn spawn_read_only(config: &Path, dir: &Path, log: &Path) -> Proc {
-        let mut cmd = Command::new("unshare");
-        cmd.arg("-Urm")
-            .arg("sh")
-            .arg("-c")
-            .arg(format!(
-                "mount --bind -o ro '{0}' '{0}' && exec \"$0\" \"$@\"",
-                dir.display()
-            ))
-            .arg(BIN)
-            .arg("--config")
-            .arg(config);
-        Proc::spawn_cmd(cmd, log)
+        Proc::spawn_cmd(read_only_cmd(config, dir), log)
     }
 
     pub fn spawn_cmd(mut cmd: Command, log: &Path) -> Proc {
@@ -101,6 +90,23 @@ impl Drop for Proc {
 }
 
 /// A config file for a process: one provider in front of the fakes.
+/// `tokenrelay --config <config>` in a private mount namespace where `dir` is read-only;
+/// more arguments may follow.
+pub fn read_only_cmd(config: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.arg("-Urm")
+        .arg("sh")
+        .arg("-c")
+        .arg(format!(
+            "mount --bind -o ro '{0}' '{0}' && exec \"$0\" \"$@\"",
+            dir.display()
+        ))
+        .arg(BIN)
+        .arg("--config")
+        .arg(config);
+    cmd
+}
+
 pub fn write_config(
     dir: &Path,
     name: &str,
