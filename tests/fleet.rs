@@ -503,3 +503,123 @@ async fn a_holder_stalled_past_its_lease_after_redeeming_still_commits_and_peers
         .unwrap();
     assert_eq!(b_view["credentials"][0]["state"], "ready", "{b_view}");
 }
+
+/// Starts replica A (with a test pause `hook`) and replica B on one credential file and one
+/// Redis with a 1 s lease and `grace`; returns them with the fakes.
+async fn two_processes(
+    redis: &Redis,
+    grace: &str,
+    hook: (&str, &str),
+) -> (
+    crate::process::Proc,
+    crate::process::Proc,
+    FakeTokenEndpoint,
+    FakeUpstream,
+    tempfile::TempDir,
+) {
+    use crate::process::Proc;
+    let valid = ValidTokens::default();
+    let tokens = FakeTokenEndpoint::start(Flavor::Qwen, valid.clone()).await;
+    let upstream = FakeUpstream::start(Flavor::Qwen, valid).await;
+    tokens.allow_refresh_token("rt-0");
+    tokens.allow_client(QWEN_CLIENT);
+    let dir = tempfile::tempdir().unwrap();
+    let cred = write_cred(dir.path(), "shared.json", &qwen_cred("a0", "rt-0"));
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[refresh]\ntimeout = \"3s\"\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\nlease = \"1s\"\ngrace = \"{grace}\"\npoll_interval = \"300ms\"\n[providers.qwen]\nupstream = \"{}\"\ntoken_url = \"{}\"\ncredentials = [\"{}\"]\n",
+            redis.port,
+            upstream.url,
+            tokens.url,
+            cred.display()
+        ),
+    )
+    .unwrap();
+    let mut a_cmd = std::process::Command::new(crate::process::BIN);
+    a_cmd.arg("--config").arg(&config).env(hook.0, hook.1);
+    let a = Proc::spawn_cmd(a_cmd, &dir.path().join("a.log"));
+    let b = Proc::spawn(&config, &dir.path().join("b.log"));
+    (a, b, tokens, upstream, dir)
+}
+
+fn force(http: &reqwest::Client, admin: &str) -> tokio::task::JoinHandle<u16> {
+    let (http, url) = (
+        http.clone(),
+        format!("{admin}/admin/credentials/qwen/shared/refresh"),
+    );
+    tokio::spawn(async move {
+        http.post(url)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    })
+}
+
+/// The holder dies holding the lease before it went to the token endpoint: no attempt was
+/// marked, so once the lease expires the next replica refreshes at once; one redemption.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_killed_before_the_token_call_leaves_nothing_spent() {
+    let redis = Redis::start();
+    let (mut a, b, tokens, _up, _dir) = two_processes(
+        &redis,
+        "5s",
+        ("TOKENRELAY_TEST_PAUSE_BEFORE_REDEEM_MS", "3000"),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let _a_refresh = force(&http, &a.admin);
+    wait_for("A to hold the lease", Duration::from_secs(5), || async {
+        redis.cli(&["EXISTS", "tokenrelay:{qwen/shared}:lease"]) == "1"
+    })
+    .await;
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    let started = Instant::now();
+    assert_eq!(force(&http, &b.admin).await.unwrap(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "no grace wait without an attempt: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(tokens.calls(), 1, "one redemption, by B");
+    assert_eq!(tokens.state.refused.load(Ordering::SeqCst), 0);
+}
+
+/// The holder dies after the token endpoint answered and before it committed: the new
+/// refresh token died with it. The successor sees the uncommitted attempt and waits
+/// `grace` before spending the old refresh token again; against a strictly rotating server
+/// that refresh is refused and the credential says it needs re-authentication (the known
+/// limit: README "When Redis fails" and ARCHITECTURE's fleet table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_killed_between_answer_and_commit_makes_the_successor_wait_grace() {
+    let redis = Redis::start();
+    let (mut a, b, tokens, _up, _dir) = two_processes(
+        &redis,
+        "2s",
+        ("TOKENRELAY_TEST_PAUSE_BEFORE_COMMIT_MS", "5000"),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let _a_refresh = force(&http, &a.admin);
+    wait_for("A to redeem", Duration::from_secs(5), || async {
+        tokens.calls() == 1
+    })
+    .await;
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // A's lease expires
+    let started = Instant::now();
+    let status = force(&http, &b.admin).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "B waited grace first: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status, 502, "the refresh token A spent is refused");
+    assert_eq!(tokens.state.refused.load(Ordering::SeqCst), 1);
+    let v: Value = get_json(&http, format!("{}/admin/credentials", b.admin)).await;
+    assert_eq!(v["credentials"][0]["state"], "needs_reauth", "{v}");
+}

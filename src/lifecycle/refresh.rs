@@ -192,6 +192,10 @@ impl Credential {
                 self.record_failure(&e, Duration::ZERO);
                 return Err(e);
             }
+            if let Some(pause) = test_pause("TOKENRELAY_TEST_PAUSE_BEFORE_REDEEM_MS") {
+                // Test hook (off unless set): the lock is held, the token not yet asked for.
+                tokio::time::sleep(pause).await;
+            }
             // Fleet mode: mark the attempt; if the record moved meanwhile, take it instead.
             let s = Arc::clone(store);
             match tokio::task::spawn_blocking(move || s.before_redeem()).await {
@@ -333,7 +337,7 @@ impl Credential {
         update: TokenUpdate,
         took: Duration,
     ) -> Arc<Token> {
-        if let Some(pause) = commit_pause() {
+        if let Some(pause) = test_pause("TOKENRELAY_TEST_PAUSE_BEFORE_COMMIT_MS") {
             // Test hook (off unless TOKENRELAY_TEST_PAUSE_BEFORE_COMMIT_MS is set): a window
             // between the token endpoint's answer and the commit, to stall the process in.
             tokio::time::sleep(pause).await;
@@ -598,15 +602,25 @@ impl Credential {
     }
 }
 
-/// The test hook's pause, read once.
-fn commit_pause() -> Option<Duration> {
-    static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
-    *PAUSE.get_or_init(|| {
-        std::env::var("TOKENRELAY_TEST_PAUSE_BEFORE_COMMIT_MS")
+/// A test hook's pause from the environment, read once per variable (off unless set).
+fn test_pause(var: &'static str) -> Option<Duration> {
+    static PAUSES: std::sync::OnceLock<[Option<Duration>; 2]> = std::sync::OnceLock::new();
+    let read = |v: &str| {
+        std::env::var(v)
             .ok()
-            .and_then(|v| v.parse().ok())
+            .and_then(|ms| ms.parse().ok())
             .map(Duration::from_millis)
-    })
+    };
+    let pauses = PAUSES.get_or_init(|| {
+        [
+            read("TOKENRELAY_TEST_PAUSE_BEFORE_REDEEM_MS"),
+            read("TOKENRELAY_TEST_PAUSE_BEFORE_COMMIT_MS"),
+        ]
+    });
+    match var {
+        "TOKENRELAY_TEST_PAUSE_BEFORE_REDEEM_MS" => pauses[0],
+        _ => pauses[1],
+    }
 }
 
 pub(super) struct ResetOnDrop<'a>(&'a AtomicBool);
