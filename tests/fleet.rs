@@ -623,3 +623,112 @@ async fn a_holder_killed_between_answer_and_commit_makes_the_successor_wait_grac
     let v: Value = get_json(&http, format!("{}/admin/credentials", b.admin)).await;
     assert_eq!(v["credentials"][0]["state"], "needs_reauth", "{v}");
 }
+
+/// A TCP relay in front of Redis that can cut one replica's subscriber connection: while
+/// `cut` is set, it drops every connection (open or new) whose client sent SUBSCRIBE.
+struct Relay {
+    port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn relay(to: u16) -> Relay {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (c, d) = (Arc::clone(&cut), Arc::clone(&dropped));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let (cut, dropped) = (Arc::clone(&c), Arc::clone(&d));
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    return;
+                };
+                let mut subscriber = false;
+                let (mut a, mut b) = ([0u8; 16 << 10], [0u8; 16 << 10]);
+                loop {
+                    if subscriber && cut.load(Ordering::SeqCst) {
+                        dropped.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    tokio::select! {
+                        n = client.read(&mut a) => {
+                            let Ok(n) = n else { return };
+                            if n == 0 { return }
+                            if a[..n].windows(9).any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE")) {
+                                subscriber = true;
+                                if cut.load(Ordering::SeqCst) {
+                                    dropped.fetch_add(1, Ordering::SeqCst);
+                                    return;
+                                }
+                            }
+                            if server.write_all(&a[..n]).await.is_err() { return }
+                        }
+                        n = server.read(&mut b) => {
+                            let Ok(n) = n else { return };
+                            if n == 0 { return }
+                            if client.write_all(&b[..n]).await.is_err() { return }
+                        }
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+            });
+        }
+    });
+    Relay { port, cut, dropped }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_its_subscriber_connection_cut_a_replica_adopts_by_polling() {
+    let redis = Redis::start();
+    let relay = relay(redis.port).await;
+    // Replica 0 talks to Redis directly, replica 1 through the relay.
+    let mut f = fleet(1, &redis, 3600, "poll_interval = \"300ms\"").await;
+    let mut b = TestApp::empty().await;
+    b.launch(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\npoll_interval = \"300ms\"\n[providers.qwen]\nupstream = \"{}\"\ntoken_url = \"{}\"\ncredentials = [\"{}\"]",
+        relay.port,
+        f.apps[0].upstream.url,
+        f.tokens.url,
+        f.apps[0].cred_path("shared.json").display()
+    ))
+    .await;
+    assert_eq!(chat(&f.apps[0]).await, 200);
+    wait_for(
+        "B on the refreshed token",
+        Duration::from_secs(5),
+        || async {
+            b.credential("shared").await["expires_at"]
+                == f.apps[0].credential("shared").await["expires_at"]
+        },
+    )
+    .await;
+    relay.cut.store(true, Ordering::SeqCst);
+    wait_for("the subscriber cut", Duration::from_secs(5), || async {
+        relay.dropped.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    let before = b.credential("shared").await["expires_at"].clone();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, _) = f.apps[0]
+        .admin_post("/admin/credentials/qwen/shared/refresh")
+        .await;
+    assert_eq!(status, 200);
+    let started = Instant::now();
+    wait_for("B to adopt by polling", Duration::from_secs(3), || async {
+        b.credential("shared").await["expires_at"] != before
+    })
+    .await;
+    eprintln!(
+        "adopted {:?} after the refresh, subscriber cut",
+        started.elapsed()
+    );
+    assert_eq!(f.tokens.state.refused.load(Ordering::SeqCst), 0);
+    assert_eq!(chat(&b).await, 200);
+    f.apps.push(b);
+}
