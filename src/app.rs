@@ -336,6 +336,15 @@ async fn follow_fleet(
                     }
                 }
             }
+            FleetEvent::NeedsReauth {
+                provider,
+                id,
+                message,
+            } => {
+                if let Some(c) = pool.provider(&provider).and_then(|p| p.find(&id)) {
+                    c.needs_reauth_from_peer(&message);
+                }
+            }
             FleetEvent::Reconnected => {
                 for c in pool.all_credentials().filter(|c| !c.is_api_key()) {
                     c.reload().await;

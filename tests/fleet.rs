@@ -732,3 +732,47 @@ async fn with_its_subscriber_connection_cut_a_replica_adopts_by_polling() {
     assert_eq!(chat(&b).await, 200);
     f.apps.push(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_token_found_dead_by_one_replica_is_dead_for_all() {
+    let redis = Redis::start();
+    let f = fleet(2, &redis, 3600, "poll_interval = \"300ms\"").await;
+    assert_eq!(chat(&f.apps[0]).await, 200);
+    wait_for(
+        "both replicas on the refreshed token",
+        Duration::from_secs(5),
+        || async {
+            let (a, b) = (
+                f.apps[0].credential("shared").await,
+                f.apps[1].credential("shared").await,
+            );
+            a["state"] == "ready" && b["state"] == "ready" && a["expires_at"] == b["expires_at"]
+        },
+    )
+    .await;
+    let doc: Value =
+        serde_json::from_str(&redis.cli(&["HGET", "tokenrelay:{qwen/shared}:rec", "doc"])).unwrap();
+    f.tokens.revoke(doc["refresh_token"].as_str().unwrap());
+    let (status, _) = f.apps[0]
+        .admin_post("/admin/credentials/qwen/shared/refresh")
+        .await;
+    assert_ne!(status, 200);
+    let calls = f.tokens.calls();
+    wait_for("the peer to know", Duration::from_secs(5), || async {
+        f.apps[1].credential("shared").await["state"] == "needs_reauth"
+    })
+    .await;
+    let peer = f.apps[1].credential("shared").await;
+    assert!(
+        peer["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("another replica"),
+        "{peer}"
+    );
+    assert_eq!(
+        f.tokens.calls(),
+        calls,
+        "the peer spent no call to learn it"
+    );
+}

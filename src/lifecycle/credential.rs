@@ -365,6 +365,26 @@ impl Credential {
         }
     }
 
+    /// A peer found the refresh token dead (fleet mode): out of rotation here too, with its
+    /// reason; a new record (a re-login) brings it back as a local failure would.
+    pub fn needs_reauth_from_peer(&self, message: &str) {
+        let first = {
+            let mut st = self.lock_status();
+            if st.needs_reauth {
+                return;
+            }
+            st.needs_reauth = true;
+            st.retry_at = None;
+            st.last_error = Some(format!("{message} (found by another replica)"));
+            st.last_error_transient = false;
+            !std::mem::replace(&mut st.alerted.reauth, true)
+        };
+        if first {
+            tracing::error!(target: "tokenrelay::refresh", provider = %self.provider.name, credential = %self.id,
+                error = message, "another replica found the refresh token dead; the credential needs re-authentication");
+        }
+    }
+
     /// Brings an `invalid` credential back (its key or file changed, or a manual refresh).
     pub(super) fn clear_invalid(&self) {
         let mut st = self.lock_status();

@@ -80,7 +80,17 @@ pub async fn status(config: &Config, admin: Option<&str>) -> anyhow::Result<i32>
                     c["provider"].as_str().unwrap_or("?"),
                     c["id"].as_str().unwrap_or("?")
                 ),
-                c["state"].as_str().unwrap_or("?").to_string(),
+                // Fleet mode: the record's version and who wrote it last.
+                match (
+                    c["store"]["version"].as_u64(),
+                    c["store"]["last_writer"].as_str(),
+                ) {
+                    (Some(v), Some(w)) => {
+                        format!("{} (v{v} by {w})", c["state"].as_str().unwrap_or("?"))
+                    }
+                    (Some(v), None) => format!("{} (v{v})", c["state"].as_str().unwrap_or("?")),
+                    _ => c["state"].as_str().unwrap_or("?").to_string(),
+                },
                 c["expires_in_seconds"]
                     .as_i64()
                     .map_or("-".into(), human_secs),

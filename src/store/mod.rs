@@ -89,6 +89,9 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// Shares a cool-down (until, Unix ms; for a model or the whole credential) with other
     /// replicas. Called off the request path.
     fn share_cooldown(&self, _model: Option<&str>, _until_ms: i64) {}
+    /// Tells other replicas that this credential's refresh token is dead (fleet mode), so
+    /// they stop using it without spending a call each to find out.
+    fn share_needs_reauth(&self, _message: &str) {}
     /// What the store knows about the record (version, last writer), for operators.
     fn describe(&self) -> Option<serde_json::Value> {
         None

@@ -63,6 +63,13 @@ pub enum FleetEvent {
         model: Option<String>,
         until_ms: i64,
     },
+    /// A peer found this credential's refresh token dead at the version this replica
+    /// holds: take it out of rotation without spending a call to learn the same.
+    NeedsReauth {
+        provider: String,
+        id: String,
+        message: String,
+    },
     /// Redis came back: every credential re-reads (and re-asserts what Redis lost).
     Reconnected,
 }
@@ -282,6 +289,17 @@ impl Fleet {
                         if payload.ends_with(" cool") {
                             self.read_cooldowns(name);
                         }
+                        if payload.ends_with(" dead") {
+                            let store = self
+                                .stores
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get(name)
+                                .and_then(std::sync::Weak::upgrade);
+                            if let Some(store) = store {
+                                self.read_dead(&store);
+                            }
+                        }
                     }
                 }
                 Err(e) if e.is_timeout() => continue,
@@ -316,6 +334,27 @@ impl Fleet {
                 Err(_) => return,
             }
             self.read_cooldowns(&s.name());
+            self.read_dead(&s);
+        }
+    }
+
+    /// A peer's verdict that the record at the version this replica holds is dead.
+    fn read_dead(&self, s: &RedisStore) {
+        let key = s.key("state");
+        let Ok(Some(dead)) = self.run("state", |c| {
+            c.hget::<_, _, Option<String>>(&key, "needs_reauth")
+        }) else {
+            return;
+        };
+        let Some((v, message)) = dead.split_once('|') else {
+            return;
+        };
+        if v.parse::<u64>().ok() == Some(s.seen.load(Ordering::Acquire)) {
+            let _ = self.events.send(FleetEvent::NeedsReauth {
+                provider: s.provider.clone(),
+                id: s.id.clone(),
+                message: message.to_string(),
+            });
         }
     }
 
@@ -797,6 +836,22 @@ impl CredentialStore for RedisStore {
 
     fn share_cooldown(&self, model: Option<&str>, until_ms: i64) {
         RedisStore::share_cooldown(self, model, until_ms);
+    }
+
+    fn share_needs_reauth(&self, message: &str) {
+        // Keyed by the version it was found at: a new record (a re-login) is not dead.
+        let v = self.seen.load(Ordering::Acquire);
+        let key = self.key("state");
+        let channel = self.fleet.channel();
+        let name = self.name();
+        let _: Result<(), _> = self.fleet.run("state", |c| {
+            redis::pipe()
+                .hset(&key, "needs_reauth", format!("{v}|{message}"))
+                .ignore()
+                .publish(&channel, format!("{name} dead"))
+                .ignore()
+                .query(c)
+        });
     }
 
     fn describe(&self) -> Option<Value> {
