@@ -48,35 +48,7 @@ enum Command {
     },
     /// Sign in again and write the credential where tokenrelay reads it: `gemini` (Google,
     /// your own Desktop OAuth client, loopback + PKCE) or `qwen` (device flow).
-    Login {
-        /// `gemini` or `qwen`.
-        flow: String,
-        /// The credential to re-authenticate, as PROVIDER/ID.
-        target: Option<String>,
-        /// Write a new credential file here instead.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Your Desktop app client (a Google client_secret.json).
-        #[arg(long)]
-        client_secret: Option<PathBuf>,
-        /// Do not try to open a browser.
-        #[arg(long)]
-        no_browser: bool,
-        /// The loopback port for the redirect (0: any free port).
-        #[arg(long, default_value_t = 0)]
-        port: u16,
-        /// The quota project (`quota_project_id`) to record.
-        #[arg(long)]
-        project: Option<String>,
-        /// How long to wait for the sign-in.
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        timeout: std::time::Duration,
-        /// Replace a credential of another account.
-        #[arg(long)]
-        force: bool,
-        #[arg(long)]
-        admin: Option<String>,
-    },
+    Login(tokenrelay::ops::login::LoginArgs),
 }
 
 fn main() -> ExitCode {
@@ -109,33 +81,7 @@ fn main() -> ExitCode {
             }
             Command::Check => cli::check(&config),
             Command::Health { admin } => cli::health(&config, admin.as_deref()).await,
-            Command::Login {
-                flow,
-                target,
-                out,
-                client_secret,
-                no_browser,
-                port,
-                project,
-                timeout,
-                force,
-                admin,
-            } => Ok(tokenrelay::ops::login::login(
-                &config,
-                tokenrelay::ops::login::LoginArgs {
-                    flow,
-                    target,
-                    out,
-                    client_secret,
-                    no_browser,
-                    port,
-                    project,
-                    timeout,
-                    force,
-                    admin,
-                },
-            )
-            .await),
+            Command::Login(args) => Ok(tokenrelay::ops::login::login(&config, args).await),
         }
     });
     match result {

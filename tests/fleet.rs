@@ -426,53 +426,22 @@ fn a_stale_release_or_renew_after_a_takeover_is_a_no_op() {
 /// compare-and-set on the version, not fenced by the lease) lands, and B adopts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_stalled_past_its_lease_after_redeeming_still_commits_and_peers_adopt_it() {
-    use crate::process::Proc;
     let redis = Redis::start();
-    let valid = ValidTokens::default();
-    let tokens = FakeTokenEndpoint::start(Flavor::Qwen, valid.clone()).await;
-    let upstream = FakeUpstream::start(Flavor::Qwen, valid).await;
-    tokens.allow_refresh_token("rt-0");
-    tokens.allow_client(QWEN_CLIENT);
-    let dir = tempfile::tempdir().unwrap();
-    let cred = write_cred(dir.path(), "shared.json", &qwen_cred("a0", "rt-0"));
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[refresh]\ntimeout = \"3s\"\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\nlease = \"1s\"\ngrace = \"8s\"\npoll_interval = \"300ms\"\n[providers.qwen]\nupstream = \"{}\"\ntoken_url = \"{}\"\ncredentials = [\"{}\"]\n",
-            redis.port,
-            upstream.url,
-            tokens.url,
-            cred.display()
-        ),
+    let (a, b, tokens, _up, _dir) = two_processes(
+        &redis,
+        "8s",
+        ("TOKENRELAY_TEST_PAUSE_BEFORE_COMMIT_MS", "1500"),
     )
-    .unwrap();
-    let mut a_cmd = std::process::Command::new(crate::process::BIN);
-    a_cmd
-        .arg("--config")
-        .arg(&config)
-        .env("TOKENRELAY_TEST_PAUSE_BEFORE_COMMIT_MS", "1500");
-    let a = Proc::spawn_cmd(a_cmd, &dir.path().join("a.log"));
-    let b = Proc::spawn(&config, &dir.path().join("b.log"));
+    .await;
     let http = reqwest::Client::new();
-    let force = |admin: String| {
-        let http = http.clone();
-        tokio::spawn(async move {
-            http.post(format!("{admin}/admin/credentials/qwen/shared/refresh"))
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
-        })
-    };
-    let a_refresh = force(a.admin.clone());
+    let a_refresh = force(&http, &a.admin);
     wait_for("A to redeem", Duration::from_secs(5), || async {
         tokens.calls() == 1
     })
     .await;
     a.signal(libc::SIGSTOP);
     tokio::time::sleep(Duration::from_millis(1600)).await; // A's 1 s lease is gone
-    let b_refresh = force(b.admin.clone());
+    let b_refresh = force(&http, &b.admin);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
         tokens.calls(),

@@ -24,17 +24,36 @@ use crate::oauth::login::{self, Client, Granted, LoginError, Loopback};
 use crate::providers::ProviderKind;
 use crate::store::FileStore;
 
-/// What `tokenrelay login` was asked.
+/// What `tokenrelay login` was asked (the CLI's arguments, parsed by clap in `main.rs`).
+#[derive(Debug, clap::Args)]
 pub struct LoginArgs {
+    /// `gemini` or `qwen`.
     pub flow: String,
+    /// The credential to re-authenticate, as PROVIDER/ID.
     pub target: Option<String>,
+    /// Write a new credential file here instead.
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Your Desktop app client (a Google client_secret.json).
+    #[arg(long)]
     pub client_secret: Option<PathBuf>,
+    /// Do not try to open a browser.
+    #[arg(long)]
     pub no_browser: bool,
+    /// The loopback port for the redirect (0: any free port).
+    #[arg(long, default_value_t = 0)]
     pub port: u16,
+    /// The quota project (`quota_project_id`) to record.
+    #[arg(long)]
     pub project: Option<String>,
+    /// How long to wait for the sign-in.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Replace a credential of another account.
+    #[arg(long)]
     pub force: bool,
+    /// The admin listener to ask for a reload (default: server.admin_listen).
+    #[arg(long)]
     pub admin: Option<String>,
 }
 

@@ -590,7 +590,7 @@ async fn serve(
                 .with_label_values(&[provider, &cred.id, status.as_str()])
                 .inc();
             let origins = rewrite::Origins {
-                client: client_origin(parts),
+                client_host: client_host(parts),
                 provider,
                 upstream: &base,
             };
@@ -684,15 +684,14 @@ fn location_base(
     Ok(Some(providers::vertex::base_for(template, location)))
 }
 
-/// `http://{Host}`: where the client reached tokenrelay (the Host rule has vetted it).
-fn client_origin(parts: &Parts) -> String {
-    let host = parts
+/// The Host the client reached tokenrelay by (the Host rule has vetted it).
+fn client_host(parts: &Parts) -> &str {
+    parts
         .headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-        .unwrap_or("127.0.0.1");
-    format!("http://{host}")
+        .unwrap_or("127.0.0.1")
 }
 
 fn upstream_uri(base: &str, path_and_query: &str) -> http::Uri {

@@ -12,8 +12,9 @@ pub static UPLOAD_URL: HeaderName = HeaderName::from_static("x-goog-upload-url")
 
 /// Where a request came in and went out, for pointing URLs back.
 pub struct Origins<'a> {
-    /// `http://{Host}` as the client reached tokenrelay.
-    pub client: String,
+    /// The Host the client reached tokenrelay by (`http://` is added only when a URL is
+    /// rewritten: most answers have none).
+    pub client_host: &'a str,
     pub provider: &'a str,
     /// The upstream base the request went to (scheme, host, port and base path).
     pub upstream: &'a str,
@@ -27,7 +28,12 @@ impl Origins<'_> {
         if !(rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')) {
             return None;
         }
-        Some(format!("{}/{}{rest}", self.client, self.provider))
+        Some(format!("{}{rest}", self.prefix()))
+    }
+
+    /// `http://{Host}/{provider}`: what an upstream URL's base becomes.
+    fn prefix(&self) -> String {
+        format!("http://{}/{}", self.client_host, self.provider)
     }
 }
 
@@ -51,8 +57,7 @@ pub fn point_back(headers: &mut HeaderMap, origins: &Origins) -> Option<String> 
         };
         if let Ok(new) = HeaderValue::from_str(&back) {
             if name == UPLOAD_URL {
-                let prefix = format!("{}/{}", origins.client, origins.provider);
-                session = back.strip_prefix(&prefix).map(str::to_string);
+                session = back.strip_prefix(&origins.prefix()).map(str::to_string);
             }
             *value = new;
         }
@@ -77,7 +82,7 @@ mod tests {
     #[test]
     fn upstream_urls_point_back_through_the_provider_and_others_stay() {
         let origins = Origins {
-            client: "http://127.0.0.1:8080".into(),
+            client_host: "127.0.0.1:8080",
             provider: "gemini",
             upstream: "https://generativelanguage.googleapis.com",
         };
@@ -106,7 +111,7 @@ mod tests {
     #[test]
     fn a_base_path_is_kept_and_lookalike_hosts_are_not_rewritten() {
         let origins = Origins {
-            client: "http://localhost:8080".into(),
+            client_host: "localhost:8080",
             provider: "ds",
             upstream: "https://dashscope-intl.aliyuncs.com/compatible-mode",
         };
