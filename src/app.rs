@@ -345,6 +345,15 @@ async fn follow_fleet(
                     c.needs_reauth_from_peer(&message);
                 }
             }
+            FleetEvent::Invalid {
+                provider,
+                id,
+                message,
+            } => {
+                if let Some(c) = pool.provider(&provider).and_then(|p| p.find(&id)) {
+                    c.invalid_from_peer(message.as_deref());
+                }
+            }
             FleetEvent::Reconnected => {
                 for c in pool.all_credentials().filter(|c| !c.is_api_key()) {
                     c.reload().await;

@@ -340,7 +340,32 @@ async fn redis_restarted_empty_gets_the_records_back_and_requests_keep_working()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_redis_bounds_latency_and_marks_the_store_down() {
+async fn a_stopped_redis_bounds_latency_and_marks_the_store_down() {
+    paused_redis(
+        |r| unsafe {
+            libc::kill(r.child.id() as i32, libc::SIGSTOP);
+        },
+        |r| unsafe {
+            libc::kill(r.child.id() as i32, libc::SIGCONT);
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_paused_redis_bounds_latency_and_marks_the_store_down() {
+    // The server answers connections but holds every command (a failover's pause); it
+    // resumes by itself after the timeout.
+    paused_redis(
+        |r| assert_eq!(r.cli(&["CLIENT", "PAUSE", "4000", "ALL"]), "OK"),
+        |r| assert_eq!(r.cli(&["CLIENT", "UNPAUSE"]), "OK"),
+    )
+    .await;
+}
+
+/// Requests keep being served from memory, a manual refresh gives up in bounded time with
+/// a clear error, the store is reported down, and everything is back once Redis is.
+async fn paused_redis(pause: impl Fn(&Redis), resume: impl Fn(&Redis)) {
     let redis = Redis::start();
     let f = fleet(
         1,
@@ -350,7 +375,8 @@ async fn a_paused_redis_bounds_latency_and_marks_the_store_down() {
     )
     .await;
     assert_eq!(chat(&f.apps[0]).await, 200);
-    unsafe { libc::kill(redis.child.id() as i32, libc::SIGSTOP) };
+    let calls = f.tokens.calls();
+    pause(&redis);
     let started = Instant::now();
     for _ in 0..20 {
         assert_eq!(chat(&f.apps[0]).await, 200);
@@ -359,6 +385,26 @@ async fn a_paused_redis_bounds_latency_and_marks_the_store_down() {
         started.elapsed() < Duration::from_secs(2),
         "requests never wait on Redis: {:?}",
         started.elapsed()
+    );
+    // A rotating credential is not refreshed without its lease: refused, not stuck.
+    let started = Instant::now();
+    let (status, body) = f.apps[0]
+        .admin_post("/admin/credentials/qwen/shared/refresh")
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the refresh gave up in {:?}",
+        started.elapsed()
+    );
+    assert_ne!(status, 200, "{body}");
+    assert!(
+        body.to_string().contains("fleet store is unreachable"),
+        "{body}"
+    );
+    assert_eq!(
+        f.tokens.calls(),
+        calls,
+        "no refresh token spent without the lease"
     );
     wait_for("store down", Duration::from_secs(5), || async {
         f.apps[0].metrics().await.contains("tokenrelay_store_up 0")
@@ -370,11 +416,16 @@ async fn a_paused_redis_bounds_latency_and_marks_the_store_down() {
         .as_str()
         .unwrap()
         .contains("rotating credentials do not refresh"));
-    unsafe { libc::kill(redis.child.id() as i32, libc::SIGCONT) };
+    assert_eq!(chat(&f.apps[0]).await, 200);
+    resume(&redis);
     wait_for("store up", Duration::from_secs(5), || async {
         f.apps[0].metrics().await.contains("tokenrelay_store_up 1")
     })
     .await;
+    let (status, body) = f.apps[0]
+        .admin_post("/admin/credentials/qwen/shared/refresh")
+        .await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[test]
@@ -743,5 +794,161 @@ async fn a_refresh_token_found_dead_by_one_replica_is_dead_for_all() {
         f.tokens.calls(),
         calls,
         "the peer spent no call to learn it"
+    );
+}
+
+/// Two replicas sharing a pool of Gemini API keys (no records: keys are configuration).
+async fn key_fleet(redis: &Redis, up: &crate::keys::KeyUpstream, keys: &str) -> Vec<TestApp> {
+    let store = format!(
+        "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\npoll_interval = \"300ms\"",
+        redis.port
+    );
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        apps.push(crate::keys::relay("gemini", &up.url, keys, &store).await);
+    }
+    apps
+}
+
+async fn generate(t: &TestApp, model: &str) -> u16 {
+    t.http
+        .post(format!(
+            "{}/gemini/v1beta/models/{model}:generateContent",
+            t.proxy
+        ))
+        .json(&crate::keys::gemini_body())
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_refused_on_one_replica_leaves_every_rotation_and_comes_back_everywhere() {
+    use crate::keys::{Key, KeyUpstream};
+    let redis = Redis::start();
+    let up = KeyUpstream::start(
+        false,
+        &[("AIza-good", Key::Good), ("AIza-dead", Key::Invalid)],
+    )
+    .await;
+    let apps = key_fleet(
+        &redis,
+        &up,
+        "api_keys = [{ key = \"AIza-good\", id = \"good\" }, { key = \"AIza-dead\", id = \"dead\" }]",
+    )
+    .await;
+    let (a, b) = (&apps[0], &apps[1]);
+    // Replica A meets the dead key (round robin reaches it within two requests).
+    for _ in 0..2 {
+        assert_eq!(generate(a, "gemini-2.5-flash").await, 200);
+    }
+    assert_eq!(up.hits_for("AIza-dead"), 1);
+    assert_eq!(a.credential("dead").await["state"], "invalid");
+    // Replica B takes it out of rotation without sending it anything.
+    wait_for("the peer's verdict", Duration::from_secs(5), || async {
+        b.credential("dead").await["state"] == "invalid"
+    })
+    .await;
+    let c = b.credential("dead").await;
+    let err = c["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("API_KEY_INVALID") && err.contains("another replica"),
+        "{err}"
+    );
+    for _ in 0..10 {
+        assert_eq!(generate(b, "gemini-2.5-flash").await, 200);
+    }
+    assert_eq!(up.hits_for("AIza-dead"), 1, "B never tried the dead key");
+    let state = redis.cli(&["HGET", "tokenrelay:{gemini/dead}:state", "invalid"]);
+    assert!(
+        !state.contains("AIza"),
+        "the verdict names a fingerprint, never the key: {state}"
+    );
+    // An operator brings it back on B (the key was re-enabled): A takes it back too.
+    let (status, _) = b.admin_post("/admin/credentials/gemini/dead/refresh").await;
+    assert_eq!(status, 200);
+    wait_for("A brings it back", Duration::from_secs(5), || async {
+        a.credential("dead").await["state"] == "ready"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verdict_lost_with_redis_is_written_back_and_a_replaced_key_is_not_judged_by_it() {
+    use crate::keys::{Key, KeyUpstream};
+    let mut redis = Redis::start();
+    let up = KeyUpstream::start(
+        false,
+        &[("AIza-good", Key::Good), ("AIza-dead", Key::Invalid)],
+    )
+    .await;
+    let keys = "api_keys = [{ key = \"AIza-good\", id = \"good\" }, { key = \"AIza-dead\", id = \"dead\" }]";
+    let apps = key_fleet(&redis, &up, keys).await;
+    for _ in 0..2 {
+        assert_eq!(generate(&apps[0], "gemini-2.5-flash").await, 200);
+    }
+    assert_eq!(apps[0].credential("dead").await["state"], "invalid");
+    redis.restart_empty();
+    wait_for(
+        "the verdict written back",
+        Duration::from_secs(10),
+        || async {
+            redis
+                .cli(&["HGET", "tokenrelay:{gemini/dead}:state", "invalid"])
+                .starts_with('k')
+        },
+    )
+    .await;
+    wait_for("the peer's verdict", Duration::from_secs(5), || async {
+        apps[1].credential("dead").await["state"] == "invalid"
+    })
+    .await;
+    // A third replica where the operator put a new key under the same id: the verdict was
+    // about the old key.
+    let fresh =
+        KeyUpstream::start(false, &[("AIza-good", Key::Good), ("AIza-new", Key::Good)]).await;
+    let store = format!(
+        "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\npoll_interval = \"300ms\"",
+        redis.port
+    );
+    let c = crate::keys::relay(
+        "gemini",
+        &fresh.url,
+        "api_keys = [{ key = \"AIza-good\", id = \"good\" }, { key = \"AIza-new\", id = \"dead\" }]",
+        &store,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(c.credential("dead").await["state"], "ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_model_quota_seen_by_one_replica_is_honoured_by_the_other() {
+    use crate::keys::{Key, KeyUpstream};
+    let redis = Redis::start();
+    let up = KeyUpstream::start(false, &[("AIza-one", Key::QuotaFor("gemini-2.5-pro"))]).await;
+    let apps = key_fleet(
+        &redis,
+        &up,
+        "api_keys = [{ key = \"AIza-one\", id = \"one\" }]",
+    )
+    .await;
+    assert_eq!(generate(&apps[0], "gemini-2.5-pro").await, 429);
+    wait_for(
+        "the peer cools the model",
+        Duration::from_secs(5),
+        || async {
+            apps[1].credential("one").await["model_cooldowns"][0]["model"] == "gemini-2.5-pro"
+        },
+    )
+    .await;
+    let hits = up.hits().len();
+    assert_eq!(generate(&apps[1], "gemini-2.5-pro").await, 429);
+    assert_eq!(up.hits().len(), hits, "the peer did not spend a request");
+    assert_eq!(
+        generate(&apps[1], "gemini-2.5-flash").await,
+        200,
+        "other models serve"
     );
 }

@@ -835,6 +835,8 @@ pub struct Unsavable {
     pub claims_writable: bool,
 }
 
+impl tokenrelay::store::Shares for Unsavable {}
+
 impl tokenrelay::store::CredentialStore for Unsavable {
     fn location(&self) -> String {
         self.inner.location()

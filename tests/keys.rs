@@ -245,7 +245,7 @@ async fn answer(State(s): State<Arc<KeyState>>, req: Request) -> Response {
 }
 
 /// tokenrelay with one provider `name` over `upstream`, plus `extra` provider keys.
-async fn relay(name: &str, upstream: &str, provider_keys: &str, top: &str) -> TestApp {
+pub async fn relay(name: &str, upstream: &str, provider_keys: &str, top: &str) -> TestApp {
     let mut t = TestApp::empty().await;
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{top}\n[providers.{name}]\nupstream = \"{upstream}\"\ncredentials = []\n{provider_keys}"
@@ -254,7 +254,7 @@ async fn relay(name: &str, upstream: &str, provider_keys: &str, top: &str) -> Te
     t
 }
 
-fn gemini_body() -> Value {
+pub fn gemini_body() -> Value {
     json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
 }
 

@@ -30,8 +30,9 @@ use crate::config::{ProviderConfig, RefreshConfig};
 use crate::oauth::RefreshError;
 use crate::ops::alert::{Alerter, Event, Kind};
 use crate::ops::metrics::Metrics;
+use crate::store::redis::SharedKey;
 use crate::store::shape::CredentialFile;
-use crate::store::CredentialStore;
+use crate::store::{CredentialStore, Shares};
 
 /// What the refresh machinery shares across credentials.
 pub struct Refresher {
@@ -80,6 +81,8 @@ pub struct Credential {
     /// `authorized_user`, `cli`, `generic`, `service_account` or `api_key`.
     pub kind: &'static str,
     pub(super) source: Source,
+    /// Fleet mode: where the other replicas hear of its cool-downs and verdicts.
+    peers: Option<Arc<dyn Shares>>,
     pub(super) refresher: Arc<Refresher>,
     pub(super) token: ArcSwap<Token>,
     pub(super) status: Mutex<Status>,
@@ -109,7 +112,12 @@ impl Credential {
     ) -> Result<Credential, String> {
         let kind = file.shape.as_str();
         let token = token_from_file(&provider, &file, 0)?;
-        let cred = Credential::new(provider, id, kind, Source::Store(store), token, refresher);
+        let peers = refresher
+            .fleet
+            .is_some()
+            .then(|| Arc::clone(&store) as Arc<dyn Shares>);
+        let mut cred = Credential::new(provider, id, kind, Source::Store(store), token, refresher);
+        cred.peers = peers;
         cred.stored_refresh
             .store(fingerprint(file.refresh_token.as_ref()), Ordering::Relaxed);
         if let Some(problem) = cred.cannot_refresh_reason(&cred.token.load()) {
@@ -143,7 +151,13 @@ impl Credential {
             service_account: None,
             account: None,
         };
-        Credential::new(provider, id, "api_key", Source::ApiKey, token, refresher)
+        let peers = refresher
+            .fleet
+            .as_ref()
+            .map(|f| SharedKey::new(f, &provider.name, &id, key) as Arc<dyn Shares>);
+        let mut cred = Credential::new(provider, id, "api_key", Source::ApiKey, token, refresher);
+        cred.peers = peers;
+        cred
     }
 
     pub(super) fn new(
@@ -159,6 +173,7 @@ impl Credential {
             id,
             kind,
             source,
+            peers: None,
             refresher,
             token: ArcSwap::from_pointee(token),
             status: Mutex::new(Status::default()),
@@ -318,18 +333,12 @@ impl Credential {
 
     /// Tells the other replicas (fleet mode), off the request path: the request never
     /// waits on the store.
-    fn share_cooldown(&self, model: Option<&str>, d: Duration) {
-        let Source::Store(store) = &self.source else {
+    pub(super) fn tell_peers(&self, f: impl FnOnce(&dyn Shares) + Send + 'static) {
+        let Some(peers) = self.peers.clone() else {
             return;
         };
-        if self.refresher.fleet.is_none() {
-            return;
-        }
-        let store = Arc::clone(store);
-        let model = model.map(str::to_string);
-        let until_ms = clock::now_ms() + d.as_millis() as i64;
-        let spawn = || {
-            tokio::task::spawn_blocking(move || store.share_cooldown(model.as_deref(), until_ms));
+        let spawn = move || {
+            tokio::task::spawn_blocking(move || f(peers.as_ref()));
         };
         match &self.refresher.runtime {
             Some(rt) => {
@@ -338,6 +347,12 @@ impl Credential {
             }
             None => spawn(),
         }
+    }
+
+    fn share_cooldown(&self, model: Option<&str>, d: Duration) {
+        let model = model.map(str::to_string);
+        let until_ms = clock::now_ms() + d.as_millis() as i64;
+        self.tell_peers(move |p| p.share_cooldown(model.as_deref(), until_ms));
     }
 
     /// The store's own account of this credential (fleet mode: version, last writer).
@@ -361,7 +376,34 @@ impl Credential {
         if first {
             tracing::warn!(target: "tokenrelay::proxy", provider = %self.provider.name, credential = %self.id,
                 reason, action, "credential refused by the upstream; taking it out of rotation");
+            let shared = message.clone();
+            self.tell_peers(move |p| p.share_invalid(Some(&shared)));
             self.alert(Kind::Invalid, message);
+        }
+    }
+
+    /// A peer's verdict (fleet mode): refused by the upstream (`Some`), out of rotation
+    /// here too without a request to learn it; or brought back by an operator (`None`).
+    pub fn invalid_from_peer(&self, message: Option<&str>) {
+        let mut st = self.lock_status();
+        match message {
+            Some(m) if !st.invalid => {
+                st.invalid = true;
+                st.last_error = Some(format!("{m} (found by another replica)"));
+                st.last_error_transient = false;
+                drop(st);
+                tracing::warn!(target: "tokenrelay::proxy", provider = %self.provider.name, credential = %self.id,
+                    "another replica found this credential refused by the upstream; taking it out of rotation");
+            }
+            None if st.invalid => {
+                st.invalid = false;
+                st.last_error = None;
+                st.model_cooldowns.clear();
+                drop(st);
+                tracing::info!(target: "tokenrelay::proxy", provider = %self.provider.name, credential = %self.id,
+                    "brought back into rotation by another replica");
+            }
+            _ => {}
         }
     }
 
@@ -385,12 +427,15 @@ impl Credential {
         }
     }
 
-    /// Brings an `invalid` credential back (its key or file changed, or a manual refresh).
+    /// Brings an `invalid` credential back (its key or file changed, or a manual refresh),
+    /// here and (fleet mode) in every replica.
     pub(super) fn clear_invalid(&self) {
         let mut st = self.lock_status();
         if std::mem::replace(&mut st.invalid, false) {
             st.last_error = None;
             st.model_cooldowns.clear();
+            drop(st);
+            self.tell_peers(|p| p.share_invalid(None));
         }
     }
 

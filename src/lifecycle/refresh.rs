@@ -477,10 +477,8 @@ impl Credential {
             st.retry_at = None;
             let first = !std::mem::replace(&mut st.alerted.reauth, true);
             drop(st);
-            if let (Source::Store(store), Some(_)) = (&self.source, &self.refresher.fleet) {
-                let (store, message) = (Arc::clone(store), e.to_string());
-                tokio::task::spawn_blocking(move || store.share_needs_reauth(&message));
-            }
+            let message = e.to_string();
+            self.tell_peers(move |p| p.share_needs_reauth(&message));
             if first {
                 self.alert(
                     Kind::NeedsReauth,

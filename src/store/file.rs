@@ -208,6 +208,8 @@ impl FileStore {
     }
 }
 
+impl super::Shares for FileStore {}
+
 impl CredentialStore for FileStore {
     fn location(&self) -> String {
         self.path.display().to_string()

@@ -54,8 +54,21 @@ pub enum TryLock {
     Unavailable,
 }
 
+/// What a fleet tells its replicas about a credential besides its token: no-ops on one
+/// machine. Called off the request path (these may wait on the network).
+pub trait Shares: Send + Sync + 'static {
+    /// Shares a cool-down (until, Unix ms; for a model or the whole credential).
+    fn share_cooldown(&self, _model: Option<&str>, _until_ms: i64) {}
+    /// This credential's refresh token is dead: the others stop using it without spending
+    /// a call each to find out.
+    fn share_needs_reauth(&self, _message: &str) {}
+    /// The upstream refused this credential (`Some(message)`), or an operator brought it
+    /// back (`None`): the others take it out of rotation, or back in, without a request.
+    fn share_invalid(&self, _message: Option<&str>) {}
+}
+
 /// What a store holds for one credential.
-pub trait CredentialStore: Send + Sync + 'static {
+pub trait CredentialStore: Shares {
     /// Where it lives, for logs and the admin API (a path, never a secret).
     fn location(&self) -> String;
     /// Reads the credential as it is now.
@@ -86,12 +99,6 @@ pub trait CredentialStore: Send + Sync + 'static {
     fn before_redeem(&self) -> Result<bool, StoreError> {
         Ok(false)
     }
-    /// Shares a cool-down (until, Unix ms; for a model or the whole credential) with other
-    /// replicas. Called off the request path.
-    fn share_cooldown(&self, _model: Option<&str>, _until_ms: i64) {}
-    /// Tells other replicas that this credential's refresh token is dead (fleet mode), so
-    /// they stop using it without spending a call each to find out.
-    fn share_needs_reauth(&self, _message: &str) {}
     /// What the store knows about the record (version, last writer), for operators.
     fn describe(&self) -> Option<serde_json::Value> {
         None

@@ -11,6 +11,13 @@
 //!   released by compare-and-delete; `…:fence` — the `INCR` counter fences come from.
 //! - `…:cool` — shared cool-downs: field = model (or `*`), value = until (Unix ms), raised
 //!   only if later.
+//! - `…:state` — verdicts: `needs_reauth` = `v|message` (the record at version `v` has a
+//!   dead refresh token), `invalid` = `tag|message` (the upstream refused the credential;
+//!   an empty message: an operator brought it back). The tag is `v<version>` for a record
+//!   and `k<fingerprint>` for an API key, so a verdict never outlives what it was about.
+//!
+//! API keys have no record (they are configuration), but their cool-downs and refusals are
+//! shared the same way, through a `SharedKey`.
 //!
 //! Writes are a compare-and-set on `v` (a write derived from version `v` makes `v + 1`);
 //! they are not fenced by the lease, so a holder that stalled after the token endpoint
@@ -70,6 +77,13 @@ pub enum FleetEvent {
         id: String,
         message: String,
     },
+    /// A peer's verdict on the upstream refusing this credential (`Some`), or an operator
+    /// bringing it back (`None`).
+    Invalid {
+        provider: String,
+        id: String,
+        message: Option<String>,
+    },
     /// Redis came back: every credential re-reads (and re-asserts what Redis lost).
     Reconnected,
 }
@@ -90,8 +104,41 @@ pub struct Fleet {
     up: AtomicBool,
     metrics: Arc<dyn FleetMetrics>,
     events: tokio::sync::broadcast::Sender<FleetEvent>,
-    /// Registered stores, by `provider/id`, for the poller.
-    stores: Mutex<HashMap<String, std::sync::Weak<RedisStore>>>,
+    /// Registered credentials, by `provider/id`, for the poller and the subscriber.
+    members: Mutex<HashMap<String, Member>>,
+    /// The `invalid` verdicts this replica wrote and nobody has replaced: written back if
+    /// Redis loses them.
+    verdicts: Mutex<HashMap<String, String>>,
+}
+
+#[derive(Clone)]
+enum Member {
+    Record(std::sync::Weak<RedisStore>),
+    Key(std::sync::Weak<SharedKey>),
+}
+
+enum Live {
+    Record(Arc<RedisStore>),
+    Key(Arc<SharedKey>),
+}
+
+impl Member {
+    fn upgrade(&self) -> Option<Live> {
+        match self {
+            Member::Record(w) => w.upgrade().map(Live::Record),
+            Member::Key(w) => w.upgrade().map(Live::Key),
+        }
+    }
+}
+
+impl Live {
+    /// What an `invalid` verdict must be tagged with to be about this credential as it is.
+    fn tag(&self) -> String {
+        match self {
+            Live::Record(s) => format!("v{}", s.seen.load(Ordering::Acquire)),
+            Live::Key(k) => k.tag.clone(),
+        }
+    }
 }
 
 const CAS: &str = r#"
@@ -160,7 +207,8 @@ impl Fleet {
             up: AtomicBool::new(false),
             metrics,
             events,
-            stores: Mutex::default(),
+            members: Mutex::default(),
+            verdicts: Mutex::default(),
         }))
     }
 
@@ -178,6 +226,68 @@ impl Fleet {
 
     fn channel(&self) -> String {
         format!("{}:updates", self.cfg.key_prefix)
+    }
+
+    /// The key `part` of credential `name` (`provider/id`), under its hash tag.
+    fn key(&self, name: &str, part: &str) -> String {
+        format!("{}:{{{name}}}:{part}", self.cfg.key_prefix)
+    }
+
+    fn register(&self, name: String, member: Member) {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, member);
+    }
+
+    fn member(&self, name: &str) -> Option<Live> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .and_then(Member::upgrade)
+    }
+
+    /// Raises the fleet-wide cool-down of `name` (only if later) and tells the peers.
+    fn share_cooldown(&self, name: &str, model: Option<&str>, until_ms: i64) {
+        let key = self.key(name, "cool");
+        let _: Result<i64, _> = self.run("cooldown", |c| {
+            Script::new(COOL)
+                .key(&key)
+                .arg(model.unwrap_or("*"))
+                .arg(until_ms)
+                .arg(self.channel())
+                .arg(name)
+                .invoke(c)
+        });
+    }
+
+    /// Writes the `invalid` verdict on `name` as `tag` knows it and tells the peers.
+    fn share_invalid(&self, name: &str, tag: &str, message: Option<&str>) {
+        let key = self.key(name, "state");
+        let value = format!("{tag}|{}", message.unwrap_or(""));
+        let written: Result<(), _> = self.run("state", |c| {
+            redis::pipe()
+                .hset(&key, "invalid", &value)
+                .ignore()
+                .publish(self.channel(), format!("{name} verdict"))
+                .ignore()
+                .query(c)
+        });
+        let mut mine = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        match message {
+            // Kept even when the write failed: the poller writes it once Redis is back.
+            Some(_) => {
+                mine.insert(name.to_string(), value);
+            }
+            None => {
+                mine.remove(name);
+            }
+        }
+        drop(mine);
+        if written.is_err() {
+            tracing::debug!(target: "tokenrelay::store", credential = %name, "the verdict waits for the fleet store");
+        }
     }
 
     fn set_up(&self, up: bool) {
@@ -280,26 +390,23 @@ impl Fleet {
             match pubsub.get_message() {
                 Ok(msg) => {
                     let payload: String = msg.get_payload().unwrap_or_default();
-                    let name = payload.split(' ').next().unwrap_or("");
-                    if let Some((provider, id)) = name.split_once('/') {
-                        let _ = self.events.send(FleetEvent::Changed {
-                            provider: provider.into(),
-                            id: id.into(),
-                        });
-                        if payload.ends_with(" cool") {
-                            self.read_cooldowns(name);
+                    let Some((name, what)) = payload.rsplit_once(' ') else {
+                        continue;
+                    };
+                    let Some(member) = self.member(name) else {
+                        continue;
+                    };
+                    match (what, &member) {
+                        ("cool" | "dead" | "verdict", _) => {
+                            let _ = self.read_shared(name, &member);
                         }
-                        if payload.ends_with(" dead") {
-                            let store = self
-                                .stores
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get(name)
-                                .and_then(std::sync::Weak::upgrade);
-                            if let Some(store) = store {
-                                self.read_dead(&store);
-                            }
+                        (_, Live::Record(s)) => {
+                            let _ = self.events.send(FleetEvent::Changed {
+                                provider: s.provider.clone(),
+                                id: s.id.clone(),
+                            });
                         }
+                        (_, Live::Key(_)) => {}
                     }
                 }
                 Err(e) if e.is_timeout() => continue,
@@ -308,66 +415,57 @@ impl Fleet {
         }
     }
 
-    /// One round: every record's version against ours; lost records re-asserted; peers'
-    /// cool-downs applied.
+    /// One round: every record's version against ours (lost records re-asserted), and
+    /// every credential's shared cool-downs and verdicts.
     fn poll_once(&self) {
-        let stores: Vec<Arc<RedisStore>> = {
-            let mut map = self.stores.lock().unwrap_or_else(|p| p.into_inner());
-            map.retain(|_, w| w.strong_count() > 0);
-            map.values().filter_map(std::sync::Weak::upgrade).collect()
+        let members: Vec<(String, Live)> = {
+            let mut map = self.members.lock().unwrap_or_else(|p| p.into_inner());
+            map.retain(|_, m| m.upgrade().is_some());
+            map.iter()
+                .filter_map(|(n, m)| Some((n.clone(), m.upgrade()?)))
+                .collect()
         };
-        for s in stores {
-            let key = s.rec_key();
-            let v: Result<Option<u64>, _> = self.run("poll", |c| c.hget(&key, "v"));
-            match v {
-                Ok(Some(v)) if v > s.seen.load(Ordering::Acquire) => {
-                    let _ = self.events.send(FleetEvent::Changed {
-                        provider: s.provider.clone(),
-                        id: s.id.clone(),
-                    });
-                }
-                Ok(stored) => {
-                    if stored.unwrap_or(0) < s.seen.load(Ordering::Acquire) {
-                        s.reassert();
+        for (name, member) in members {
+            if let Live::Record(s) = &member {
+                let key = s.rec_key();
+                let v: Result<Option<u64>, _> = self.run("poll", |c| c.hget(&key, "v"));
+                match v {
+                    Ok(Some(v)) if v > s.seen.load(Ordering::Acquire) => {
+                        let _ = self.events.send(FleetEvent::Changed {
+                            provider: s.provider.clone(),
+                            id: s.id.clone(),
+                        });
                     }
+                    Ok(stored) => {
+                        if stored.unwrap_or(0) < s.seen.load(Ordering::Acquire) {
+                            s.reassert();
+                        }
+                    }
+                    Err(_) => return,
                 }
-                Err(_) => return,
             }
-            self.read_cooldowns(&s.name());
-            self.read_dead(&s);
+            if self.read_shared(&name, &member).is_err() {
+                return;
+            }
         }
     }
 
-    /// A peer's verdict that the record at the version this replica holds is dead.
-    fn read_dead(&self, s: &RedisStore) {
-        let key = s.key("state");
-        let Ok(Some(dead)) = self.run("state", |c| {
-            c.hget::<_, _, Option<String>>(&key, "needs_reauth")
-        }) else {
-            return;
-        };
-        let Some((v, message)) = dead.split_once('|') else {
-            return;
-        };
-        if v.parse::<u64>().ok() == Some(s.seen.load(Ordering::Acquire)) {
-            let _ = self.events.send(FleetEvent::NeedsReauth {
-                provider: s.provider.clone(),
-                id: s.id.clone(),
-                message: message.to_string(),
-            });
-        }
-    }
-
-    fn read_cooldowns(&self, name: &str) {
-        let Some((provider, id)) = name.split_once('/') else {
-            return;
-        };
-        let key = format!("{}:{{{name}}}:cool", self.cfg.key_prefix);
-        let Ok(all) = self.run("cooldowns", |c| c.hgetall::<_, HashMap<String, i64>>(&key)) else {
-            return;
-        };
+    /// Peers' cool-downs and verdicts on one credential, in one round trip, applied here.
+    fn read_shared(&self, name: &str, member: &Live) -> Result<(), StoreError> {
+        let (provider, id) = name.split_once('/').unwrap_or((name, ""));
+        let (cool_key, state_key) = (self.key(name, "cool"), self.key(name, "state"));
+        let (cools, (dead, verdict)): (HashMap<String, i64>, (Option<String>, Option<String>)) =
+            self.run("shared", |c| {
+                redis::pipe()
+                    .hgetall(&cool_key)
+                    .cmd("HMGET")
+                    .arg(&state_key)
+                    .arg("needs_reauth")
+                    .arg("invalid")
+                    .query(c)
+            })?;
         let now = clock::now_ms();
-        for (model, until) in all.into_iter().filter(|(_, u)| *u > now) {
+        for (model, until) in cools.into_iter().filter(|(_, u)| *u > now) {
             let _ = self.events.send(FleetEvent::Cooldown {
                 provider: provider.into(),
                 id: id.into(),
@@ -375,6 +473,82 @@ impl Fleet {
                 until_ms: until,
             });
         }
+        // Keyed by the version it was found at: a new record (a re-login) is not dead.
+        if let (Live::Record(s), Some((v, message))) =
+            (member, dead.as_deref().and_then(|d| d.split_once('|')))
+        {
+            if v.parse::<u64>().ok() == Some(s.seen.load(Ordering::Acquire)) {
+                let _ = self.events.send(FleetEvent::NeedsReauth {
+                    provider: provider.into(),
+                    id: id.into(),
+                    message: message.to_string(),
+                });
+            }
+        }
+        let mut mine = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        match verdict {
+            Some(value) => {
+                if mine.get(name).is_some_and(|m| *m != value) {
+                    // Someone replaced this replica's verdict (an operator brought it back).
+                    mine.remove(name);
+                }
+                drop(mine);
+                if let Some((tag, message)) = value.split_once('|') {
+                    if tag == member.tag() {
+                        let _ = self.events.send(FleetEvent::Invalid {
+                            provider: provider.into(),
+                            id: id.into(),
+                            message: (!message.is_empty()).then(|| message.to_string()),
+                        });
+                    }
+                }
+            }
+            // Redis lost it (restarted empty): this replica's verdict goes back.
+            None => {
+                if let Some(value) = mine.get(name).cloned() {
+                    drop(mine);
+                    let _: Result<(), _> =
+                        self.run("state", |c| c.hset(&state_key, "invalid", &value));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A static API key in fleet mode. Keys are configuration, not records, but a key's
+/// cool-downs and the upstream refusing it are shared like a record's.
+pub struct SharedKey {
+    fleet: Arc<Fleet>,
+    name: String,
+    /// `k` + 16 hex digits of the key's SHA-256: a verdict about the key an id named
+    /// before the operator replaced it is not about this one.
+    tag: String,
+}
+
+impl SharedKey {
+    pub fn new(fleet: &Arc<Fleet>, provider: &str, id: &str, key: &SecretString) -> Arc<SharedKey> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.expose_secret().as_bytes());
+        let tag: String = std::iter::once("k".to_string())
+            .chain(digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")))
+            .collect();
+        let shared = Arc::new(SharedKey {
+            fleet: Arc::clone(fleet),
+            name: format!("{provider}/{id}"),
+            tag,
+        });
+        fleet.register(shared.name.clone(), Member::Key(Arc::downgrade(&shared)));
+        shared
+    }
+}
+
+impl super::Shares for SharedKey {
+    fn share_cooldown(&self, model: Option<&str>, until_ms: i64) {
+        self.fleet.share_cooldown(&self.name, model, until_ms);
+    }
+
+    fn share_invalid(&self, message: Option<&str>) {
+        self.fleet.share_invalid(&self.name, &self.tag, message);
     }
 }
 
@@ -420,11 +594,7 @@ impl RedisStore {
             retrying: AtomicBool::new(false),
             lease: Mutex::new(None),
         });
-        fleet
-            .stores
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(store.name(), Arc::downgrade(&store));
+        fleet.register(store.name(), Member::Record(Arc::downgrade(&store)));
         store
     }
 
@@ -433,7 +603,7 @@ impl RedisStore {
     }
 
     fn key(&self, part: &str) -> String {
-        format!("{}:{{{}}}:{part}", self.fleet.cfg.key_prefix, self.name())
+        self.fleet.key(&self.name(), part)
     }
 
     fn rec_key(&self) -> String {
@@ -558,20 +728,6 @@ impl RedisStore {
             Err(_) => serde_json::json!({"kind": "redis", "up": false, "version": self.version()}),
         }
     }
-
-    /// Raises the fleet-wide cool-down (only if later) and tells the peers.
-    pub fn share_cooldown(&self, model: Option<&str>, until_ms: i64) {
-        let key = self.key("cool");
-        let _: Result<i64, _> = self.fleet.run("cooldown", |c| {
-            Script::new(COOL)
-                .key(&key)
-                .arg(model.unwrap_or("*"))
-                .arg(until_ms)
-                .arg(self.fleet.channel())
-                .arg(self.name())
-                .invoke(c)
-        });
-    }
 }
 
 /// The lease: renewed while held, released by compare-and-delete on drop. A renewal or
@@ -606,6 +762,33 @@ pub fn renew_if_held(fleet: &Fleet, key: &str, value: &str, ms: u64) -> Result<b
         Script::new(RENEW).key(key).arg(value).arg(ms).invoke(c)
     })?;
     Ok(n == 1)
+}
+
+impl super::Shares for RedisStore {
+    fn share_cooldown(&self, model: Option<&str>, until_ms: i64) {
+        self.fleet.share_cooldown(&self.name(), model, until_ms);
+    }
+
+    fn share_needs_reauth(&self, message: &str) {
+        // Keyed by the version it was found at: a new record (a re-login) is not dead.
+        let v = self.seen.load(Ordering::Acquire);
+        let key = self.key("state");
+        let channel = self.fleet.channel();
+        let name = self.name();
+        let _: Result<(), _> = self.fleet.run("state", |c| {
+            redis::pipe()
+                .hset(&key, "needs_reauth", format!("{v}|{message}"))
+                .ignore()
+                .publish(&channel, format!("{name} dead"))
+                .ignore()
+                .query(c)
+        });
+    }
+
+    fn share_invalid(&self, message: Option<&str>) {
+        let tag = format!("v{}", self.seen.load(Ordering::Acquire));
+        self.fleet.share_invalid(&self.name(), &tag, message);
+    }
 }
 
 impl CredentialStore for RedisStore {
@@ -707,14 +890,7 @@ impl CredentialStore for RedisStore {
             Err(e) => {
                 // Keep it in memory (the lifecycle does) and land it when Redis is back.
                 *self.doc.lock().unwrap_or_else(|p| p.into_inner()) = Some(doc.clone());
-                if let Some(me) = self
-                    .fleet
-                    .stores
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&self.name())
-                    .and_then(std::sync::Weak::upgrade)
-                {
+                if let Some(Live::Record(me)) = self.fleet.member(&self.name()) {
                     me.retry_write(from, doc);
                 }
                 Err(e)
@@ -832,26 +1008,6 @@ impl CredentialStore for RedisStore {
             c.hset(&rec_key, "attempt", format!("{fence}:{v}"))
         })?;
         Ok(false)
-    }
-
-    fn share_cooldown(&self, model: Option<&str>, until_ms: i64) {
-        RedisStore::share_cooldown(self, model, until_ms);
-    }
-
-    fn share_needs_reauth(&self, message: &str) {
-        // Keyed by the version it was found at: a new record (a re-login) is not dead.
-        let v = self.seen.load(Ordering::Acquire);
-        let key = self.key("state");
-        let channel = self.fleet.channel();
-        let name = self.name();
-        let _: Result<(), _> = self.fleet.run("state", |c| {
-            redis::pipe()
-                .hset(&key, "needs_reauth", format!("{v}|{message}"))
-                .ignore()
-                .publish(&channel, format!("{name} dead"))
-                .ignore()
-                .query(c)
-        });
     }
 
     fn describe(&self) -> Option<Value> {
