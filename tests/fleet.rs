@@ -135,8 +135,9 @@ async fn chat(t: &TestApp) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_share_one_rotating_credential_with_one_redemption_per_expiry() {
-    // 3 tokenrelay processes × 20 clients in a loop (a request every 50 ms each), tokens
+    // 3 tokenrelay processes × 50 clients in a loop (a request every 50 ms each), tokens
     // living 3 s, one strict-rotation token endpoint (an old refresh token is refused).
+    // TOKENRELAY_SOAK_SECS sets how long (default 60 s, at most 600).
     use crate::process::Proc;
     let redis = Redis::start();
     let valid = ValidTokens::default();
@@ -170,12 +171,12 @@ async fn three_replicas_share_one_rotating_credential_with_one_redemption_per_ex
     let secs: u64 = std::env::var("TOKENRELAY_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(20)
-        .clamp(6, 60);
+        .unwrap_or(60)
+        .clamp(6, 600);
     let stop = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for r in &replicas {
-        for _ in 0..20 {
+        for _ in 0..50 {
             let http = http.clone();
             let url = format!("{}/qwen/v1/chat/completions", r.proxy);
             tasks.push(tokio::spawn(async move {

@@ -13,6 +13,7 @@
 //!   headers never reach the upstream.
 
 pub mod browser;
+mod conns;
 pub mod error;
 pub mod retry_after;
 pub mod rewrite;
@@ -794,7 +795,7 @@ async fn send(
     headers: &HeaderMap,
     path_and_query: &str,
     body: UpBody,
-) -> Result<http::Response<crate::proxy::upstream::IdleTimeout>, hyper_util::client::legacy::Error>
+) -> Result<http::Response<crate::proxy::upstream::IdleTimeout>, crate::proxy::upstream::SendError>
 {
     let mut req = http::Request::new(body);
     *req.method_mut() = parts.method.clone();

@@ -1,71 +1,35 @@
-//! The HTTP client for upstream requests: hyper's pooled client over rustls (webpki
-//! roots), HTTP/1.1 and HTTP/2 by ALPN, keep-alive, a connect timeout, no redirects (a
-//! hyper client never follows them), and an idle timeout on response bodies instead of a
-//! total one (streams can be long).
-//!
-//! Measured against reqwest on this path, hyper directly saves URL parsing (with IDNA),
-//! header re-mapping and a timer per body read (see docs/benchmarks.md).
-
-use std::future::Future as _;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Duration;
+//! The HTTP client for upstream requests: this proxy thread's own connections (see
+//! `conns.rs`: an HTTP/1.1 exchange is driven inside the request's task; HTTPS upstreams
+//! that offer HTTP/2 share one multiplexed connection per thread), rustls with webpki
+//! roots plus `server.upstream_ca`, `resolve` overrides, keep-alive, a connect timeout, no
+//! redirects, and an idle timeout on response bodies instead of a total one (streams can
+//! be long).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::future::Future as _;
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, Sleep};
 
-pub type Connector = hyper_rustls::HttpsConnector<HttpConnector<Resolver>>;
+pub use super::conns::SendError;
+use super::conns::{Connections, Driven};
 
 /// A request body going upstream: buffered (replayable) or streamed (an upload larger
 /// than `server.max_request_body`, sent once).
 pub type UpBody = Either<Full<Bytes>, axum::body::Body>;
 
-/// The shared upstream client.
+/// One proxy thread's upstream client.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<Connector, UpBody>,
-    /// HTTP/1.1 only: a WebSocket upgrade needs it (no RFC 8441 over HTTP/2 upstream).
-    http1: Client<Connector, UpBody>,
+    conns: Arc<Connections>,
     idle_timeout: Duration,
-}
-
-/// Name resolution with `resolve` overrides (host → address, like curl's `--resolve`:
-/// loopback tests and Private Service Connect endpoints), else the system resolver. The
-/// port still comes from the URL; TLS still checks the original name.
-#[derive(Clone)]
-pub struct Resolver {
-    overrides: Arc<HashMap<String, IpAddr>>,
-    system: GaiResolver,
-}
-
-impl tower_service::Service<Name> for Resolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = std::io::Error;
-    type Future =
-        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.system.poll_ready(cx)
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        if let Some(ip) = self.overrides.get(name.as_str()) {
-            let addr = SocketAddr::new(*ip, 0);
-            return Box::pin(async move { Ok(vec![addr].into_iter()) });
-        }
-        let lookup = self.system.call(name);
-        Box::pin(async move { Ok(lookup.await?.collect::<Vec<_>>().into_iter()) })
-    }
 }
 
 impl Upstream {
@@ -73,7 +37,9 @@ impl Upstream {
         Upstream::with_resolve(connect_timeout, idle_timeout, HashMap::new(), &[])
     }
 
-    /// A client whose name lookups honour `overrides` first.
+    /// A client whose name lookups honour `overrides` (host → address, like curl's
+    /// `--resolve`: the port still comes from the URL, TLS still checks the original
+    /// name) and that also trusts `extra_roots`.
     pub fn with_resolve(
         connect_timeout: Duration,
         idle_timeout: Duration,
@@ -86,43 +52,19 @@ impl Upstream {
             // Validated by the config; a certificate rustls cannot use is skipped.
             let _ = roots.add(c.clone());
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
-        let resolver = Resolver {
-            overrides: Arc::new(overrides),
-            system: GaiResolver::new(),
-        };
-        let build = |h2: bool| {
-            let mut http = HttpConnector::new_with_resolver(resolver.clone());
-            http.set_connect_timeout(Some(connect_timeout));
-            http.set_nodelay(true);
-            http.enforce_http(false);
-            let builder = match &tls {
-                Ok(config) => {
-                    hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config.clone())
-                }
-                Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots(),
-            }
-            .https_or_http()
-            .enable_http1();
-            let https = if h2 {
-                builder.enable_http2().wrap_connector(http)
-            } else {
-                builder.wrap_connector(http)
-            };
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(1024)
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .build(https)
-        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|_| {
+                // ring supports the default versions; this branch is not reachable.
+                rustls::ClientConfig::builder_with_provider(provider)
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .expect("ring supports TLS 1.3")
+            })
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         Upstream {
-            client: build(true),
-            http1: build(false),
+            conns: Connections::new(tls, Arc::new(overrides), connect_timeout),
             idle_timeout,
         }
     }
@@ -131,10 +73,10 @@ impl Upstream {
     pub async fn send(
         &self,
         req: http::Request<UpBody>,
-    ) -> Result<http::Response<IdleTimeout>, hyper_util::client::legacy::Error> {
-        let resp = self.client.request(req).await?;
+    ) -> Result<http::Response<IdleTimeout>, SendError> {
+        let resp = self.conns.send(req).await?;
         let idle = self.idle_timeout;
-        Ok(resp.map(|body| IdleTimeout::new(body, idle)))
+        Ok(resp.map(|body| IdleTimeout::driven(body, idle)))
     }
 
     /// Sends a WebSocket handshake over HTTP/1.1; a 101 answer can be upgraded with
@@ -142,8 +84,8 @@ impl Upstream {
     pub async fn send_upgrade(
         &self,
         req: http::Request<UpBody>,
-    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
-        self.http1.request(req).await
+    ) -> Result<http::Response<Incoming>, SendError> {
+        self.conns.send_upgrade(req).await
     }
 
     pub fn idle_timeout(&self) -> Duration {
@@ -154,13 +96,17 @@ impl Upstream {
 /// A response body that fails when no data arrives for `idle`. The timer is armed only
 /// while the body is waiting, so a body that is already there costs no timer at all.
 pub struct IdleTimeout {
-    inner: Incoming,
+    inner: Driven,
     idle: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl IdleTimeout {
     pub fn new(inner: Incoming, idle: Duration) -> Self {
+        IdleTimeout::driven(Driven::plain(inner), idle)
+    }
+
+    fn driven(inner: Driven, idle: Duration) -> Self {
         IdleTimeout {
             inner,
             idle,

@@ -40,7 +40,7 @@ pub async fn handshake(
     token: &Token,
     uri: http::Uri,
     headers: &HeaderMap,
-) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+) -> Result<http::Response<hyper::body::Incoming>, crate::proxy::upstream::SendError> {
     let mut req = http::Request::new(UpBody::Left(http_body_util::Full::new(bytes::Bytes::new())));
     *req.uri_mut() = uri;
     *req.headers_mut() = headers.clone();
