@@ -373,16 +373,17 @@ fn main() {
         .unwrap()
         .as_millis() as i64;
     let (tr, tr_port, _) = tokenrelay(&bin, &work, "main", up, tok, 1, now + 3_600_000);
+    let (nginx_proc, ng_port) = nginx(&work, up);
     if std::env::args().any(|a| a == "--serve") {
         // For profiling: print where things are and keep them up.
         println!(
-            "upstream http://{up} tokenrelay http://127.0.0.1:{tr_port}/bench pid {}",
-            tr.0.id()
+            "upstream http://{up} tokenrelay http://127.0.0.1:{tr_port}/bench pid {} nginx http://127.0.0.1:{ng_port} master pid {}",
+            tr.0.id(),
+            nginx_proc.0.id()
         );
-        std::thread::sleep(Duration::from_secs(600));
+        std::thread::sleep(Duration::from_secs(1800));
         return;
     }
-    let (_nginx, ng_port) = nginx(&work, up);
     let paths = [
         ("direct", format!("http://{up}")),
         ("nginx", format!("http://127.0.0.1:{ng_port}")),

@@ -4,8 +4,8 @@
 # the 1,000-stream and 10,000-request measurements, builds in release mode, and runs.
 #   scripts/bench.sh           full run, rewrites docs/benchmarks.md
 #   scripts/bench.sh --quick   3-second smoke run, prints only
-#   scripts/bench.sh --serve   start the fakes and tokenrelay, print their addresses and
-#                              tokenrelay's pid, and wait (for perf record / oha by hand)
+#   scripts/bench.sh --serve   start the fakes, tokenrelay and nginx, print their addresses
+#                              and pids, and wait (for perf / valgrind / oha by hand)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -1,5 +1,6 @@
 //! The request path: what goes upstream, what comes back, failover and errors.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -390,4 +391,59 @@ async fn a_stream_that_goes_silent_is_cut_after_the_idle_timeout() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// An upstream that answers one request per connection with keep-alive, then closes the
+/// connection 50 ms later (as a server whose idle timeout is short does).
+async fn closing_upstream(accepted: Arc<std::sync::atomic::AtomicUsize>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = r#"{"ok":true}"#;
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                let _ = s.write_all(answer.as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_not_used_for_the_next_request() {
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstream = closing_upstream(Arc::clone(&accepted)).await;
+    let mut t = TestApp::empty().await;
+    t.launch(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxy_threads = 1\n[providers.dashscope]\nupstream = \"{upstream}\"\napi_keys = [\"sk-one\"]"
+    ))
+    .await;
+    for _ in 0..3 {
+        let resp = t
+            .http
+            .get(format!("{}/dashscope/v1/models", t.proxy))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            200,
+            "a closed pooled connection is never an error"
+        );
+        assert_eq!(resp.text().await.unwrap(), r#"{"ok":true}"#);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
 }

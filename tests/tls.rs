@@ -10,77 +10,28 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-/// A CA and a certificate for 127.0.0.1/localhost signed by it, made with openssl.
-fn make_certs(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=tokenrelay test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "leaf.key",
-        "-out",
-        "leaf.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "leaf.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
+/// A CA and a certificate for 127.0.0.1/localhost signed by it (`scripts/test-ca.sh`).
+pub fn make_certs(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test-ca.sh");
+    let out = Command::new(script).arg(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/test-ca.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// An HTTPS server offering h2 and http/1.1; answers the HTTP version and the bearer.
 async fn https_upstream(dir: &Path) -> String {
+    https_upstream_with(dir, &[b"h2", b"http/1.1"], Arc::default()).await
+}
+
+/// An HTTPS server offering `alpn`, counting the connections it accepts in `accepted`.
+async fn https_upstream_with(
+    dir: &Path,
+    alpn: &[&[u8]],
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
     use rustls_pki_types::pem::PemObject;
     let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(dir.join("leaf.pem"))
         .unwrap()
@@ -95,7 +46,7 @@ async fn https_upstream(dir: &Path) -> String {
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!(
@@ -108,6 +59,7 @@ async fn https_upstream(dir: &Path) -> String {
                 return;
             };
             let acceptor = acceptor.clone();
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -185,4 +137,35 @@ async fn an_https_upstream_with_a_private_ca_is_verified_and_spoken_to_over_http
     .unwrap()
     .to_string();
     assert!(err.contains("server.upstream_ca"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_http1_upstream_is_spoken_to_over_one_reused_connection() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstream = https_upstream_with(certs.path(), &[b"http/1.1"], Arc::clone(&accepted)).await;
+    let mut t = TestApp::empty().await;
+    t.launch(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxy_threads = 1\nupstream_ca = \"{}\"\n[providers.dashscope]\nupstream = \"{upstream}\"\napi_keys = [\"sk-tls\"]",
+        certs.path().join("ca.pem").display()
+    ))
+    .await;
+    for _ in 0..10 {
+        let resp = t
+            .http
+            .get(format!("{}/dashscope/v1/models", t.proxy))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["version"], "HTTP/1.1");
+        assert_eq!(v["authorization"], "Bearer sk-tls");
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "ten sequential requests, one pooled TLS connection"
+    );
 }

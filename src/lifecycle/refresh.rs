@@ -38,7 +38,8 @@ impl Credential {
         if token.is_fresh(clock::now_ms(), self.refresher.config.min_validity) {
             return Ok(token);
         }
-        match self.refresh_shared(Want::Fresh).await {
+        // Boxed: the refresh's state stays out of every request's future.
+        match Box::pin(self.refresh_shared(Want::Fresh)).await {
             Ok(t) => Ok(t),
             Err(e) => {
                 let current = self.token.load_full();
@@ -60,7 +61,7 @@ impl Credential {
         if self.is_api_key() || self.token.load().expiry == Expiry::Never {
             return None;
         }
-        Some(self.refresh_shared(Want::Replace(rejected)).await)
+        Some(Box::pin(self.refresh_shared(Want::Replace(rejected))).await)
     }
 
     /// A manual refresh: calls the token endpoint even if the token is fresh, and clears

@@ -274,7 +274,8 @@ impl Connections {
                 },
             }
         }
-        match self.connect(&origin, true).await? {
+        // Boxed: a new connection (and its TLS handshake) is the rare case.
+        match Box::pin(self.connect(&origin, true)).await? {
             Fresh::H1(h1) => self
                 .exchange(origin, h1, req)
                 .await

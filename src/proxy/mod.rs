@@ -196,7 +196,10 @@ fn split_path(path: &str) -> Option<(&str, &str)> {
 fn check_path(rest: &str) -> Result<(), ProxyError> {
     let dot = |piece: &str| piece == "." || piece == "..";
     for seg in rest.split('/') {
-        if percent_decode_lower(seg).split(['/', '\\']).any(dot) || seg.split('\\').any(dot) {
+        // Decoded only when it could hide something (`%2e%2e`, `..%2f`, `%5c`).
+        let hidden =
+            seg.contains(['%', '+']) && percent_decode_lower(seg).split(['/', '\\']).any(dot);
+        if hidden || seg.split('\\').any(dot) {
             return Err(ProxyError::new(
                 Reason::BadRequest,
                 "the path may not contain '.' or '..' segments",
@@ -344,7 +347,6 @@ fn capped(body: Body, limit: u64) -> Body {
 /// The request headers to forward: everything but client credentials, `Host`,
 /// `Content-Length` (recomputed) and hop-by-hop headers.
 fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
-    let mut out = incoming.clone();
     let named_in_connection: Vec<HeaderName> = incoming
         .get_all(header::CONNECTION)
         .iter()
@@ -352,15 +354,25 @@ fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in HOP_BY_HOP.iter().chain(&named_in_connection).chain([
-        &header::HOST,
-        &header::CONTENT_LENGTH,
-        &header::AUTHORIZATION,
-        &header::UPGRADE,
-        &X_API_KEY,
-        &GOOG_API_KEY,
-    ]) {
-        out.remove(name);
+    let dropped = |name: &HeaderName| {
+        HOP_BY_HOP.contains(name)
+            || [
+                &header::HOST,
+                &header::CONTENT_LENGTH,
+                &header::AUTHORIZATION,
+                &header::UPGRADE,
+                &X_API_KEY,
+                &GOOG_API_KEY,
+            ]
+            .contains(&name)
+            || named_in_connection.contains(name)
+    };
+    // One pass (a copy, then a removal per name, cost more than the copy).
+    let mut out = HeaderMap::with_capacity(incoming.len());
+    for (name, value) in incoming {
+        if !dropped(name) {
+            out.append(name, value.clone());
+        }
     }
     out
 }
@@ -517,7 +529,7 @@ async fn serve(
         if let Some(client) = upgrade.take() {
             trail.attempts += 1;
             let uri = upstream_uri(&base, &path_and_query);
-            match websocket::handshake(s, &token, uri, &headers).await {
+            match Box::pin(websocket::handshake(s, &token, uri, &headers)).await {
                 Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     trail.served = Some(cred.id.clone());
                     return Ok(websocket::splice(s, provider, client, resp));
@@ -623,9 +635,14 @@ async fn serve(
                     None => break Miss::Rejected { refreshed: false },
                 }
             }
-            let (resp, verdict) = match inspect(resp).await {
-                Ok(x) => x,
-                Err(e) => break Miss::Connect(error_chain(&e)),
+            let (resp, verdict) = if needs_inspection(status) {
+                // Boxed: a rare path whose state should not weigh on every request's.
+                match Box::pin(inspect(resp)).await {
+                    Ok(x) => x,
+                    Err(e) => break Miss::Connect(error_chain(&e)),
+                }
+            } else {
+                (resp.map(Body::new), None)
             };
             let Some(verdict) = verdict else {
                 trail.served = Some(cred.id.clone());
@@ -640,7 +657,7 @@ async fn serve(
                     break invalid(s, provider, &cred, reason, action);
                 }
                 Judgement::Refused(Refusal::Probe) => {
-                    if let Some(reason) = probe(s, kind, &token, &base).await {
+                    if let Some(reason) = Box::pin(probe(s, kind, &token, &base)).await {
                         break invalid(s, provider, &cred, reason, pool.config.hint_for(cred.kind));
                     }
                 }
@@ -850,6 +867,10 @@ impl ErrorAnswer {
     }
 }
 
+fn needs_inspection(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 401 | 403 | 429)
+}
+
 /// Reads the small error answers that may mean "next credential" (400, 401, 403, 429) up
 /// to 64 KiB and parses them; anything else, or a longer body (not an API error answer),
 /// passes through untouched. Returns the answer (re-assembled if its body was read).
@@ -857,7 +878,7 @@ async fn inspect(
     resp: http::Response<crate::proxy::upstream::IdleTimeout>,
 ) -> Result<(http::Response<Body>, Option<ErrorAnswer>), BodyError> {
     let status = resp.status();
-    if !matches!(status.as_u16(), 400 | 401 | 403 | 429) {
+    if !needs_inspection(status) {
         return Ok((resp.map(Body::new), None));
     }
     let retry_after = resp
