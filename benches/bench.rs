@@ -186,6 +186,17 @@ fn tokenrelay_keys(
 /// Writes `{name}.toml` (listeners on free ports, then `rest`) and starts the release
 /// binary on it; returns once both ports answer.
 fn spawn_tokenrelay(bin: &Path, work: &Path, name: &str, rest: &str) -> (Proc, u16, u16) {
+    spawn_tokenrelay_logged(bin, work, name, rest, "warn")
+}
+
+/// `spawn_tokenrelay` at log level `log` (its log goes to `{name}.log`).
+fn spawn_tokenrelay_logged(
+    bin: &Path,
+    work: &Path,
+    name: &str,
+    rest: &str,
+    log: &str,
+) -> (Proc, u16, u16) {
     let (port, admin) = (free_port(), free_port());
     let config = work.join(format!("{name}.toml"));
     std::fs::write(
@@ -196,7 +207,7 @@ fn spawn_tokenrelay(bin: &Path, work: &Path, name: &str, rest: &str) -> (Proc, u
     let child = Command::new(bin)
         .arg("--config")
         .arg(&config)
-        .env("TOKENRELAY_LOG", "warn")
+        .env("TOKENRELAY_LOG", log)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(work.join(format!("{name}.log"))).unwrap())
         .spawn()
@@ -207,10 +218,37 @@ fn spawn_tokenrelay(bin: &Path, work: &Path, name: &str, rest: &str) -> (Proc, u
 }
 
 fn nginx(work: &Path, upstream: SocketAddr) -> (Proc, u16) {
+    nginx_with(work, "nginx", upstream, None, false)
+}
+
+/// nginx proxying to `upstream` with keep-alive: over HTTPS verified against `ca` when
+/// given (nginx speaks HTTP/1.1 to upstreams), with an access log file when `log`.
+fn nginx_with(
+    work: &Path,
+    name: &str,
+    upstream: SocketAddr,
+    ca: Option<&Path>,
+    log: bool,
+) -> (Proc, u16) {
     let port = free_port();
-    let dir = work.join("nginx");
+    let dir = work.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("nginx.conf");
+    let access_log = if log {
+        format!("access_log {}/access.log;", dir.display())
+    } else {
+        "access_log off;".to_string()
+    };
+    let (scheme, tls) = match ca {
+        Some(ca) => (
+            "https",
+            format!(
+                "proxy_ssl_trusted_certificate {};\n      proxy_ssl_verify on;\n      proxy_ssl_name localhost;\n      proxy_ssl_server_name on;\n      proxy_ssl_session_reuse on;",
+                ca.display()
+            ),
+        ),
+        None => ("http", String::new()),
+    };
     std::fs::write(
         &conf,
         format!(
@@ -220,7 +258,7 @@ pid {pid};
 error_log {dir}/error.log warn;
 events {{ worker_connections 20000; }}
 http {{
-  access_log off;
+  {access_log}
   client_body_temp_path {dir}/body;
   proxy_temp_path {dir}/proxy;
   fastcgi_temp_path {dir}/fastcgi;
@@ -230,11 +268,12 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     location / {{
-      proxy_pass http://fake;
+      proxy_pass {scheme}://fake;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Authorization "Bearer static-token";
       proxy_buffering off;
+      {tls}
     }}
   }}
 }}
@@ -255,6 +294,66 @@ http {{
         .expect("nginx (scripts/bench.sh installs it)");
     wait_port(port);
     (Proc(child), port)
+}
+
+/// The processes of nginx `master` (its workers are its children).
+fn nginx_pids(master: u32) -> Vec<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+        .unwrap_or_default();
+    std::iter::once(master)
+        .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+        .collect()
+}
+
+/// A CA and a certificate for localhost / 127.0.0.1 (`scripts/test-ca.sh`, openssl).
+fn make_certs(root: &Path, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ok = Command::new(root.join("scripts/test-ca.sh"))
+        .arg(dir)
+        .status()
+        .expect("scripts/test-ca.sh (needs openssl)")
+        .success();
+    assert!(ok, "scripts/test-ca.sh failed");
+}
+
+/// The fake upstream over TLS, offering `alpn` (HTTP/2 is detected from the preface).
+async fn serve_tls(certs: &Path, alpn: &[&[u8]]) -> SocketAddr {
+    use rustls_pki_types::pem::PemObject;
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(certs.join("leaf.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(certs.join("leaf.key")).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service_fn(upstream))
+                    .await;
+            });
+        }
+    });
+    addr
 }
 
 #[derive(Clone, Copy, Default)]
@@ -288,6 +387,10 @@ fn oha(url: &str, rate: Option<u32>, secs: u32, connections: u32) -> Latency {
     ]);
     if let Some(q) = rate {
         cmd.args(["-q", &q.to_string(), "--latency-correction"]);
+    }
+    if url.starts_with("https:") {
+        // The direct path to the HTTPS fake upstream (its CA is the test CA).
+        cmd.arg("--insecure");
     }
     let out = cmd
         .arg(url)
@@ -329,6 +432,232 @@ async fn first_event(url: &str, n: usize) -> (f64, f64) {
     }
     samples.sort_by(f64::total_cmp);
     (samples[n / 2], samples[(n * 99 / 100).min(n - 1)])
+}
+
+/// RSS of `pids` (MB) with 1,000 SSE streams open through `url`, after one second.
+fn rss_with_streams(rt: &tokio::runtime::Runtime, url: &str, pids: &[u32]) -> f64 {
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let mut open = Vec::new();
+        for _ in 0..1000 {
+            let c = client.clone();
+            let u = url.to_string();
+            open.push(tokio::spawn(async move {
+                let mut r = c.post(u).body("{}").send().await.unwrap();
+                r.chunk().await.unwrap();
+                r
+            }));
+        }
+        let mut streams = Vec::new();
+        for o in open {
+            streams.push(o.await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss = pids.iter().map(|p| rss_mb(*p)).sum();
+        drop(streams);
+        rss
+    })
+}
+
+/// One path's figures at 1,000/s and at saturation.
+struct Measured {
+    name: String,
+    at_rate: Latency,
+    rps: f64,
+}
+
+fn measure(name: &str, url: &str, secs: u32) -> Measured {
+    let _ = oha(url, Some(500), 1, 8);
+    let at_rate = oha(url, Some(1000), secs, 64);
+    let rps = oha(url, None, secs, 64).rps;
+    eprintln!(
+        "{name}: p50 {:.3} ms p99 {:.3} ms at 1000/s, saturation {rps:.0} req/s",
+        at_rate.p50, at_rate.p99
+    );
+    Measured {
+        name: name.to_string(),
+        at_rate,
+        rps,
+    }
+}
+
+/// What real deployments do: HTTPS upstreams (HTTP/1.1 and HTTP/2), access logs on, and
+/// memory per open stream for nginx and tokenrelay. Returns its part of the report.
+#[allow(clippy::too_many_arguments)]
+fn deployments(
+    root: &Path,
+    bin: &Path,
+    work: &Path,
+    fakes: &tokio::runtime::Runtime,
+    rt: &tokio::runtime::Runtime,
+    up: SocketAddr,
+    secs: u32,
+    main: ((u32, u16), (u32, u16)),
+) -> String {
+    let ((tr_pid, tr_port), (ng_master, ng_port)) = main;
+    let mut s = String::new();
+    let certs = work.join("certs");
+    make_certs(root, &certs);
+    let ca = certs.join("ca.pem");
+    let (tls_h2, tls_h1) = fakes.block_on(async {
+        (
+            serve_tls(&certs, &[b"h2", b"http/1.1"]).await,
+            serve_tls(&certs, &[b"http/1.1"]).await,
+        )
+    });
+    let keyed = |upstream: &str| {
+        format!(
+            "upstream_ca = \"{}\"\n[providers.bench]\nupstream = \"{upstream}\"\napi_keys = [\"bench-key\"]\n",
+            ca.display()
+        )
+    };
+    let (_ng_tls, ng_tls_port) = nginx_with(work, "nginx-tls", tls_h1, Some(&ca), false);
+    let (_t1, t1_port, _) = spawn_tokenrelay(
+        bin,
+        work,
+        "tls-h1",
+        &keyed(&format!("https://localhost:{}", tls_h1.port())),
+    );
+    let (_t2, t2_port, _) = spawn_tokenrelay(
+        bin,
+        work,
+        "tls-h2",
+        &keyed(&format!("https://localhost:{}", tls_h2.port())),
+    );
+    let path = "/v1/chat/completions";
+    let https = [
+        measure(
+            "direct (HTTPS)",
+            &format!("https://localhost:{}{path}", tls_h1.port()),
+            secs,
+        ),
+        measure(
+            "nginx → HTTPS, HTTP/1.1 keep-alive",
+            &format!("http://127.0.0.1:{ng_tls_port}{path}"),
+            secs,
+        ),
+        measure(
+            "tokenrelay → HTTPS, HTTP/1.1",
+            &format!("http://127.0.0.1:{t1_port}/bench{path}"),
+            secs,
+        ),
+        measure(
+            "tokenrelay → HTTPS, HTTP/2",
+            &format!("http://127.0.0.1:{t2_port}/bench{path}"),
+            secs,
+        ),
+    ];
+    let _ = writeln!(
+        s,
+        "## HTTPS upstream
+"
+    );
+    let _ = writeln!(s, "The fake upstream behind TLS (a P-256 certificate from a throwaway CA, trusted through `server.upstream_ca` and nginx's `proxy_ssl_trusted_certificate`). nginx speaks HTTP/1.1 with keep-alive to upstreams (it has no HTTP/2 to upstreams); tokenrelay is measured against an upstream that offers only HTTP/1.1 and one that offers HTTP/2 (one multiplexed connection per proxy thread).\n");
+    let _ = writeln!(
+        s,
+        "| path | p50 at 1000/s | p99 at 1000/s | added p50 | added p99 | saturation req/s | vs nginx |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for m in &https {
+        let d = &https[0];
+        let _ = writeln!(
+            s,
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.2}× |",
+            m.name,
+            m.at_rate.p50,
+            m.at_rate.p99,
+            m.at_rate.p50 - d.at_rate.p50,
+            m.at_rate.p99 - d.at_rate.p99,
+            m.rps,
+            ratio(m.rps, https[1].rps)
+        );
+    }
+
+    // Per-request access logs: nginx `access_log` to a file, tokenrelay at `info` (one
+    // line per request) to a file; next to both without.
+    let (_ng_log, ng_log_port) = nginx_with(work, "nginx-log", up, None, true);
+    let plain =
+        format!("[providers.bench]\nupstream = \"http://{up}\"\napi_keys = [\"bench-key\"]\n");
+    let (_t_quiet, t_quiet_port, _) = spawn_tokenrelay(bin, work, "quiet", &plain);
+    let (_t_log, t_log_port, _) = spawn_tokenrelay_logged(bin, work, "logged", &plain, "info");
+    let logs = [
+        measure(
+            "nginx, access_log off",
+            &format!("http://127.0.0.1:{ng_port}{path}"),
+            secs,
+        ),
+        measure(
+            "nginx, access_log to a file",
+            &format!("http://127.0.0.1:{ng_log_port}{path}"),
+            secs,
+        ),
+        measure(
+            "tokenrelay, log level warn",
+            &format!("http://127.0.0.1:{t_quiet_port}/bench{path}"),
+            secs,
+        ),
+        measure(
+            "tokenrelay, log level info (a line per request) to a file",
+            &format!("http://127.0.0.1:{t_log_port}/bench{path}"),
+            secs,
+        ),
+    ];
+    let _ = writeln!(s, "\n## Access logs\n");
+    let _ = writeln!(
+        s,
+        "| path | p50 at 1000/s | p99 at 1000/s | saturation req/s | vs nginx with its log |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for m in &logs {
+        let _ = writeln!(
+            s,
+            "| {} | {:.3} | {:.3} | {:.0} | {:.2}× |",
+            m.name,
+            m.at_rate.p50,
+            m.at_rate.p99,
+            m.rps,
+            ratio(m.rps, logs[1].rps)
+        );
+    }
+
+    // Memory per open stream, both proxies.
+    let ng_pids = nginx_pids(ng_master);
+    let ng_idle: f64 = ng_pids.iter().map(|p| rss_mb(*p)).sum();
+    let ng_streams = rss_with_streams(
+        rt,
+        &format!("http://127.0.0.1:{ng_port}/v1/sse?events=100"),
+        &ng_pids,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let tr_idle = rss_mb(tr_pid);
+    let tr_streams = rss_with_streams(
+        rt,
+        &format!("http://127.0.0.1:{tr_port}/bench/v1/sse?events=100"),
+        &[tr_pid],
+    );
+    eprintln!("per stream: nginx {ng_idle:.1} → {ng_streams:.1} MB, tokenrelay {tr_idle:.1} → {tr_streams:.1} MB");
+    let _ = writeln!(s, "\n## Memory per open stream\n");
+    let _ = writeln!(s, "1,000 concurrent SSE streams held open through each proxy (nginx: master and workers summed).\n");
+    let _ = writeln!(
+        s,
+        "| proxy | RSS before (MB) | RSS with 1,000 streams (MB) | per stream (KB) |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|");
+    for (name, before, during) in [
+        ("nginx", ng_idle, ng_streams),
+        ("tokenrelay", tr_idle, tr_streams),
+    ] {
+        let _ = writeln!(
+            s,
+            "| {name} | {before:.1} | {during:.1} | {:.0} |",
+            (during - before) * 1024.0 / 1000.0
+        );
+    }
+    s.push('\n');
+    s
 }
 
 fn rss_mb(pid: u32) -> f64 {
@@ -623,6 +952,16 @@ fn main() {
         "storm: {storm_calls} token-endpoint calls, {storm_ok}/{storm_n} ok, p99 {storm_p99:.1} ms"
     );
     drop(storm);
+    let real = deployments(
+        root,
+        &bin,
+        &work,
+        &fakes,
+        &rt,
+        up,
+        secs,
+        ((tr.0.id(), tr_port), (nginx_proc.0.id(), ng_port)),
+    );
     drop(tr);
 
     let report = report(
@@ -638,6 +977,7 @@ fn main() {
         storm_n,
         storm_p99,
         quick,
+        &real,
     );
     println!("{report}");
     if !quick {
@@ -662,6 +1002,7 @@ fn report(
     storm_n: usize,
     storm_p99: f64,
     quick: bool,
+    real: &str,
 ) -> String {
     let mut s = String::new();
     let machine = machine();
@@ -759,8 +1100,9 @@ fn report(
         s,
         "| refresh storm: requests answered 200 | {storm_ok}/{storm_n} | all |"
     );
-    let _ = writeln!(s, "| refresh storm: p99 latency | {storm_p99:.1} ms | |");
-    let _ = writeln!(s, "\n## What the profile says\n");
+    let _ = writeln!(s, "| refresh storm: p99 latency | {storm_p99:.1} ms | |\n");
+    s.push_str(real);
+    let _ = writeln!(s, "## What the profile says\n");
     let _ = writeln!(
         s,
         "Targets: SSE first event ≤ 1 ms added, RSS idle ≤ 30 MB and one refresh per storm are met; added latency and saturation throughput do not yet match nginx. What `perf record -e cpu-clock` and `strace -c` on tokenrelay at saturation showed, and what was done:\n\n\

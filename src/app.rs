@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -155,7 +154,7 @@ impl App {
                     pool_config: config.pool.clone(),
                     browser: proxy_guard.clone(),
                 });
-                Router::new().fallback(proxy::handle).with_state(state)
+                proxy::ProxyService(state)
             })
             .collect();
         let stop = shutdown.subscribe();

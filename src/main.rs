@@ -102,8 +102,10 @@ fn init_logging() {
         }
         EnvFilter::new("info")
     });
+    // Colours only on a terminal: a log file or a collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match std::env::var("TOKENRELAY_LOG_FORMAT").as_deref() {
         Ok("json") => builder.json().flatten_event(true).init(),

@@ -77,6 +77,23 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// The proxy as a hyper service: every request goes to `handle` (one route: no router).
+#[derive(Clone)]
+pub struct ProxyService(pub Arc<ProxyState>);
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ProxyService {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send>,
+    >;
+
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        let s = Arc::clone(&self.0);
+        Box::pin(async move { Ok(handle(State(s), req.map(Body::new)).await) })
+    }
+}
+
 pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -945,8 +962,11 @@ fn stream_back(
     rewrite: Option<(&rewrite::Origins, &ProviderPool)>,
 ) -> Response {
     let headers = resp.headers_mut();
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    // Usually none is there: one look at each header instead of a removal per name.
+    if headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        for h in &HOP_BY_HOP {
+            headers.remove(h);
+        }
     }
     if let Some((origins, pool)) = rewrite {
         if let Some(session) = rewrite::point_back(headers, origins) {

@@ -78,14 +78,21 @@ async fn accept_loop(
     }
 }
 
-fn spawn_connection(
+fn spawn_connection<S>(
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
-    app: &Router,
+    service: S,
     stream: TcpStream,
     permit: OwnedSemaphorePermit,
-) {
-    let service = TowerToHyperService::new(app.clone());
+) where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
@@ -121,18 +128,19 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let builder = builder(&limits);
     accept_loop(listener, limits.max_connections, &stop, |stream, permit| {
-        spawn_connection(&builder, &graceful, &app, stream, permit);
+        let service = TowerToHyperService::new(app.clone());
+        spawn_connection(&builder, &graceful, service, stream, permit);
     })
     .await;
     drain(graceful, grace).await;
 }
 
 /// Serves the proxy: one accept loop on the calling runtime, connections handed round
-/// robin to one thread per entry of `apps` (each app carries that thread's upstream
-/// client). Returns when every thread has drained.
+/// robin to one thread per entry of `apps` (each carries that thread's upstream client).
+/// Returns when every thread has drained.
 pub async fn serve_on_threads(
     listener: TcpListener,
-    apps: Vec<Router>,
+    apps: Vec<super::ProxyService>,
     limits: Limits,
     stop: watch::Receiver<bool>,
     grace: Duration,
@@ -154,7 +162,7 @@ pub async fn serve_on_threads(
                     // The accept loop closes the queue when it stops.
                     while let Some((stream, permit)) = rx.recv().await {
                         match TcpStream::from_std(stream) {
-                            Ok(s) => spawn_connection(&builder, &graceful, &app, s, permit),
+                            Ok(s) => spawn_connection(&builder, &graceful, app.clone(), s, permit),
                             Err(e) => tracing::warn!(error = %e, "cannot take over a connection"),
                         }
                     }
