@@ -54,9 +54,8 @@ enum Command {
 fn main() -> ExitCode {
     let args = Args::parse();
     let command = args.command.unwrap_or(Command::Run);
-    if matches!(command, Command::Run) {
-        init_logging();
-    }
+    // Held to the end of `main`: dropping it writes out the lines still queued.
+    let _log_writer = matches!(command, Command::Run).then(init_logging).flatten();
     let config = match tokenrelay::Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -94,8 +93,17 @@ fn main() -> ExitCode {
 }
 
 /// `TOKENRELAY_LOG` (EnvFilter syntax, default `info`) and `TOKENRELAY_LOG_FORMAT`
-/// (`text` or `json`).
-fn init_logging() {
+/// (`text` or `json`), to stderr through the batching log writer (`ops::logwriter`).
+fn init_logging() -> Option<tokenrelay::ops::logwriter::LogGuard> {
+    let (writer, guard) = match tokenrelay::ops::logwriter::start(std::io::stderr()) {
+        Ok(w) => (Some(w.0), Some(w.1)),
+        Err(e) => {
+            eprintln!(
+                "tokenrelay: cannot start the log writer thread ({e}); writing logs directly"
+            );
+            (None, None)
+        }
+    };
     let filter = EnvFilter::try_from_env("TOKENRELAY_LOG").unwrap_or_else(|e| {
         if std::env::var_os("TOKENRELAY_LOG").is_some() {
             eprintln!("tokenrelay: TOKENRELAY_LOG is not a valid filter ({e}); using \"info\"");
@@ -105,10 +113,17 @@ fn init_logging() {
     // Colours only on a terminal: a log file or a collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match std::env::var("TOKENRELAY_LOG_FORMAT").as_deref() {
-        Ok("json") => builder.json().flatten_event(true).init(),
-        _ => builder.init(),
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let json = std::env::var("TOKENRELAY_LOG_FORMAT").as_deref() == Ok("json");
+    match (writer, json) {
+        (Some(w), true) => builder.with_writer(w).json().flatten_event(true).init(),
+        (Some(w), false) => builder.with_writer(w).init(),
+        (None, true) => builder
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+            .init(),
+        (None, false) => builder.with_writer(std::io::stderr).init(),
     }
+    guard
 }

@@ -8,4 +8,5 @@ pub mod alert;
 pub mod cli;
 pub mod console;
 pub mod login;
+pub mod logwriter;
 pub mod metrics;

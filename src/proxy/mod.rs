@@ -465,7 +465,8 @@ async fn serve(
     };
     check_path(rest)?;
     let location_base = location_base(&pool.config, rest)?;
-    let headers = forwarded_headers(&parts.headers);
+    // Filtered once; the first attempt takes it, a replay filters again.
+    let mut headers = Some(forwarded_headers(&parts.headers));
     // The client's own key never goes upstream, wherever it put it.
     let path_and_query = match parts.uri.query() {
         Some(q) if query_key || kind.key_in_query() => match without_key_param(q) {
@@ -546,7 +547,10 @@ async fn serve(
         if let Some(client) = upgrade.take() {
             trail.attempts += 1;
             let uri = upstream_uri(&base, &path_and_query);
-            match Box::pin(websocket::handshake(s, &token, uri, &headers)).await {
+            let filtered = headers
+                .take()
+                .unwrap_or_else(|| forwarded_headers(&parts.headers));
+            match Box::pin(websocket::handshake(s, &token, uri, filtered)).await {
                 Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     trail.served = Some(cred.id.clone());
                     return Ok(websocket::splice(s, provider, client, resp));
@@ -594,7 +598,10 @@ async fn serve(
                     }
                 },
             };
-            let sent = send(s, &token, &base, parts, &headers, &path_and_query, up_body).await;
+            let filtered = headers
+                .take()
+                .unwrap_or_else(|| forwarded_headers(&parts.headers));
+            let sent = send(s, &token, &base, parts, filtered, &path_and_query, up_body).await;
             let resp = match sent {
                 Ok(r) => r,
                 Err(e) if e.is_connect() && !streamed => {
@@ -826,7 +833,7 @@ async fn send(
     token: &Token,
     base: &str,
     parts: &Parts,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     path_and_query: &str,
     body: UpBody,
 ) -> Result<http::Response<crate::proxy::upstream::IdleTimeout>, crate::proxy::upstream::SendError>
@@ -834,7 +841,7 @@ async fn send(
     let mut req = http::Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = upstream_uri(base, path_and_query);
-    *req.headers_mut() = headers.clone();
+    *req.headers_mut() = headers;
     let h = req.headers_mut();
     if let Some((name, value)) = &token.auth {
         h.insert(name, value.clone());

@@ -39,11 +39,11 @@ pub async fn handshake(
     s: &ProxyState,
     token: &Token,
     uri: http::Uri,
-    headers: &HeaderMap,
+    headers: HeaderMap,
 ) -> Result<http::Response<hyper::body::Incoming>, crate::proxy::upstream::SendError> {
     let mut req = http::Request::new(UpBody::Left(http_body_util::Full::new(bytes::Bytes::new())));
     *req.uri_mut() = uri;
-    *req.headers_mut() = headers.clone();
+    *req.headers_mut() = headers;
     let h = req.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
