@@ -1102,16 +1102,9 @@ fn report(
     );
     let _ = writeln!(s, "| refresh storm: p99 latency | {storm_p99:.1} ms | |\n");
     s.push_str(real);
-    let _ = writeln!(s, "## What the profile says\n");
-    let _ = writeln!(
-        s,
-        "Targets: SSE first event ≤ 1 ms added, RSS idle ≤ 30 MB and one refresh per storm are met; added latency and saturation throughput do not yet match nginx. What `perf record -e cpu-clock` and `strace -c` on tokenrelay at saturation showed, and what was done:\n\n\
-- tokenrelay makes the minimum of system calls per request (strace: 2 `writev` + 2 `recvfrom`, futex wake-ups under 5 %), the same as nginx; about 42 % of its CPU is the kernel's loopback TCP work, shared by every path.\n\
-- glibc malloc's arena locks showed up (`__lll_lock_wait_private`, `_int_malloc`): mimalloc as the global allocator gave +10 % saturation throughput, at the cost of a few MB of RSS.\n\
-- reqwest on the request path parsed every URL with IDNA processing, re-mapped headers and armed a timer per body read: sending through hyper's pooled client directly, with an idle timer armed only while a body waits, gave +28 %.\n\
-- tokio's work-stealing scheduler moved requests between threads: the server task and hyper's client connection task hand off through a channel and a wake-up, often to the other core. tokenrelay now runs one single-threaded runtime per core (`server.proxy_threads`), each with its own upstream connection pool and connections handed to it by one accept loop, close to nginx's one event loop per worker: +30 % (40k → 52k req/s in the profiling setup).\n\
-- What remains is spread thinly over hyper's server and client code (no function above 3 %): each request still crosses from the server connection's task to the client connection's task and back, inside one thread.\n"
-    );
+    // Prose from profiling by hand (perf, strace, callgrind via scripts/profile.sh): kept
+    // beside this file so it can be corrected without touching the measurements.
+    s.push_str(include_str!("profile.md"));
     let _ = writeln!(s, "\nReproduce: `scripts/bench.sh` (add `--quick` for a 3-second smoke run that does not rewrite this file).");
     s
 }
