@@ -575,6 +575,7 @@ fn deployments(
             ratio(m.rps, https[1].rps)
         );
     }
+    let _ = writeln!(s, "\nThe direct row's tail is oha's own TLS client under load (its decryption shares the cores): an added p99 against it may be negative and says nothing; compare the proxies' p99 with each other.");
 
     // Per-request access logs: nginx `access_log` to a file, tokenrelay at `info` (one
     // line per request) to a file; next to both without.
@@ -875,31 +876,11 @@ fn main() {
     let (idle, idle_port, _) = tokenrelay(&bin, &work, "idle", up, tok, 100, now + 3_600_000);
     std::thread::sleep(Duration::from_secs(2));
     let rss_idle = rss_mb(idle.0.id());
-    let rss_streams = rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
-        let url = format!("http://127.0.0.1:{idle_port}/bench/v1/sse?events=100");
-        let mut open = Vec::new();
-        for _ in 0..1000 {
-            let c = client.clone();
-            let u = url.clone();
-            open.push(tokio::spawn(async move {
-                let mut r = c.post(u).body("{}").send().await.unwrap();
-                r.chunk().await.unwrap();
-                r
-            }));
-        }
-        let mut streams = Vec::new();
-        for o in open {
-            streams.push(o.await.unwrap());
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let rss = rss_mb(idle.0.id());
-        drop(streams);
-        rss
-    });
+    let rss_streams = rss_with_streams(
+        &rt,
+        &format!("http://127.0.0.1:{idle_port}/bench/v1/sse?events=100"),
+        &[idle.0.id()],
+    );
     eprintln!("RSS: idle {rss_idle:.1} MB, 1000 streams {rss_streams:.1} MB");
     drop(idle);
 
