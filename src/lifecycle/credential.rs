@@ -99,6 +99,9 @@ pub struct Credential {
     pub(super) retired: AtomicBool,
     /// This credential's share of the refresh spread, in [0, 1).
     pub(super) jitter: f64,
+    /// The request path's counter of this credential's upstream `200` answers, resolved on
+    /// first use instead of a label lookup per request.
+    pub upstream_ok: std::sync::OnceLock<prometheus::IntCounter>,
 }
 
 impl Credential {
@@ -184,6 +187,7 @@ impl Credential {
             wake: tokio::sync::Notify::new(),
             retired: AtomicBool::new(false),
             jitter: rand::random::<f64>(),
+            upstream_ok: std::sync::OnceLock::new(),
         }
     }
 

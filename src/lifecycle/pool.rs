@@ -31,6 +31,16 @@ pub struct ProviderPool {
     strategy: Strategy,
     /// Sessions bound to one credential (a resumable upload): key → (credential id, until).
     pins: std::sync::Mutex<HashMap<String, (String, tokio::time::Instant)>>,
+    /// The request path's metric handles for this provider, resolved on first use (a
+    /// label lookup per request costs more than the request's own logic spends elsewhere).
+    pub hot: HotMetrics,
+}
+
+/// Metric handles resolved once: the counter of `200` answers and the duration histogram.
+#[derive(Default)]
+pub struct HotMetrics {
+    pub ok: std::sync::OnceLock<prometheus::IntCounter>,
+    pub duration: std::sync::OnceLock<prometheus::Histogram>,
 }
 
 /// How long an upload session stays bound to its credential (Google keeps a resumable
@@ -150,6 +160,7 @@ impl Pool {
                 cursor: AtomicUsize::new(0),
                 strategy: config.pool.strategy,
                 pins: std::sync::Mutex::default(),
+                hot: HotMetrics::default(),
             }));
         }
         Ok(Pool {

@@ -152,16 +152,23 @@ pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response 
     };
     let status = response.status();
     let elapsed = started.elapsed();
-    s.metrics
-        .requests
-        .with_label_values(&[provider, status.as_str()])
-        .inc();
-    s.metrics
-        .request_duration
-        .with_label_values(&[provider])
+    if status == StatusCode::OK {
+        pool.hot
+            .ok
+            .get_or_init(|| s.metrics.requests.with_label_values(&[provider, "200"]))
+            .inc();
+    } else {
+        s.metrics
+            .requests
+            .with_label_values(&[provider, status.as_str()])
+            .inc();
+    }
+    pool.hot
+        .duration
+        .get_or_init(|| s.metrics.request_duration.with_label_values(&[provider]))
         .observe(elapsed.as_secs_f64());
-    tracing::info!(target: "tokenrelay::proxy", provider, credential = trail.served.as_deref().unwrap_or("-"),
-        tried = %trail.tried, method = %parts.method, path = parts.uri.path(), status = status.as_u16(),
+    tracing::info!(target: "tokenrelay::proxy", provider, credential = trail.served.as_ref().map_or("-", |c| c.id.as_str()),
+        tried = %Tried(&trail), method = %parts.method, path = parts.uri.path(), status = status.as_u16(),
         attempts = trail.attempts, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
     let mut response = response;
     if let Some(origin) = cors {
@@ -174,17 +181,39 @@ pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response 
 /// in an error), the one that served, and how many upstream attempts it made.
 #[derive(Default)]
 struct Trail {
-    tried: String,
-    served: Option<String>,
+    /// The credentials tried, in order: the first inline (no allocation for the common
+    /// single attempt), the rest after it.
+    first: Option<Arc<Credential>>,
+    more: Vec<Arc<Credential>>,
+    served: Option<Arc<Credential>>,
     attempts: u32,
 }
 
 impl Trail {
-    fn tried(&mut self, id: &str) {
-        if !self.tried.is_empty() {
-            self.tried.push(',');
+    fn tried(&mut self, c: &Arc<Credential>) {
+        match self.first {
+            None => self.first = Some(Arc::clone(c)),
+            Some(_) => self.more.push(Arc::clone(c)),
         }
-        self.tried.push_str(id);
+    }
+
+    fn served(&mut self, c: &Arc<Credential>) {
+        self.served = Some(Arc::clone(c));
+    }
+}
+
+/// The `tried=` field of the request's log line: ids joined by commas.
+struct Tried<'a>(&'a Trail);
+
+impl std::fmt::Display for Tried<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, c) in self.0.first.iter().chain(&self.0.more).enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(&c.id)?;
+        }
+        Ok(())
     }
 }
 
@@ -531,7 +560,7 @@ async fn serve(
                 }
             }
         }
-        trail.tried(&cred.id);
+        trail.tried(&cred);
         let mut token = match cred.fresh_token().await {
             Ok(t) => t,
             Err(e) => {
@@ -552,11 +581,11 @@ async fn serve(
                 .unwrap_or_else(|| forwarded_headers(&parts.headers));
             match Box::pin(websocket::handshake(s, &token, uri, filtered)).await {
                 Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    trail.served = Some(cred.id.clone());
+                    trail.served(&cred);
                     return Ok(websocket::splice(s, provider, client, resp));
                 }
                 Ok(resp) => {
-                    trail.served = Some(cred.id.clone());
+                    trail.served(&cred);
                     let resp = resp.map(|b| {
                         Body::new(crate::proxy::upstream::IdleTimeout::new(
                             b,
@@ -622,10 +651,20 @@ async fn serve(
                 }
             };
             let status = resp.status();
-            s.metrics
-                .upstream_requests
-                .with_label_values(&[provider, &cred.id, status.as_str()])
-                .inc();
+            if status == StatusCode::OK {
+                cred.upstream_ok
+                    .get_or_init(|| {
+                        s.metrics
+                            .upstream_requests
+                            .with_label_values(&[provider, &cred.id, "200"])
+                    })
+                    .inc();
+            } else {
+                s.metrics
+                    .upstream_requests
+                    .with_label_values(&[provider, &cred.id, status.as_str()])
+                    .inc();
+            }
             let origins = rewrite::Origins {
                 client_host: client_host(parts),
                 provider,
@@ -633,7 +672,7 @@ async fn serve(
             };
             if streamed {
                 // Sent once: whatever the upstream answered is the answer.
-                trail.served = Some(cred.id.clone());
+                trail.served(&cred);
                 return Ok(stream_back(
                     resp.map(Body::new),
                     &cred.id,
@@ -669,7 +708,7 @@ async fn serve(
                 (resp.map(Body::new), None)
             };
             let Some(verdict) = verdict else {
-                trail.served = Some(cred.id.clone());
+                trail.served(&cred);
                 return Ok(stream_back(resp, &cred.id, Some((&origins, pool))));
             };
             match verdict.judge(kind, static_key) {
@@ -686,7 +725,7 @@ async fn serve(
                     }
                 }
             }
-            trail.served = Some(cred.id.clone());
+            trail.served(&cred);
             return Ok(stream_back(resp, &cred.id, Some((&origins, pool))));
         };
         misses.push((cred, miss));
