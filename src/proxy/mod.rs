@@ -525,10 +525,10 @@ async fn serve(
     let mut body = Some(body);
     // The next leg of an upload goes with the credential that started it, or not at all.
     let pinned = rewrite::session_key(&path_and_query).and_then(|k| pool.pinned(&k));
-    let candidates: Vec<Arc<Credential>> = match &pinned {
-        Some(c) => vec![Arc::clone(c)],
-        None => pool.order().collect(),
-    };
+    // Lazy: a request walks the pool only as far as it has to (the first usable
+    // credential, usually), never the whole list.
+    let order = pinned.is_none().then(|| pool.order());
+    let candidates = pinned.iter().cloned().chain(order.into_iter().flatten());
     let mut upgrade = upgrade;
     let mut misses: Vec<(Arc<Credential>, Miss)> = Vec::new();
     for cred in candidates {
