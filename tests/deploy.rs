@@ -209,14 +209,6 @@ async fn a_scrape_passes_promtool_check_metrics() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A real Prometheus, configured from deploy/prometheus/prometheus.yml (target and
 /// interval rewritten for 127.0.0.1), scrapes tokenrelay and loads the alert rules.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,12 +27,7 @@ impl Drop for Redis {
 
 impl Redis {
     pub fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Redis::on(port)
+        Redis::on(free_port())
     }
 
     fn on(port: u16) -> Redis {
@@ -121,6 +116,22 @@ async fn fleet(n: usize, redis: &Redis, lifetime: u64, extra: &str) -> Fleet {
         tokens,
         _redis_port: redis.port,
     }
+}
+
+/// Waits until the first two replicas hold the same fresh token in memory.
+async fn both_on_one_token(f: &Fleet) {
+    wait_for(
+        "both replicas on the refreshed token",
+        Duration::from_secs(5),
+        || async {
+            let (a, b) = (
+                f.apps[0].credential("shared").await,
+                f.apps[1].credential("shared").await,
+            );
+            a["state"] == "ready" && b["state"] == "ready" && a["expires_at"] == b["expires_at"]
+        },
+    )
+    .await;
 }
 
 async fn chat(t: &TestApp) -> u16 {
@@ -299,18 +310,7 @@ async fn redis_restarted_empty_gets_the_records_back_and_requests_keep_working()
     let f = fleet(2, &redis, 3600, "poll_interval = \"300ms\"").await;
     assert_eq!(chat(&f.apps[0]).await, 200);
     // Both replicas hold the refreshed token in memory (not only in Redis).
-    wait_for(
-        "both replicas on the refreshed token",
-        Duration::from_secs(5),
-        || async {
-            let (a, b) = (
-                f.apps[0].credential("shared").await,
-                f.apps[1].credential("shared").await,
-            );
-            a["state"] == "ready" && b["state"] == "ready" && a["expires_at"] == b["expires_at"]
-        },
-    )
-    .await;
+    both_on_one_token(&f).await;
     redis.restart_empty();
     assert_eq!(redis.cli(&["EXISTS", "tokenrelay:{qwen/shared}:rec"]), "0");
     // Requests never wait on Redis: served from memory meanwhile.
@@ -514,14 +514,7 @@ async fn a_holder_stalled_past_its_lease_after_redeeming_still_commits_and_peers
         .parse()
         .unwrap();
     assert!(v >= 2, "A's late commit landed (version {v})");
-    let b_view: Value = http
-        .get(format!("{}/admin/credentials", b.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let b_view = get_json(&http, format!("{}/admin/credentials", b.admin)).await;
     assert_eq!(b_view["credentials"][0]["state"], "ready", "{b_view}");
 }
 
@@ -759,18 +752,7 @@ async fn a_refresh_token_found_dead_by_one_replica_is_dead_for_all() {
     let redis = Redis::start();
     let f = fleet(2, &redis, 3600, "poll_interval = \"300ms\"").await;
     assert_eq!(chat(&f.apps[0]).await, 200);
-    wait_for(
-        "both replicas on the refreshed token",
-        Duration::from_secs(5),
-        || async {
-            let (a, b) = (
-                f.apps[0].credential("shared").await,
-                f.apps[1].credential("shared").await,
-            );
-            a["state"] == "ready" && b["state"] == "ready" && a["expires_at"] == b["expires_at"]
-        },
-    )
-    .await;
+    both_on_one_token(&f).await;
     let doc: Value =
         serde_json::from_str(&redis.cli(&["HGET", "tokenrelay:{qwen/shared}:rec", "doc"])).unwrap();
     f.tokens.revoke(doc["refresh_token"].as_str().unwrap());
@@ -798,12 +780,17 @@ async fn a_refresh_token_found_dead_by_one_replica_is_dead_for_all() {
     );
 }
 
-/// Two replicas sharing a pool of Gemini API keys (no records: keys are configuration).
-async fn key_fleet(redis: &Redis, up: &crate::keys::KeyUpstream, keys: &str) -> Vec<TestApp> {
-    let store = format!(
+/// The `[store]` table of the key-pool replicas.
+fn key_store(redis: &Redis) -> String {
+    format!(
         "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\npoll_interval = \"300ms\"",
         redis.port
-    );
+    )
+}
+
+/// Two replicas sharing a pool of Gemini API keys (no records: keys are configuration).
+async fn key_fleet(redis: &Redis, up: &crate::keys::KeyUpstream, keys: &str) -> Vec<TestApp> {
+    let store = key_store(redis);
     let mut apps = Vec::new();
     for _ in 0..2 {
         apps.push(crate::keys::relay("gemini", &up.url, keys, &store).await);
@@ -909,10 +896,7 @@ async fn a_verdict_lost_with_redis_is_written_back_and_a_replaced_key_is_not_jud
     // about the old key.
     let fresh =
         KeyUpstream::start(false, &[("AIza-good", Key::Good), ("AIza-new", Key::Good)]).await;
-    let store = format!(
-        "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\npoll_interval = \"300ms\"",
-        redis.port
-    );
+    let store = key_store(&redis);
     let c = crate::keys::relay(
         "gemini",
         &fresh.url,

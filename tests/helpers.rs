@@ -21,6 +21,15 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokenrelay::{App, Config};
 
+/// A port nothing listens on right now (for servers the tests start as processes).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn now_ms() -> i64 {
     tokenrelay::clock::now_ms()
 }

@@ -296,6 +296,25 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.unwrap()
 }
 
+/// `tokenrelay login qwen --out OUT --no-browser --timeout 30s` to its end: (exit, stderr).
+async fn qwen_device_login(s: &Setup, out: &Path) -> (i32, String) {
+    let (config, out) = (s.config.clone(), out.to_path_buf());
+    blocking(move || {
+        finish(start_login(
+            &config,
+            &[
+                "qwen",
+                "--out",
+                out.to_str().unwrap(),
+                "--no-browser",
+                "--timeout",
+                "30s",
+            ],
+        ))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loopback_sign_in_writes_a_file_tokenrelay_loads_and_refreshes() {
     let (auth, url) = auth_server().await;
@@ -370,15 +389,7 @@ async fn a_loopback_sign_in_writes_a_file_tokenrelay_loads_and_refreshes() {
         out.display()
     ))
     .await;
-    let v: Value = t
-        .http
-        .get(format!("{}/gemini/v1beta/models", t.proxy))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&t.http, format!("{}/gemini/v1beta/models", t.proxy)).await;
     assert_eq!(v["authorization"], "Bearer at-refreshed");
     assert_eq!(v["project"], "my-proj");
     drop(auth);
@@ -654,21 +665,7 @@ async fn the_qwen_device_flow_polls_slows_down_and_writes_the_qwen_shape() {
     ];
     let s = setup(&url, "");
     let out = s.dir.path().join("oauth_creds.json");
-    let (config, o) = (s.config.clone(), out.clone());
-    let (code, err) = blocking(move || {
-        finish(start_login(
-            &config,
-            &[
-                "qwen",
-                "--out",
-                o.to_str().unwrap(),
-                "--no-browser",
-                "--timeout",
-                "30s",
-            ],
-        ))
-    })
-    .await;
+    let (code, err) = qwen_device_login(&s, &out).await;
     assert_eq!(code, 0, "{err}");
     let doc = read_json(&out);
     assert_eq!(doc["refresh_token"], "qr");
@@ -694,39 +691,11 @@ async fn the_qwen_device_flow_stops_on_denial_and_explains_an_html_answer() {
     let (auth, url) = auth_server().await;
     let s = setup(&url, "");
     *auth.device_script.lock().unwrap() = vec![pending(), (400, json!({"error": "access_denied"}))];
-    let config = s.config.clone();
-    let (code, err) = blocking(move || {
-        finish(start_login(
-            &config,
-            &[
-                "qwen",
-                "--out",
-                "/tmp/never-qwen.json",
-                "--no-browser",
-                "--timeout",
-                "30s",
-            ],
-        ))
-    })
-    .await;
+    let (code, err) = qwen_device_login(&s, Path::new("/tmp/never-qwen.json")).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("declined"), "{err}");
     *auth.device_html.lock().unwrap() = true;
-    let config = s.config.clone();
-    let (code, err) = blocking(move || {
-        finish(start_login(
-            &config,
-            &[
-                "qwen",
-                "--out",
-                "/tmp/never-qwen.json",
-                "--no-browser",
-                "--timeout",
-                "30s",
-            ],
-        ))
-    })
-    .await;
+    let (code, err) = qwen_device_login(&s, Path::new("/tmp/never-qwen.json")).await;
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("closed its free OAuth tier") && err.contains("dashscope"),
@@ -746,21 +715,7 @@ async fn an_expired_device_code_starts_again() {
     ];
     let s = setup(&url, "");
     let out = s.dir.path().join("again.json");
-    let (config, o) = (s.config.clone(), out.clone());
-    let (code, err) = blocking(move || {
-        finish(start_login(
-            &config,
-            &[
-                "qwen",
-                "--out",
-                o.to_str().unwrap(),
-                "--no-browser",
-                "--timeout",
-                "30s",
-            ],
-        ))
-    })
-    .await;
+    let (code, err) = qwen_device_login(&s, &out).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(read_json(&out)["refresh_token"], "qr2");
 }

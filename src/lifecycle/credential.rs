@@ -389,26 +389,22 @@ impl Credential {
     /// A peer's verdict (fleet mode): refused by the upstream (`Some`), out of rotation
     /// here too without a request to learn it; or brought back by an operator (`None`).
     pub fn invalid_from_peer(&self, message: Option<&str>) {
-        let mut st = self.lock_status();
-        match message {
-            Some(m) if !st.invalid => {
-                st.invalid = true;
-                st.last_error = Some(format!("{m} (found by another replica)"));
-                st.last_error_transient = false;
-                drop(st);
-                tracing::warn!(target: "tokenrelay::proxy", provider = %self.provider.name, credential = %self.id,
-                    "another replica found this credential refused by the upstream; taking it out of rotation");
-            }
-            None if st.invalid => {
-                st.invalid = false;
-                st.last_error = None;
-                st.model_cooldowns.clear();
-                drop(st);
+        let Some(m) = message else {
+            if self.lift_invalid() {
                 tracing::info!(target: "tokenrelay::proxy", provider = %self.provider.name, credential = %self.id,
                     "brought back into rotation by another replica");
             }
-            _ => {}
+            return;
+        };
+        let mut st = self.lock_status();
+        if std::mem::replace(&mut st.invalid, true) {
+            return;
         }
+        st.last_error = Some(format!("{m} (found by another replica)"));
+        st.last_error_transient = false;
+        drop(st);
+        tracing::warn!(target: "tokenrelay::proxy", provider = %self.provider.name, credential = %self.id,
+            "another replica found this credential refused by the upstream; taking it out of rotation");
     }
 
     /// A peer found the refresh token dead (fleet mode): out of rotation here too, with its
@@ -434,13 +430,20 @@ impl Credential {
     /// Brings an `invalid` credential back (its key or file changed, or a manual refresh),
     /// here and (fleet mode) in every replica.
     pub(super) fn clear_invalid(&self) {
-        let mut st = self.lock_status();
-        if std::mem::replace(&mut st.invalid, false) {
-            st.last_error = None;
-            st.model_cooldowns.clear();
-            drop(st);
+        if self.lift_invalid() {
             self.tell_peers(|p| p.share_invalid(None));
         }
+    }
+
+    /// Back in rotation here; whether it was `invalid`.
+    fn lift_invalid(&self) -> bool {
+        let mut st = self.lock_status();
+        let was = std::mem::replace(&mut st.invalid, false);
+        if was {
+            st.last_error = None;
+            st.model_cooldowns.clear();
+        }
+        was
     }
 
     /// Keeps the credential out of rotation for `d` (an upstream rate limit), here and

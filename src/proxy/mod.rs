@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
@@ -90,11 +90,12 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ProxyServ
 
     fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
         let s = Arc::clone(&self.0);
-        Box::pin(async move { Ok(handle(State(s), req.map(Body::new)).await) })
+        Box::pin(async move { Ok(handle(&s, req.map(Body::new)).await) })
     }
 }
 
-pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response {
+/// One proxied request, start to end (the log line and metrics included).
+pub async fn handle(s: &ProxyState, req: Request) -> Response {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
     let upgrade = if websocket::is_upgrade(&parts.method, &parts.headers) {
@@ -138,7 +139,7 @@ pub async fn handle(State(s): State<Arc<ProxyState>>, req: Request) -> Response 
     let mut trail = Trail::default();
     let response = match tokio::time::timeout(
         deadline,
-        serve(&s, pool, &parts, rest, body, upgrade, &mut trail),
+        serve(s, pool, &parts, rest, body, upgrade, &mut trail),
     )
     .await
     {
@@ -934,16 +935,13 @@ fn needs_inspection(status: StatusCode) -> bool {
     matches!(status.as_u16(), 400 | 401 | 403 | 429)
 }
 
-/// Reads the small error answers that may mean "next credential" (400, 401, 403, 429) up
-/// to 64 KiB and parses them; anything else, or a longer body (not an API error answer),
-/// passes through untouched. Returns the answer (re-assembled if its body was read).
+/// Reads a small error answer that may mean "next credential" (a status for which
+/// `needs_inspection` holds) up to 64 KiB and parses it; a longer body (not an API error
+/// answer) passes through untouched. Returns the answer (re-assembled if its body was read).
 async fn inspect(
     resp: http::Response<crate::proxy::upstream::IdleTimeout>,
 ) -> Result<(http::Response<Body>, Option<ErrorAnswer>), BodyError> {
     let status = resp.status();
-    if !needs_inspection(status) {
-        return Ok((resp.map(Body::new), None));
-    }
     let retry_after = resp
         .headers()
         .get(header::RETRY_AFTER)
