@@ -317,6 +317,25 @@ async fn oversized_or_too_many_headers_are_refused() {
     assert!(t.upstream.seen().is_empty());
     // Normal requests still work.
     assert_eq!(t.post("/qwen/v1/x", json!({})).await.status(), 200);
+
+    // The default limit (100, which tokenrelay leaves to hyper) holds too.
+    let t = spawn_app(Flavor::Qwen)
+        .cred("a.json", qwen_cred("a", "r"))
+        .access_token("a")
+        .start()
+        .await;
+    let with = |n: usize| {
+        let mut req = t.http.get(format!("{}/qwen/v1/x", t.proxy));
+        for i in 0..n {
+            req = req.header(format!("x-h{i}"), "1");
+        }
+        req.send()
+    };
+    assert_eq!(with(90).await.unwrap().status(), 200, "90 headers pass");
+    assert!(
+        with(101).await.map(|r| r.status().as_u16()).unwrap_or(431) == 431,
+        "101 headers refused by default"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

