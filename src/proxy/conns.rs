@@ -1,21 +1,23 @@
 //! Upstream connections, owned by the proxy thread that uses them.
 //!
-//! An HTTP/1.1 exchange runs entirely inside the request's own task: the connection's I/O
-//! future is polled by whoever waits on it — the task awaiting the response head, then the
-//! response body as the server connection reads it — and goes back to this thread's idle
-//! list when the body ends (as Pingora does). There is no connection task and no channel
-//! hop between the request and its upstream bytes. A connection taken from the idle list is
-//! polled once first: one the upstream closed meanwhile is dropped, and a request it could
-//! not start is handed back and sent on another.
+//! An HTTP/1.1 exchange runs entirely inside the request's own task, on tokenrelay's own
+//! codec (`h1.rs`): the request goes out in one write, the task reads the response head,
+//! and the response body reads the connection as the server connection pulls it; at the
+//! body's end the connection goes back to this thread's idle list (as Pingora does).
+//! There is no connection task and no channel hop between the request and its upstream
+//! bytes. A connection taken from the idle list is polled once first: one the upstream
+//! closed meanwhile is dropped, and a request it could not take goes out on another.
 //!
-//! An HTTPS upstream that offers HTTP/2 (ALPN) gets one multiplexed connection per thread
-//! and origin, driven by a task of its own on this thread (many requests share it).
+//! hyper speaks for the rest: an HTTPS upstream that offers HTTP/2 (ALPN) gets one
+//! multiplexed connection per thread and origin, driven by a task of its own on this
+//! thread (many requests share it); a streamed upload and a WebSocket handshake each get a
+//! new HTTP/1.1 connection of hyper's, not pooled.
 
 use std::collections::HashMap;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -30,6 +32,7 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::h1;
 use super::upstream::UpBody;
 
 /// How long an idle connection is kept (upstreams close theirs after about a minute or
@@ -49,8 +52,8 @@ pub enum SendError {
         source: io::Error,
     },
     /// The connection failed during the exchange.
-    #[error("the upstream connection failed: {0}")]
-    Request(#[from] hyper::Error),
+    #[error("the upstream exchange failed: {0}")]
+    Request(#[from] ExchangeError),
     #[error("not an http or https URL: {0}")]
     BadUri(String),
 }
@@ -188,46 +191,22 @@ impl AsyncWrite for Stream {
 
 type Io = TokioIo<Stream>;
 
-/// An HTTP/1.1 connection: the handle requests are sent on, and the future doing its I/O,
-/// polled by the task using it.
-struct H1 {
-    send: http1::SendRequest<UpBody>,
-    /// Boxed once per connection: the pool and the body move `H1`s around.
-    io: Option<Box<http1::Connection<Io, UpBody>>>,
-    idle_since: Instant,
-}
-
-impl H1 {
-    /// Polls the connection's I/O; false once it has ended (closed or failed).
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(io) = &mut self.io else {
-            return false;
-        };
-        if Pin::new(io.as_mut()).poll(cx).is_ready() {
-            self.io = None;
-            return false;
-        }
-        true
-    }
-
-    /// One poll: whether this pooled connection can take a request now.
-    fn usable(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.drive(cx) || self.send.is_closed() {
-            return false;
-        }
-        self.send.is_ready() || matches!(self.send.poll_ready(cx), Poll::Ready(Ok(())))
-    }
+/// An idle HTTP/1.1 connection in the pool.
+struct Idle {
+    conn: h1::Conn,
+    since: Instant,
 }
 
 enum Fresh {
-    H1(H1),
+    /// HTTP/1.1 (plain, or TLS without `h2`): the caller chooses the codec.
+    H1(Stream),
     H2(http2::SendRequest<UpBody>),
 }
 
 /// One proxy thread's upstream connections (each thread has its own; the locks are never
 /// contended).
 pub struct Connections {
-    idle: Mutex<HashMap<Origin, Vec<H1>>>,
+    idle: Mutex<HashMap<Origin, Vec<Idle>>>,
     h2: Mutex<HashMap<Origin, http2::SendRequest<UpBody>>>,
     /// ALPN `h2`, `http/1.1`.
     tls: TlsConnector,
@@ -273,36 +252,109 @@ impl Connections {
                         self.lock_h2().remove(&origin);
                         match e.take_message() {
                             Some(r) => req = r,
-                            None => return Err(SendError::Request(e.into_error())),
+                            None => return Err(SendError::Request(e.into_error().into())),
                         }
                     }
                 }
             }
         }
-        while let Some(mut h1) = self.take_idle(&origin) {
-            if !poll_fn(|cx| Poll::Ready(h1.usable(cx))).await {
+        let (parts, body) = req.into_parts();
+        let body = match body {
+            UpBody::Buffered(bytes) => bytes.unwrap_or_default(),
+            // Boxed: a streamed upload is the rare case.
+            streamed @ UpBody::Streamed(_) => {
+                let req = http::Request::from_parts(parts, streamed);
+                return Box::pin(self.send_streamed(origin, req)).await;
+            }
+        };
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let wire = h1::Wire::new(
+            &parts.method,
+            target,
+            origin.authority.as_str(),
+            &parts.headers,
+            body.clone(),
+        );
+        let head_request = parts.method == http::Method::HEAD;
+        while let Some(mut idle) = self.take_idle(&origin) {
+            if !poll_fn(|cx| Poll::Ready(idle.conn.poll_usable(cx))).await {
                 continue;
             }
-            match self.exchange(origin.clone(), h1, req).await {
-                Ok(resp) => return Ok(resp),
-                // The upstream closed it before the request went out: send it on another.
-                Err(mut e) => match e.take_message() {
-                    Some(r) => req = r,
-                    None => return Err(SendError::Request(e.into_error())),
-                },
+            // A pooled connection that fails to take the whole request cannot have
+            // answered it: the request goes out on another.
+            if idle.conn.send(&wire).await.is_err() {
+                continue;
             }
+            return self.answer(origin, idle.conn, head_request).await;
         }
         // Boxed: a new connection (and its TLS handshake) is the rare case.
         match Box::pin(self.connect(&origin, true)).await? {
-            Fresh::H1(h1) => self
-                .exchange(origin, h1, req)
-                .await
-                .map_err(|e| SendError::Request(e.into_error())),
+            Fresh::H1(stream) => {
+                let mut conn = h1::Conn::new(stream);
+                conn.send(&wire)
+                    .await
+                    .map_err(|e| SendError::Request(h1::Error::from(e).into()))?;
+                self.answer(origin, conn, head_request).await
+            }
+            Fresh::H2(h2) => {
+                self.lock_h2().insert(origin, h2.clone());
+                let req = http::Request::from_parts(parts, UpBody::buffered(body));
+                send_h2(h2, req)
+                    .await
+                    .map_err(|e| SendError::Request(e.into_error().into()))
+            }
+        }
+    }
+
+    /// Reads the answer to a request sent on `conn`; its body returns `conn` to the idle
+    /// list when it ends.
+    async fn answer(
+        self: &Arc<Self>,
+        origin: Origin,
+        mut conn: h1::Conn,
+        head_request: bool,
+    ) -> Result<http::Response<Driven>, SendError> {
+        let h1::Response { parts, body } = conn
+            .read_head(head_request)
+            .await
+            .map_err(|e| SendError::Request(e.into()))?;
+        let mut driven = Driven(Inner::H1 {
+            conn: Some(conn),
+            decoder: body,
+            back: Some((Arc::clone(self), origin)),
+        });
+        driven.release_if_done();
+        Ok(http::Response::from_parts(parts, driven))
+    }
+
+    /// A streamed upload, on a new HTTP/1.1 connection of hyper's (its body is read while
+    /// the answer may already be coming), or on the shared HTTP/2 connection it offers.
+    async fn send_streamed(
+        &self,
+        origin: Origin,
+        mut req: http::Request<UpBody>,
+    ) -> Result<http::Response<Driven>, SendError> {
+        match self.connect(&origin, true).await? {
+            Fresh::H1(stream) => {
+                let (mut send, conn) = http1::Builder::new()
+                    .handshake::<Io, UpBody>(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| origin.connect_error(io::Error::other(e)))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                origin_form(&mut req, &origin);
+                let resp = send
+                    .send_request(req)
+                    .await
+                    .map_err(|e| SendError::Request(e.into()))?;
+                Ok(resp.map(|body| Driven(Inner::Hyper(body))))
+            }
             Fresh::H2(h2) => {
                 self.lock_h2().insert(origin, h2.clone());
                 send_h2(h2, req)
                     .await
-                    .map_err(|e| SendError::Request(e.into_error()))
+                    .map_err(|e| SendError::Request(e.into_error().into()))
             }
         }
     }
@@ -313,73 +365,46 @@ impl Connections {
         mut req: http::Request<UpBody>,
     ) -> Result<http::Response<Incoming>, SendError> {
         let origin = Origin::of(req.uri())?;
-        let Fresh::H1(H1 {
-            mut send,
-            io: Some(io),
-            ..
-        }) = self.connect(&origin, false).await?
-        else {
+        let Fresh::H1(stream) = self.connect(&origin, false).await? else {
             return Err(origin.connect_error(io::Error::other("no HTTP/1.1 connection")));
         };
+        let (mut send, conn) = http1::Builder::new()
+            .handshake::<Io, UpBody>(TokioIo::new(stream))
+            .await
+            .map_err(|e| origin.connect_error(io::Error::other(e)))?;
         tokio::spawn(async move {
-            let _ = io.with_upgrades().await;
+            let _ = conn.with_upgrades().await;
         });
         origin_form(&mut req, &origin);
-        Ok(send.send_request(req).await?)
-    }
-
-    /// One HTTP/1.1 exchange on `h1`, driven by this task until the response head; the
-    /// body keeps driving it and returns it to the idle list when it ends.
-    async fn exchange(
-        self: &Arc<Self>,
-        origin: Origin,
-        mut h1: H1,
-        mut req: http::Request<UpBody>,
-    ) -> Result<http::Response<Driven>, TrySendError<http::Request<UpBody>>> {
-        origin_form(&mut req, &origin);
-        let mut answer = pin!(h1.send.try_send_request(req));
-        let resp = poll_fn(|cx| {
-            h1.drive(cx);
-            answer.as_mut().poll(cx)
-        })
-        .await?;
-        let mut back = Some(Back {
-            conns: Arc::clone(self),
-            origin,
-            h1,
-        });
-        if resp.body().is_end_stream() {
-            // No body to read (204, 304, HEAD, `content-length: 0`): reusable now.
-            release(&mut back);
-        }
-        Ok(resp.map(|body| Driven { body, back }))
+        send.send_request(req)
+            .await
+            .map_err(|e| SendError::Request(e.into()))
     }
 
     fn lock_h2(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, http2::SendRequest<UpBody>>> {
         self.h2.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take_idle(&self, origin: &Origin) -> Option<H1> {
+    fn take_idle(&self, origin: &Origin) -> Option<Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(origin)?;
         // The most recently used first: the warmest, the least likely to have been closed.
-        while let Some(h1) = list.pop() {
-            if h1.idle_since.elapsed() < IDLE_FOR && !h1.send.is_closed() {
-                return Some(h1);
+        while let Some(i) = list.pop() {
+            if i.since.elapsed() < IDLE_FOR {
+                return Some(i);
             }
         }
         None
     }
 
-    fn put_idle(&self, origin: Origin, mut h1: H1) {
-        if h1.io.is_none() || h1.send.is_closed() {
-            return;
-        }
-        h1.idle_since = Instant::now();
+    fn put_idle(&self, origin: Origin, conn: h1::Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(origin).or_default();
         if list.len() < MAX_IDLE {
-            list.push(h1);
+            list.push(Idle {
+                conn: conn.into_idle(),
+                since: Instant::now(),
+            });
         }
     }
 
@@ -395,45 +420,35 @@ impl Connections {
             })?
             .map_err(err)?;
         let _ = tcp.set_nodelay(true);
-        let (stream, h2) = if origin.tls {
-            let name = rustls_pki_types::ServerName::try_from(origin.host().to_string())
-                .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-            let connector = if offer_h2 { &self.tls } else { &self.tls_h1 };
-            let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp))
-                .await
-                .map_err(|_| {
-                    err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no TLS handshake within the connect timeout",
-                    ))
-                })?
-                .map_err(err)?;
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            (Stream::Tls(Box::new(tls)), h2)
-        } else {
-            (Stream::Plain(tcp), false)
-        };
-        let io = TokioIo::new(stream);
-        if h2 {
-            let (send, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(|e| err(io::Error::other(e)))?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            return Ok(Fresh::H2(send));
+        if !origin.tls {
+            return Ok(Fresh::H1(Stream::Plain(tcp)));
         }
-        let (send, conn) = http1::Builder::new()
-            .handshake(io)
+        let name = rustls_pki_types::ServerName::try_from(origin.host().to_string())
+            .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let connector = if offer_h2 { &self.tls } else { &self.tls_h1 };
+        let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp))
+            .await
+            .map_err(|_| {
+                err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no TLS handshake within the connect timeout",
+                ))
+            })?
+            .map_err(err)?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let stream = Stream::Tls(Box::new(tls));
+        if !h2 {
+            return Ok(Fresh::H1(stream));
+        }
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| err(io::Error::other(e)))?;
-        Ok(Fresh::H1(H1 {
-            send,
-            io: Some(Box::new(conn)),
-            idle_since: Instant::now(),
-        }))
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Fresh::H2(send))
     }
 
     /// A TCP connection to the first address of the origin that answers (`resolve`
@@ -463,10 +478,11 @@ async fn send_h2(
     req: http::Request<UpBody>,
 ) -> Result<http::Response<Driven>, TrySendError<http::Request<UpBody>>> {
     let resp = h2.try_send_request(req).await?;
-    Ok(resp.map(|body| Driven { body, back: None }))
+    Ok(resp.map(|body| Driven(Inner::Hyper(body))))
 }
 
-/// HTTP/1.1 wants the path in the request line and the authority in `Host`.
+/// HTTP/1.1 wants the path in the request line and the authority in `Host` (for the
+/// requests hyper sends: streamed uploads, WebSocket handshakes).
 fn origin_form(req: &mut http::Request<UpBody>, origin: &Origin) {
     if req.uri().scheme().is_none() {
         return;
@@ -482,63 +498,101 @@ fn origin_form(req: &mut http::Request<UpBody>, origin: &Origin) {
     *req.uri_mut() = http::Uri::from(path);
 }
 
-/// Where a connection goes back to when its response body ends.
-struct Back {
-    conns: Arc<Connections>,
-    origin: Origin,
-    h1: H1,
+/// Why an exchange failed once under way.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error(transparent)]
+    Http1(#[from] h1::Error),
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
 }
 
-fn release(back: &mut Option<Back>) {
-    if let Some(b) = back.take() {
-        b.conns.put_idle(b.origin, b.h1);
-    }
-}
-
-/// An upstream response body that drives its HTTP/1.1 connection while it is read, and
-/// returns the connection to the idle list at its end. Dropped before its end, it closes
+/// An upstream response body. An HTTP/1.1 one reads its connection as it is read and
+/// returns the connection to the idle list at its end; dropped before its end, it closes
 /// the connection (it is mid-message).
-pub struct Driven {
-    body: Incoming,
-    back: Option<Back>,
+pub struct Driven(Inner);
+
+enum Inner {
+    H1 {
+        conn: Option<h1::Conn>,
+        decoder: h1::Decoder,
+        back: Option<(Arc<Connections>, Origin)>,
+    },
+    Hyper(Incoming),
 }
 
 impl Driven {
     /// A body with no pooled connection behind it (a WebSocket handshake's answer).
     pub fn plain(body: Incoming) -> Driven {
-        Driven { body, back: None }
+        Driven(Inner::Hyper(body))
+    }
+
+    /// Returns the connection to the pool once the body has been read to its end.
+    fn release_if_done(&mut self) {
+        if let Inner::H1 {
+            conn,
+            decoder,
+            back,
+        } = &mut self.0
+        {
+            if !decoder.is_end() {
+                return;
+            }
+            if let (Some(c), Some((conns, origin))) = (conn.take(), back.take()) {
+                if decoder.reusable() {
+                    conns.put_idle(origin, c);
+                }
+            }
+        }
     }
 }
 
 impl Body for Driven {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = ExchangeError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, ExchangeError>>> {
         let this = &mut *self;
-        if let Some(b) = &mut this.back {
-            if !b.h1.drive(cx) {
-                this.back = None;
+        match &mut this.0 {
+            Inner::Hyper(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(ExchangeError::from))),
+            Inner::H1 { conn, decoder, .. } => {
+                let Some(c) = conn else {
+                    return Poll::Ready(None);
+                };
+                match ready!(c.poll_body(decoder, cx)) {
+                    Some(Ok(data)) => {
+                        this.release_if_done();
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    None => {
+                        this.release_if_done();
+                        Poll::Ready(None)
+                    }
+                    Some(Err(e)) => {
+                        *conn = None;
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                }
             }
         }
-        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
-        match &frame {
-            None => release(&mut this.back),
-            Some(Ok(_)) if this.body.is_end_stream() => release(&mut this.back),
-            Some(Err(_)) => this.back = None,
-            Some(Ok(_)) => {}
-        }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.0 {
+            Inner::Hyper(body) => body.is_end_stream(),
+            Inner::H1 { conn, decoder, .. } => conn.is_none() || decoder.is_end(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.0 {
+            Inner::Hyper(body) => body.size_hint(),
+            Inner::H1 { decoder, .. } => decoder.size_hint(),
+        }
     }
 }

@@ -15,6 +15,7 @@
 pub mod browser;
 mod conns;
 pub mod error;
+mod h1;
 pub mod retry_after;
 pub mod rewrite;
 pub mod server;
@@ -66,7 +67,7 @@ static GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies still see.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -617,9 +618,9 @@ async fn serve(
             trail.attempts += 1;
             // A buffered body is cloned for each attempt; a streamed one goes once.
             let up_body = match body.as_ref() {
-                Some(RequestBody::Buffered(b)) => UpBody::Left(http_body_util::Full::new(b.clone())),
+                Some(RequestBody::Buffered(b)) => UpBody::buffered(b.clone()),
                 _ => match body.take() {
-                    Some(RequestBody::Streamed(b)) => UpBody::Right(b),
+                    Some(RequestBody::Streamed(b)) => UpBody::Streamed(b),
                     _ => {
                         return Err(ProxyError::new(
                             Reason::UpstreamUnreachable,
@@ -857,7 +858,7 @@ async fn probe(
     base: &str,
 ) -> Option<String> {
     let path = kind.probe_path()?;
-    let mut req = http::Request::new(UpBody::Left(http_body_util::Full::new(Bytes::new())));
+    let mut req = http::Request::new(UpBody::empty());
     *req.uri_mut() = upstream_uri(base, path);
     if let Some((name, value)) = &token.auth {
         req.headers_mut().insert(name, value.clone());

@@ -14,16 +14,64 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 pub use super::conns::SendError;
 use super::conns::{Connections, Driven};
 
-/// A request body going upstream: buffered (replayable) or streamed (an upload larger
-/// than `server.max_request_body`, sent once).
-pub type UpBody = Either<Full<Bytes>, axum::body::Body>;
+/// A request body going upstream: buffered (replayable; sent by tokenrelay's own HTTP/1.1
+/// client) or streamed (an upload larger than `server.max_request_body`, sent once).
+pub enum UpBody {
+    Buffered(Option<Bytes>),
+    Streamed(axum::body::Body),
+}
+
+impl UpBody {
+    pub fn buffered(bytes: Bytes) -> UpBody {
+        UpBody::Buffered(Some(bytes))
+    }
+
+    pub fn empty() -> UpBody {
+        UpBody::Buffered(None)
+    }
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        match self.get_mut() {
+            UpBody::Buffered(bytes) => Poll::Ready(
+                bytes
+                    .take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            UpBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Buffered(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
+            UpBody::Streamed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Buffered(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            UpBody::Streamed(body) => body.size_hint(),
+        }
+    }
+}
 
 /// One proxy thread's upstream client.
 #[derive(Clone)]
@@ -120,7 +168,7 @@ pub enum BodyError {
     #[error("upstream sent nothing for {0:?}")]
     Idle(Duration),
     #[error(transparent)]
-    Hyper(#[from] hyper::Error),
+    Upstream(#[from] super::conns::ExchangeError),
 }
 
 impl Body for IdleTimeout {

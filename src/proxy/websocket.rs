@@ -41,7 +41,7 @@ pub async fn handshake(
     uri: http::Uri,
     headers: HeaderMap,
 ) -> Result<http::Response<hyper::body::Incoming>, crate::proxy::upstream::SendError> {
-    let mut req = http::Request::new(UpBody::Left(http_body_util::Full::new(bytes::Bytes::new())));
+    let mut req = http::Request::new(UpBody::empty());
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     let h = req.headers_mut();
