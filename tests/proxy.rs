@@ -447,3 +447,107 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used_for_the_next_reques
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
+
+/// A raw HTTP/1.1 upstream answering by path, serving keep-alive requests on each
+/// connection: `/ok` well formed; `/smuggle` both `Content-Length` and chunked; `/conflict`
+/// two different lengths; `/cut` a body shorter than its length, then a close.
+async fn framing_upstream(accepted: Arc<std::sync::atomic::AtomicUsize>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 8192];
+                loop {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).to_string();
+                    got.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let answer: &[u8] = match path.as_str() {
+                        "/v1/ok" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                        "/v1/smuggle" => b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                        "/v1/conflict" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b",
+                    };
+                    if s.write_all(answer).await.is_err() || path == "/v1/cut" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn upstream_answers_are_framed_strictly_and_ambiguous_ones_end_their_connection() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstream = framing_upstream(Arc::clone(&accepted)).await;
+    let mut t = TestApp::empty().await;
+    t.launch(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxy_threads = 1\n[providers.dashscope]\nupstream = \"{upstream}\"\napi_keys = [\"sk-one\"]"
+    ))
+    .await;
+    let get = |path: &str| {
+        t.http
+            .get(format!("{}/dashscope/v1/{path}", t.proxy))
+            .send()
+    };
+    for _ in 0..2 {
+        assert_eq!(get("ok").await.unwrap().text().await.unwrap(), "ok");
+    }
+    assert_eq!(
+        accepted.load(SeqCst),
+        1,
+        "a well-framed answer keeps its connection"
+    );
+
+    // Content-Length beside chunked: the chunked body, without the stale length, and the
+    // connection is not used again.
+    let r = get("smuggle").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("content-length").is_none(),
+        "{:?}",
+        r.headers()
+    );
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(get("ok").await.unwrap().text().await.unwrap(), "ok");
+    assert_eq!(
+        accepted.load(SeqCst),
+        2,
+        "a new connection after the ambiguous answer"
+    );
+
+    // Two lengths: a 502 in the error shape, never a guess.
+    let r = get("conflict").await.unwrap();
+    assert_eq!(r.status(), 502);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["reason"], "upstream_unreachable", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Length"),
+        "{e}"
+    );
+
+    // A body cut short ends in an error at the client, not in a short body that looks whole.
+    // (If hyper has not flushed the head when the body fails, the whole exchange fails.)
+    let whole = match get("cut").await {
+        Ok(r) => r.bytes().await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!whole, "a cut body must not look complete");
+    assert_eq!(get("ok").await.unwrap().text().await.unwrap(), "ok");
+}
