@@ -83,7 +83,7 @@ count nginx "http://127.0.0.1:$ng_port/v1/chat/completions" \
 echo
 echo "tokenrelay, inclusive, per request (its own functions and the hyper layers):"
 callgrind_annotate --inclusive=yes --threshold=100 "$(ls -t "$work/tokenrelay.cg".* | head -1)" 2>/dev/null |
-  grep -E 'tokenrelay::proxy::(serve|forwarded_headers|stream_back|upstream_uri|check_path|browser::BrowserGuard::check)|Connections::exchange|UpgradeableConnection<I,S> as core::future::future::Future>::poll \[|Credential::snapshot' |
+  grep -E 'tokenrelay::proxy::(serve|forwarded_headers|stream_back|upstream_uri|check_path|browser::BrowserGuard::check)|Connections::(send|answer)|h1::Conn::(read_head|poll_body|send)|UpgradeableConnection<I,S> as core::future::future::Future>::poll \[|Credential::snapshot' |
   awk -v n="$N" '{gsub(",","",$1); printf "%8d  %s\n", $1 / n, $0}' | cut -c1-200 | sort -rn | head -14
 echo
 echo "nginx, self, per request:"

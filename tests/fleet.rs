@@ -178,7 +178,13 @@ async fn three_replicas_share_one_rotating_credential_with_one_redemption_per_ex
     let replicas: Vec<Proc> = (0..3)
         .map(|i| Proc::spawn(&config, &dir.path().join(format!("r{i}.log"))))
         .collect();
-    let http = reqwest::Client::new();
+    // A client keeps idle connections for less than tokenrelay's header_read_timeout (10 s,
+    // which also closes an idle keep-alive connection): otherwise a reuse racing that close
+    // fails in the client, whatever the proxy does.
+    let http = reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     let secs: u64 = std::env::var("TOKENRELAY_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
