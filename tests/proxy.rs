@@ -393,9 +393,13 @@ async fn a_stream_that_goes_silent_is_cut_after_the_idle_timeout() {
     );
 }
 
-/// An upstream that answers one request per connection with keep-alive, then closes the
-/// connection 50 ms later (as a server whose idle timeout is short does).
-async fn closing_upstream(accepted: Arc<std::sync::atomic::AtomicUsize>) -> String {
+/// A raw HTTP/1.1 upstream that counts its connections and answers each request head it
+/// reads with `answer(path)`: the bytes to send, and whether to close the connection
+/// after them (50 ms later, as an upstream's idle timeout would).
+async fn raw_upstream(
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    answer: fn(&str) -> (&'static [u8], bool),
+) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -403,18 +407,27 @@ async fn closing_upstream(accepted: Arc<std::sync::atomic::AtomicUsize>) -> Stri
         while let Ok((mut s, _)) = listener.accept().await {
             accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
                 let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                let mut buf = vec![0u8; 8192];
+                loop {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).to_string();
+                    got.drain(..end + 4);
+                    let (bytes, close) = answer(head.split(' ').nth(1).unwrap_or(""));
+                    if s.write_all(bytes).await.is_err() {
+                        return;
+                    }
+                    if close {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        return;
                     }
                 }
-                let body = r#"{"ok":true}"#;
-                let answer = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-                let _ = s.write_all(answer.as_bytes()).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
             });
         }
     });
@@ -424,7 +437,14 @@ async fn closing_upstream(accepted: Arc<std::sync::atomic::AtomicUsize>) -> Stri
 #[tokio::test]
 async fn a_pooled_connection_the_upstream_closed_is_not_used_for_the_next_request() {
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let upstream = closing_upstream(Arc::clone(&accepted)).await;
+    // Every answer is followed by a close.
+    let upstream = raw_upstream(Arc::clone(&accepted), |_| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}",
+            true,
+        )
+    })
+    .await;
     let mut t = TestApp::empty().await;
     t.launch(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxy_threads = 1\n[providers.dashscope]\nupstream = \"{upstream}\"\napi_keys = [\"sk-one\"]"
@@ -448,51 +468,25 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used_for_the_next_reques
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
-/// A raw HTTP/1.1 upstream answering by path, serving keep-alive requests on each
-/// connection: `/ok` well formed; `/smuggle` both `Content-Length` and chunked; `/conflict`
-/// two different lengths; `/cut` a body shorter than its length, then a close.
-async fn framing_upstream(accepted: Arc<std::sync::atomic::AtomicUsize>) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = vec![0u8; 8192];
-                loop {
-                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&got[..end]).to_string();
-                    got.drain(..end + 4);
-                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                    let answer: &[u8] = match path.as_str() {
-                        "/v1/ok" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-                        "/v1/smuggle" => b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
-                        "/v1/conflict" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
-                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b",
-                    };
-                    if s.write_all(answer).await.is_err() || path == "/v1/cut" {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    url
-}
-
 #[tokio::test]
 async fn upstream_answers_are_framed_strictly_and_ambiguous_ones_end_their_connection() {
     use std::sync::atomic::Ordering::SeqCst;
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let upstream = framing_upstream(Arc::clone(&accepted)).await;
+    // `/ok` well formed; `/smuggle` both Content-Length and chunked; `/conflict` two
+    // different lengths; `/cut` a body shorter than its length, then a close.
+    let upstream = raw_upstream(Arc::clone(&accepted), |path| match path {
+        "/v1/ok" => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+        "/v1/smuggle" => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            false,
+        ),
+        "/v1/conflict" => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+            false,
+        ),
+        _ => (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b", true),
+    })
+    .await;
     let mut t = TestApp::empty().await;
     t.launch(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxy_threads = 1\n[providers.dashscope]\nupstream = \"{upstream}\"\napi_keys = [\"sk-one\"]"
