@@ -134,14 +134,20 @@ async fn both_on_one_token(f: &Fleet) {
     .await;
 }
 
-async fn chat(t: &TestApp) -> u16 {
+/// The status of a POST of `body` to `path` on `t` (0 if nothing answered).
+async fn post_status(t: &TestApp, path: &str, body: &Value) -> u16 {
     t.http
-        .post(format!("{}/qwen/v1/chat/completions", t.proxy))
-        .json(&json!({"model": "qwen3-coder-plus", "messages": []}))
+        .post(format!("{}{path}", t.proxy))
+        .json(body)
         .send()
         .await
         .map(|r| r.status().as_u16())
         .unwrap_or(0)
+}
+
+async fn chat(t: &TestApp) -> u16 {
+    let body = json!({"model": "qwen3-coder-plus", "messages": []});
+    post_status(t, "/qwen/v1/chat/completions", &body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -809,16 +815,8 @@ async fn key_fleet(redis: &Redis, up: &crate::keys::KeyUpstream, keys: &str) -> 
 }
 
 async fn generate(t: &TestApp, model: &str) -> u16 {
-    t.http
-        .post(format!(
-            "{}/gemini/v1beta/models/{model}:generateContent",
-            t.proxy
-        ))
-        .json(&crate::keys::gemini_body())
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
+    let path = format!("/gemini/v1beta/models/{model}:generateContent");
+    post_status(t, &path, &crate::keys::gemini_body()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -393,6 +393,17 @@ async fn a_stream_that_goes_silent_is_cut_after_the_idle_timeout() {
     );
 }
 
+/// tokenrelay with one proxy thread (so one connection pool) and one DashScope key in
+/// front of `upstream`.
+async fn one_key_on(upstream: &str) -> TestApp {
+    let mut t = TestApp::empty().await;
+    t.launch(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxy_threads = 1\n[providers.dashscope]\nupstream = \"{upstream}\"\napi_keys = [\"sk-one\"]"
+    ))
+    .await;
+    t
+}
+
 /// A raw HTTP/1.1 upstream that counts its connections and answers each request head it
 /// reads with `answer(path)`: the bytes to send, and whether to close the connection
 /// after them (50 ms later, as an upstream's idle timeout would).
@@ -445,11 +456,7 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used_for_the_next_reques
         )
     })
     .await;
-    let mut t = TestApp::empty().await;
-    t.launch(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxy_threads = 1\n[providers.dashscope]\nupstream = \"{upstream}\"\napi_keys = [\"sk-one\"]"
-    ))
-    .await;
+    let t = one_key_on(&upstream).await;
     for _ in 0..3 {
         let resp = t
             .http
@@ -487,11 +494,7 @@ async fn upstream_answers_are_framed_strictly_and_ambiguous_ones_end_their_conne
         _ => (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b", true),
     })
     .await;
-    let mut t = TestApp::empty().await;
-    t.launch(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nproxy_threads = 1\n[providers.dashscope]\nupstream = \"{upstream}\"\napi_keys = [\"sk-one\"]"
-    ))
-    .await;
+    let t = one_key_on(&upstream).await;
     let get = |path: &str| {
         t.http
             .get(format!("{}/dashscope/v1/{path}", t.proxy))

@@ -273,7 +273,7 @@ impl Connections {
             target,
             origin.authority.as_str(),
             &parts.headers,
-            body.clone(),
+            &body,
         );
         let head_request = parts.method == http::Method::HEAD;
         while let Some(mut idle) = self.take_idle(&origin) {
@@ -297,13 +297,23 @@ impl Connections {
                 self.answer(origin, conn, head_request).await
             }
             Fresh::H2(h2) => {
-                self.lock_h2().insert(origin, h2.clone());
                 let req = http::Request::from_parts(parts, UpBody::buffered(body));
-                send_h2(h2, req)
-                    .await
-                    .map_err(|e| SendError::Request(e.into_error().into()))
+                self.share_h2(origin, h2, req).await
             }
         }
+    }
+
+    /// The first request on a new HTTP/2 connection, which later requests share.
+    async fn share_h2(
+        &self,
+        origin: Origin,
+        h2: http2::SendRequest<UpBody>,
+        req: http::Request<UpBody>,
+    ) -> Result<http::Response<Driven>, SendError> {
+        self.lock_h2().insert(origin, h2.clone());
+        send_h2(h2, req)
+            .await
+            .map_err(|e| SendError::Request(e.into_error().into()))
     }
 
     /// Reads the answer to a request sent on `conn`; its body returns `conn` to the idle
@@ -319,9 +329,12 @@ impl Connections {
             .await
             .map_err(|e| SendError::Request(e.into()))?;
         let mut driven = Driven(Inner::H1 {
-            conn: Some(conn),
             decoder: body,
-            back: Some((Arc::clone(self), origin)),
+            held: Some(Held {
+                conn,
+                conns: Arc::clone(self),
+                origin,
+            }),
         });
         driven.release_if_done();
         Ok(http::Response::from_parts(parts, driven))
@@ -332,53 +345,26 @@ impl Connections {
     async fn send_streamed(
         &self,
         origin: Origin,
-        mut req: http::Request<UpBody>,
+        req: http::Request<UpBody>,
     ) -> Result<http::Response<Driven>, SendError> {
         match self.connect(&origin, true).await? {
-            Fresh::H1(stream) => {
-                let (mut send, conn) = http1::Builder::new()
-                    .handshake::<Io, UpBody>(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| origin.connect_error(io::Error::other(e)))?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                origin_form(&mut req, &origin);
-                let resp = send
-                    .send_request(req)
-                    .await
-                    .map_err(|e| SendError::Request(e.into()))?;
-                Ok(resp.map(|body| Driven(Inner::Hyper(body))))
-            }
-            Fresh::H2(h2) => {
-                self.lock_h2().insert(origin, h2.clone());
-                send_h2(h2, req)
-                    .await
-                    .map_err(|e| SendError::Request(e.into_error().into()))
-            }
+            Fresh::H1(stream) => Ok(hyper_h1(&origin, stream, req, false)
+                .await?
+                .map(|body| Driven(Inner::Hyper(body)))),
+            Fresh::H2(h2) => self.share_h2(origin, h2, req).await,
         }
     }
 
     /// A WebSocket handshake on a new HTTP/1.1 connection that may be upgraded.
     pub async fn send_upgrade(
         &self,
-        mut req: http::Request<UpBody>,
+        req: http::Request<UpBody>,
     ) -> Result<http::Response<Incoming>, SendError> {
         let origin = Origin::of(req.uri())?;
         let Fresh::H1(stream) = self.connect(&origin, false).await? else {
             return Err(origin.connect_error(io::Error::other("no HTTP/1.1 connection")));
         };
-        let (mut send, conn) = http1::Builder::new()
-            .handshake::<Io, UpBody>(TokioIo::new(stream))
-            .await
-            .map_err(|e| origin.connect_error(io::Error::other(e)))?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        origin_form(&mut req, &origin);
-        send.send_request(req)
-            .await
-            .map_err(|e| SendError::Request(e.into()))
+        hyper_h1(&origin, stream, req, true).await
     }
 
     fn lock_h2(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, http2::SendRequest<UpBody>>> {
@@ -481,6 +467,31 @@ async fn send_h2(
     Ok(resp.map(|body| Driven(Inner::Hyper(body))))
 }
 
+/// One request on a new HTTP/1.1 connection of hyper's, driven by a task of its own (which
+/// keeps it for an upgrade when `upgrades`). Not pooled.
+async fn hyper_h1(
+    origin: &Origin,
+    stream: Stream,
+    mut req: http::Request<UpBody>,
+    upgrades: bool,
+) -> Result<http::Response<Incoming>, SendError> {
+    let (mut send, conn) = http1::Builder::new()
+        .handshake::<Io, UpBody>(TokioIo::new(stream))
+        .await
+        .map_err(|e| origin.connect_error(io::Error::other(e)))?;
+    tokio::spawn(async move {
+        let _ = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+    });
+    origin_form(&mut req, origin);
+    send.send_request(req)
+        .await
+        .map_err(|e| SendError::Request(e.into()))
+}
+
 /// HTTP/1.1 wants the path in the request line and the authority in `Host` (for the
 /// requests hyper sends: streamed uploads, WebSocket handshakes).
 fn origin_form(req: &mut http::Request<UpBody>, origin: &Origin) {
@@ -514,11 +525,18 @@ pub struct Driven(Inner);
 
 enum Inner {
     H1 {
-        conn: Option<h1::Conn>,
         decoder: h1::Decoder,
-        back: Option<(Arc<Connections>, Origin)>,
+        /// Until the body ends or fails.
+        held: Option<Held>,
     },
     Hyper(Incoming),
+}
+
+/// A connection lent to one response body, and where it goes back to.
+struct Held {
+    conn: h1::Conn,
+    conns: Arc<Connections>,
+    origin: Origin,
 }
 
 impl Driven {
@@ -529,18 +547,13 @@ impl Driven {
 
     /// Returns the connection to the pool once the body has been read to its end.
     fn release_if_done(&mut self) {
-        if let Inner::H1 {
-            conn,
-            decoder,
-            back,
-        } = &mut self.0
-        {
+        if let Inner::H1 { decoder, held } = &mut self.0 {
             if !decoder.is_end() {
                 return;
             }
-            if let (Some(c), Some((conns, origin))) = (conn.take(), back.take()) {
-                if decoder.reusable() {
-                    conns.put_idle(origin, c);
+            if let Some(h) = held.take() {
+                if h.conn.reusable_after(decoder) {
+                    h.conns.put_idle(h.origin, h.conn);
                 }
             }
         }
@@ -560,11 +573,11 @@ impl Body for Driven {
             Inner::Hyper(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map(|f| f.map(|f| f.map_err(ExchangeError::from))),
-            Inner::H1 { conn, decoder, .. } => {
-                let Some(c) = conn else {
+            Inner::H1 { decoder, held } => {
+                let Some(h) = held else {
                     return Poll::Ready(None);
                 };
-                match ready!(c.poll_body(decoder, cx)) {
+                match ready!(h.conn.poll_body(decoder, cx)) {
                     Some(Ok(data)) => {
                         this.release_if_done();
                         Poll::Ready(Some(Ok(Frame::data(data))))
@@ -574,7 +587,7 @@ impl Body for Driven {
                         Poll::Ready(None)
                     }
                     Some(Err(e)) => {
-                        *conn = None;
+                        *held = None;
                         Poll::Ready(Some(Err(e.into())))
                     }
                 }
@@ -585,7 +598,7 @@ impl Body for Driven {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Inner::Hyper(body) => body.is_end_stream(),
-            Inner::H1 { conn, decoder, .. } => conn.is_none() || decoder.is_end(),
+            Inner::H1 { decoder, held } => held.is_none() || decoder.is_end(),
         }
     }
 

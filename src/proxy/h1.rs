@@ -9,7 +9,8 @@
 //! same value, or the response is refused); otherwise until the upstream closes. A
 //! connection is reused only if the response was whole, nothing followed it, neither side
 //! asked to close, and its framing was unambiguous (`Content-Length` beside
-//! `Transfer-Encoding` is answered but never reused: request smuggling).
+//! `Transfer-Encoding` is answered but never reused: the two ends may disagree on where
+//! the next response starts).
 
 use std::io::{self, Write as _};
 use std::pin::Pin;
@@ -67,10 +68,13 @@ impl Wire {
         target: &str,
         host: &str,
         headers: &HeaderMap,
-        body: Bytes,
+        body: &Bytes,
     ) -> Wire {
         let body_len = body.len();
-        let mut out = Vec::with_capacity(128 + target.len() + 48 * headers.len());
+        let coalesce = body_len <= COALESCE;
+        let mut out = Vec::with_capacity(
+            128 + target.len() + 48 * headers.len() + if coalesce { body_len } else { 0 },
+        );
         out.extend_from_slice(method.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(target.as_bytes());
@@ -99,8 +103,8 @@ impl Wire {
             let _ = write!(out, "content-length: {body_len}\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        if body_len <= COALESCE {
-            out.extend_from_slice(&body);
+        if coalesce {
+            out.extend_from_slice(body);
             return Wire {
                 head: out,
                 body: None,
@@ -108,7 +112,7 @@ impl Wire {
         }
         Wire {
             head: out,
-            body: Some(body),
+            body: Some(body.clone()),
         }
     }
 }
@@ -160,11 +164,6 @@ impl Decoder {
             _ => hyper::body::SizeHint::default(),
         }
     }
-
-    /// Whether the connection can be reused now that the body has ended.
-    pub fn reusable(&self) -> bool {
-        self.reusable
-    }
 }
 
 impl Conn {
@@ -174,6 +173,12 @@ impl Conn {
             buf: BytesMut::new(),
             next_read: FIRST_READ,
         }
+    }
+
+    /// Whether this connection can take another request after the body `d` describes:
+    /// the body is whole, its framing allowed reuse, and nothing followed it.
+    pub fn reusable_after(&self, d: &Decoder) -> bool {
+        d.is_end() && d.reusable && self.buf.is_empty()
     }
 
     /// Ready to wait in the idle list: a buffer grown by a large answer is let go.
@@ -213,7 +218,7 @@ impl Conn {
     /// was `HEAD`, so no body follows whatever the headers say.
     pub async fn read_head(&mut self, head_request: bool) -> Result<Response, Error> {
         loop {
-            if let Some(resp) = self.parse_head(head_request)? {
+            if let Some(resp) = parse_head(&mut self.buf, head_request)? {
                 return Ok(resp);
             }
             if self.buf.len() >= MAX_HEAD {
@@ -222,68 +227,6 @@ impl Conn {
             if std::future::poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
                 return Err(Error::Closed);
             }
-        }
-    }
-
-    /// One complete head from the buffer, or `None` if more bytes are needed.
-    fn parse_head(&mut self, head_request: bool) -> Result<Option<Response>, Error> {
-        loop {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut slots);
-            let len = match parsed.parse(&self.buf) {
-                Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) => return Ok(None),
-                Err(httparse::Error::TooManyHeaders) => {
-                    return Err(Error::Malformed("more than 100 response headers"))
-                }
-                Err(_) => return Err(Error::Malformed("not an HTTP/1.1 response head")),
-            };
-            let code = parsed.code.unwrap_or(0);
-            let status = StatusCode::from_u16(code)
-                .map_err(|_| Error::Malformed("the status code is not three digits"))?;
-            if status == StatusCode::SWITCHING_PROTOCOLS {
-                return Err(Error::Malformed(
-                    "101 Switching Protocols was not asked for",
-                ));
-            }
-            if status.is_informational() {
-                // 100 Continue, 103 Early Hints: the final answer follows.
-                self.buf.advance(len);
-                continue;
-            }
-            let http10 = parsed.version == Some(0);
-            // Where each header's name and value are in the buffer, to slice them out of
-            // the frozen head without copying the values.
-            let base = self.buf.as_ptr() as usize;
-            let mut spans = Vec::with_capacity(parsed.headers.len());
-            for h in parsed.headers.iter() {
-                let name = HeaderName::from_bytes(h.name.as_bytes())
-                    .map_err(|_| Error::Malformed("a header name is not a token"))?;
-                let start = h.value.as_ptr() as usize - base;
-                spans.push((name, start, start + h.value.len()));
-            }
-            let head = self.buf.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(spans.len());
-            for (name, start, end) in spans {
-                let value = HeaderValue::from_maybe_shared(head.slice(start..end))
-                    .map_err(|_| Error::Malformed("a header value holds a control byte"))?;
-                headers.append(name, value);
-            }
-            let body = decoder(head_request, status, http10, &headers)?;
-            if headers.contains_key(header::TRANSFER_ENCODING) {
-                // The chunked length is the length: a stale `Content-Length` must not
-                // reach the client beside a body of another size.
-                headers.remove(header::CONTENT_LENGTH);
-            }
-            let (mut parts, ()) = http::Response::new(()).into_parts();
-            parts.status = status;
-            parts.version = if http10 {
-                http::Version::HTTP_10
-            } else {
-                http::Version::HTTP_11
-            };
-            parts.headers = headers;
-            return Ok(Some(Response { parts, body }));
         }
     }
 
@@ -313,13 +256,7 @@ impl Conn {
         loop {
             match d.step(&mut self.buf) {
                 Ok(Step::Data(bytes)) => return Poll::Ready(Some(Ok(bytes))),
-                Ok(Step::End) => {
-                    // Bytes after the end of the response: the upstream is confused.
-                    if !self.buf.is_empty() {
-                        d.reusable = false;
-                    }
-                    return Poll::Ready(None);
-                }
+                Ok(Step::End) => return Poll::Ready(None),
                 Ok(Step::More) => {}
                 Err(e) => return Poll::Ready(Some(Err(e))),
             }
@@ -336,6 +273,63 @@ impl Conn {
     }
 }
 
+/// One complete head from the buffer, or `None` if more bytes are needed.
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Response>, Error> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut slots);
+        let len = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Error::Malformed("more than 100 response headers"))
+            }
+            Err(_) => return Err(Error::Malformed("not an HTTP/1.1 response head")),
+        };
+        let code = parsed.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| Error::Malformed("the status code is not three digits"))?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Error::Malformed(
+                "101 Switching Protocols was not asked for",
+            ));
+        }
+        if status.is_informational() {
+            // 100 Continue, 103 Early Hints: the final answer follows.
+            buf.advance(len);
+            continue;
+        }
+        let http10 = parsed.version == Some(0);
+        // Where each header's name and value are in the buffer, to slice them out of
+        // the frozen head without copying the values.
+        let base = buf.as_ptr() as usize;
+        let mut spans = Vec::with_capacity(parsed.headers.len());
+        for h in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| Error::Malformed("a header name is not a token"))?;
+            let start = h.value.as_ptr() as usize - base;
+            spans.push((name, start, start + h.value.len()));
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for (name, start, end) in spans {
+            let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+                .map_err(|_| Error::Malformed("a header value holds a control byte"))?;
+            headers.append(name, value);
+        }
+        let body = decoder(head_request, status, http10, &mut headers)?;
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = status;
+        parts.version = if http10 {
+            http::Version::HTTP_10
+        } else {
+            http::Version::HTTP_11
+        };
+        parts.headers = headers;
+        return Ok(Some(Response { parts, body }));
+    }
+}
+
 enum Step {
     Data(Bytes),
     End,
@@ -348,10 +342,7 @@ impl Decoder {
         loop {
             match &mut self.framing {
                 Framing::Empty => return Ok(Step::End),
-                Framing::Length(0) => {
-                    self.framing = Framing::Empty;
-                    return Ok(Step::End);
-                }
+                // Never 0: a zero length is `Empty`, and the last piece makes it so.
                 Framing::Length(left) => {
                     if buf.is_empty() {
                         return Ok(Step::More);
@@ -470,7 +461,7 @@ fn decoder(
     head_request: bool,
     status: StatusCode,
     http10: bool,
-    headers: &HeaderMap,
+    headers: &mut HeaderMap,
 ) -> Result<Decoder, Error> {
     let mut reusable = if http10 {
         lists(headers, &header::CONNECTION, "keep-alive")
@@ -484,7 +475,9 @@ fn decoder(
         });
     }
     let framing = if headers.contains_key(header::TRANSFER_ENCODING) {
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        // The chunked length is the length: a stale `Content-Length` must not reach the
+        // client beside a body of another size, nor the connection be trusted again.
+        if headers.remove(header::CONTENT_LENGTH).is_some() {
             reusable = false;
         }
         let last = headers
@@ -515,7 +508,10 @@ fn decoder(
                 length = Some(n);
             }
         }
-        Framing::Length(length.unwrap_or(0))
+        match length {
+            Some(0) | None => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        }
     } else {
         reusable = false;
         Framing::Close
@@ -527,24 +523,13 @@ fn decoder(
 mod tests {
     use super::*;
 
+    /// Parses `head`, then decodes the body arriving in `body`'s pieces: the body, and
+    /// whether the connection could be reused after it.
     fn decode(head: &str, body: &[&[u8]]) -> Result<(Vec<u8>, bool), Error> {
         let mut buf = BytesMut::from(head.as_bytes());
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut slots);
-        let httparse::Status::Complete(len) = parsed.parse(&buf).unwrap() else {
+        let Some(Response { body: mut d, .. }) = parse_head(&mut buf, false)? else {
             panic!("partial head");
         };
-        let mut headers = HeaderMap::new();
-        for h in parsed.headers.iter() {
-            headers.append(
-                HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
-                HeaderValue::from_bytes(h.value).unwrap(),
-            );
-        }
-        let status = StatusCode::from_u16(parsed.code.unwrap()).unwrap();
-        let http10 = parsed.version == Some(0);
-        buf.advance(len);
-        let mut d = decoder(false, status, http10, &headers)?;
         let mut out = Vec::new();
         let mut pieces = body.iter();
         loop {
@@ -706,7 +691,10 @@ mod tests {
         assert!(std::future::poll_fn(|cx| conn.poll_body(&mut d, cx))
             .await
             .is_none());
-        assert!(!d.reusable(), "Content-Length beside chunked: never reused");
+        assert!(
+            !conn.reusable_after(&d),
+            "Content-Length beside chunked: never reused"
+        );
         // An idle connection the upstream closed is not usable.
         drop(server);
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -718,20 +706,26 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-a", HeaderValue::from_static("1"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
-        let post = Wire::new(&Method::POST, "/v1/x?y=1", "up:8080", &h, Bytes::from("{}"));
+        let post = Wire::new(
+            &Method::POST,
+            "/v1/x?y=1",
+            "up:8080",
+            &h,
+            &Bytes::from("{}"),
+        );
         assert_eq!(
             String::from_utf8(post.head).unwrap(),
             "POST /v1/x?y=1 HTTP/1.1\r\nhost: up:8080\r\nx-a: 1\r\ncontent-length: 2\r\n\r\n{}"
         );
         assert!(post.body.is_none(), "a small body goes in the same write");
         h.insert(header::HOST, HeaderValue::from_static("given"));
-        let get = Wire::new(&Method::GET, "/", "up", &h, Bytes::new());
+        let get = Wire::new(&Method::GET, "/", "up", &h, &Bytes::new());
         assert_eq!(
             String::from_utf8(get.head).unwrap(),
             "GET / HTTP/1.1\r\nx-a: 1\r\nhost: given\r\n\r\n"
         );
         let big = Bytes::from(vec![b'x'; COALESCE + 1]);
-        let put = Wire::new(&Method::PUT, "/u", "up", &HeaderMap::new(), big.clone());
+        let put = Wire::new(&Method::PUT, "/u", "up", &HeaderMap::new(), &big);
         assert!(String::from_utf8(put.head)
             .unwrap()
             .ends_with("content-length: 16385\r\n\r\n"));
