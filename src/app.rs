@@ -18,7 +18,7 @@ use crate::ops::alert::Alerter;
 use crate::ops::metrics::Metrics;
 use crate::proxy::browser::{BrowserGuard, Listener};
 use crate::proxy::server::{self, Limits};
-use crate::proxy::upstream::Upstream;
+use crate::proxy::upstream::{Upstream, UpstreamOptions};
 use crate::proxy::{self, ProxyState};
 use crate::store::redis::{Fleet, FleetEvent, FleetMetrics};
 
@@ -140,12 +140,13 @@ impl App {
             .map(|_| {
                 let state = Arc::new(ProxyState {
                     pool: Arc::clone(&pool),
-                    client: Upstream::with_resolve(
-                        config.server.upstream_connect_timeout,
-                        config.server.upstream_idle_timeout,
-                        resolve.clone(),
-                        &config.server.upstream_ca,
-                    ),
+                    client: Upstream::with_resolve(UpstreamOptions {
+                        connect_timeout: config.server.upstream_connect_timeout,
+                        idle_timeout: config.server.upstream_idle_timeout,
+                        keepalive: config.server.upstream_keepalive,
+                        overrides: resolve.clone(),
+                        extra_roots: &config.server.upstream_ca,
+                    }),
                     metrics: Arc::clone(&metrics),
                     max_request_body: config.server.max_request_body,
                     max_upload_body: config.server.max_upload_body,

@@ -104,6 +104,7 @@ struct RawServer {
     upstream_ca: Option<String>,
     upstream_connect_timeout: Option<String>,
     upstream_idle_timeout: Option<String>,
+    upstream_keepalive: Option<String>,
     shutdown_grace: Option<String>,
     max_connections: Option<usize>,
     max_header_bytes: Option<String>,
@@ -212,6 +213,9 @@ pub struct ServerConfig {
     pub upstream_ca: Vec<rustls_pki_types::CertificateDer<'static>>,
     pub upstream_connect_timeout: Duration,
     pub upstream_idle_timeout: Duration,
+    /// The longest an idle upstream connection is kept for reuse (the upstream's own
+    /// `Keep-Alive: timeout=` shortens it).
+    pub upstream_keepalive: Duration,
     pub shutdown_grace: Duration,
     /// Open connections per listener; accepting pauses at the cap.
     pub max_connections: usize,
@@ -697,6 +701,11 @@ impl Validator<'_> {
                 "server.upstream_idle_timeout",
                 raw.upstream_idle_timeout,
                 "5m",
+            )?,
+            upstream_keepalive: self.duration(
+                "server.upstream_keepalive",
+                raw.upstream_keepalive,
+                "30s",
             )?,
             shutdown_grace: self.duration("server.shutdown_grace", raw.shutdown_grace, "30s")?,
             max_connections: match raw.max_connections {

@@ -5,6 +5,7 @@
 //! application in-process on ports chosen by the OS. See ARCHITECTURE.md for the map.
 
 pub mod clock;
+pub mod common;
 pub mod config;
 pub mod lifecycle;
 pub mod oauth;

@@ -535,7 +535,8 @@ async fn upstream_answers_are_framed_strictly_and_ambiguous_ones_end_their_conne
         e["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("Content-Length"),
+            .to_ascii_lowercase()
+            .contains("content-length"),
         "{e}"
     );
 

@@ -171,7 +171,7 @@ pub async fn request_token(
         .headers()
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(crate::proxy::retry_after::parse);
+        .and_then(crate::common::retry_after::parse);
     let bytes = match tokio::time::timeout(timeout, response.bytes()).await {
         Err(_) => return Err(RefreshError::Timeout(timeout)),
         Ok(Err(e)) => return Err(network_error(&e, timeout)),

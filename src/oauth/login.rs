@@ -206,7 +206,7 @@ impl Loopback {
 
     /// Whether a redirect's `state` is this login's (constant time).
     pub fn owns_state(&self, state: &str) -> bool {
-        crate::proxy::constant_time_eq(state.as_bytes(), self.state.as_bytes())
+        crate::common::constant_time_eq(state.as_bytes(), self.state.as_bytes())
     }
 
     /// Takes the redirect's query (from the loopback callback or a pasted URL), checks it,

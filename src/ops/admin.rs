@@ -17,11 +17,11 @@ use serde_json::json;
 
 use super::console;
 use crate::clock;
+use crate::common::constant_time_eq;
 use crate::lifecycle::pool::{looked_at, Pool, ProviderPool};
 use crate::lifecycle::Credential;
 use crate::ops::metrics::Metrics;
 use crate::proxy::browser::{self, BrowserGuard, Verdict};
-use crate::proxy::constant_time_eq;
 use crate::proxy::error::{ProxyError, Reason};
 
 pub struct AdminState {

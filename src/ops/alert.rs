@@ -167,7 +167,7 @@ async fn deliver(hook: WebhookConfig, client: reqwest::Client, mut rx: mpsc::Rec
                     r.headers()
                         .get(http::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
-                        .and_then(crate::proxy::retry_after::parse)
+                        .and_then(crate::common::retry_after::parse)
                 }
                 Err(e) => {
                     tracing::warn!(target: "tokenrelay::alert", webhook = %host, attempt,

@@ -1,24 +1,36 @@
 //! Upstream connections, owned by the proxy thread that uses them.
 //!
-//! An HTTP/1.1 exchange runs entirely inside the request's own task, on tokenrelay's own
-//! codec (`h1.rs`): the request goes out in one write, the task reads the response head,
-//! and the response body reads the connection as the server connection pulls it; at the
-//! body's end the connection goes back to this thread's idle list (as Pingora does).
-//! There is no connection task and no channel hop between the request and its upstream
-//! bytes. A connection taken from the idle list is polled once first: one the upstream
-//! closed meanwhile is dropped, and a request it could not take goes out on another.
+//! HTTP/1.1 and HTTP/2 are spoken by hyper. An HTTP/1.1 exchange runs inside the request's
+//! own task: the connection's I/O future is polled by whoever waits on it — the task
+//! awaiting the response head, then the response body as the server connection reads it —
+//! and goes back to this thread's idle list when the body ends (as Pingora does). There is
+//! no connection task and no channel hop between the request and its upstream bytes.
 //!
-//! hyper speaks for the rest: an HTTPS upstream that offers HTTP/2 (ALPN) gets one
-//! multiplexed connection per thread and origin, driven by a task of its own on this
-//! thread (many requests share it); a streamed upload and a WebSocket handshake each get a
-//! new HTTP/1.1 connection of hyper's, not pooled.
+//! Pool hygiene (DESIGN.md, "On the wire"):
+//! - a connection is reused only after a whole answer that hyper framed without doubt; a
+//!   HEAD, 204 or 304 answer (whose end the upstream may get wrong) and `Content-Length`
+//!   beside `Transfer-Encoding` end their connection;
+//! - idle connections live no longer than `server.upstream_keepalive` or the upstream's
+//!   `Keep-Alive: timeout=`; a reaper task per thread polls them (outside any request's
+//!   cooperative budget), so a close or stray bytes end them at once, and every checkout
+//!   polls the connection once more;
+//! - a request a reused connection did not take goes out on a new one; one that failed on
+//!   it before any answer goes again on a new connection when nothing was written or it is
+//!   idempotent ([`Replay`]); otherwise the caller learns it may have been sent.
+//!
+//! An HTTPS upstream that offers HTTP/2 (ALPN) gets one multiplexed connection per thread
+//! and origin, driven by a task of its own on this thread (many requests share it); a
+//! stream refused by `GOAWAY` or `REFUSED_STREAM` goes again on a new connection. A
+//! streamed upload and a WebSocket handshake each get a new HTTP/1.1 connection driven by
+//! a task of its own, not pooled.
 
 use std::collections::HashMap;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -32,14 +44,12 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::h1;
 use super::upstream::UpBody;
 
-/// How long an idle connection is kept (upstreams close theirs after about a minute or
-/// more; one closed meanwhile is noticed on checkout).
-const IDLE_FOR: Duration = Duration::from_secs(90);
 /// Idle connections kept per origin and thread.
-const MAX_IDLE: usize = 1024;
+const MAX_IDLE: usize = 256;
+/// How often the reaper looks at idle connections besides when one of them wakes it.
+const REAP_EVERY: Duration = Duration::from_secs(1);
 
 /// Why an upstream request failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,19 +61,30 @@ pub enum SendError {
         #[source]
         source: io::Error,
     },
+    /// The exchange failed before any answer, on a connection that had served before
+    /// (the upstream closed it as the request went out): the request may have reached the
+    /// upstream, so it is not sent again with the same credential.
+    #[error("the upstream closed a kept-alive connection before answering: {0}")]
+    Stale(#[source] hyper::Error),
     /// The connection failed during the exchange.
     #[error("the upstream exchange failed: {0}")]
-    Request(#[from] ExchangeError),
+    Request(#[from] hyper::Error),
     #[error("not an http or https URL: {0}")]
     BadUri(String),
 }
 
 impl SendError {
-    /// Whether the upstream was never reached (another credential or attempt may be).
+    /// Whether the upstream never answered this request on a connection where that is
+    /// expected now and then (could not connect, or a kept-alive connection closed under
+    /// it): another credential may serve it.
     pub fn is_connect(&self) -> bool {
-        matches!(self, SendError::Connect { .. })
+        matches!(self, SendError::Connect { .. } | SendError::Stale(_))
     }
 }
+
+/// Builds the same request again (a buffered body is cheap to clone): `None` when it
+/// cannot be (a streamed body went with the first one).
+pub type Replay<'a> = &'a (dyn Fn() -> Option<http::Request<UpBody>> + Sync);
 
 /// Where a connection goes: scheme and authority.
 #[derive(Clone)]
@@ -191,22 +212,53 @@ impl AsyncWrite for Stream {
 
 type Io = TokioIo<Stream>;
 
-/// An idle HTTP/1.1 connection in the pool.
-struct Idle {
-    conn: h1::Conn,
-    since: Instant,
+/// An HTTP/1.1 connection: the handle requests are sent on, and the future doing its I/O,
+/// polled by the task using it (or by the reaper while it is idle).
+struct H1 {
+    send: http1::SendRequest<UpBody>,
+    /// Boxed once per connection: the pool and the body move `H1`s around.
+    io: Option<Pin<Box<http1::Connection<Io, UpBody>>>>,
+    /// Whether it has served a request before (a failure on it may be a keep-alive race).
+    reused: bool,
+    /// The upstream's `Keep-Alive: timeout=` from its last answer, less a margin.
+    hint: Option<Duration>,
+    /// Not used after this.
+    until: Instant,
+}
+
+impl H1 {
+    /// Polls the connection's I/O; false once it has ended (closed or failed).
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(io) = &mut self.io else {
+            return false;
+        };
+        if io.as_mut().poll(cx).is_ready() {
+            self.io = None;
+            return false;
+        }
+        true
+    }
+
+    /// Whether this idle connection is still good: not expired, its I/O polled (a close
+    /// or stray bytes end it), and ready for a request. Called outside any cooperative
+    /// budget, so a spent budget cannot make a closed socket look quiet.
+    fn alive(&mut self, now: Instant, cx: &mut Context<'_>) -> bool {
+        if now >= self.until || !self.drive(cx) || self.send.is_closed() {
+            return false;
+        }
+        self.send.is_ready() || matches!(self.send.poll_ready(cx), Poll::Ready(Ok(())))
+    }
 }
 
 enum Fresh {
-    /// HTTP/1.1 (plain, or TLS without `h2`): the caller chooses the codec.
-    H1(Stream),
+    H1(H1),
     H2(http2::SendRequest<UpBody>),
 }
 
 /// One proxy thread's upstream connections (each thread has its own; the locks are never
 /// contended).
 pub struct Connections {
-    idle: Mutex<HashMap<Origin, Vec<Idle>>>,
+    idle: Mutex<HashMap<Origin, Vec<H1>>>,
     h2: Mutex<HashMap<Origin, http2::SendRequest<UpBody>>>,
     /// ALPN `h2`, `http/1.1`.
     tls: TlsConnector,
@@ -214,6 +266,10 @@ pub struct Connections {
     tls_h1: TlsConnector,
     overrides: Arc<HashMap<String, IpAddr>>,
     connect_timeout: Duration,
+    /// `server.upstream_keepalive`: the longest an idle connection is kept.
+    keepalive: Duration,
+    /// Whether this thread's reaper task runs (started with the first idle connection).
+    reaping: AtomicBool,
 }
 
 impl Connections {
@@ -221,6 +277,7 @@ impl Connections {
         tls: rustls::ClientConfig,
         overrides: Arc<HashMap<String, IpAddr>>,
         connect_timeout: Duration,
+        keepalive: Duration,
     ) -> Arc<Connections> {
         let mut both = tls.clone();
         both.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -233,13 +290,17 @@ impl Connections {
             tls_h1: TlsConnector::from(Arc::new(h1)),
             overrides,
             connect_timeout,
+            keepalive,
+            reaping: AtomicBool::new(false),
         })
     }
 
     /// Sends `req` (absolute URI) and returns the answer whose body drives the connection.
+    /// `again` builds the request anew when it must go again on a new connection.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: http::Request<UpBody>,
+        req: http::Request<UpBody>,
+        again: Replay<'_>,
     ) -> Result<http::Response<Driven>, SendError> {
         let origin = Origin::of(req.uri())?;
         if origin.tls {
@@ -247,111 +308,85 @@ impl Connections {
             if let Some(h2) = shared {
                 match send_h2(h2, req).await {
                     Ok(resp) => return Ok(resp),
-                    // The shared connection went away before taking it: a new one.
-                    Err(mut e) => {
+                    Err(e) => {
+                        // The shared connection is going away: the next request gets a new one.
                         self.lock_h2().remove(&origin);
-                        match e.take_message() {
-                            Some(r) => req = r,
-                            None => return Err(SendError::Request(e.into_error().into())),
-                        }
+                        let req = unsent_or_again(e, again)?;
+                        return Box::pin(self.send_new(origin, req)).await;
                     }
                 }
             }
         }
-        let (parts, body) = req.into_parts();
-        let body = match body {
-            UpBody::Buffered(bytes) => bytes.unwrap_or_default(),
+        if matches!(req.body(), UpBody::Streamed(_)) {
             // Boxed: a streamed upload is the rare case.
-            streamed @ UpBody::Streamed(_) => {
-                let req = http::Request::from_parts(parts, streamed);
-                return Box::pin(self.send_streamed(origin, req)).await;
+            return Box::pin(self.send_streamed(origin, req)).await;
+        }
+        let mut req = Some(req);
+        while let Some(h1) = self.take_idle(&origin).await {
+            let Some(r) = req.take() else { break };
+            match self.exchange(origin.clone(), h1, r).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => {
+                    if let Some(unsent) = e.take_message() {
+                        // Closed before the request went out: another connection.
+                        req = Some(unsent);
+                        continue;
+                    }
+                    // Something may have been written: again only if that is harmless.
+                    match again().filter(|r| is_idempotent(r.method())) {
+                        Some(r) => req = Some(r),
+                        None => return Err(SendError::Stale(e.into_error())),
+                    }
+                    break;
+                }
             }
+        }
+        let req = match req.or_else(again) {
+            Some(r) => r,
+            None => return Err(origin.connect_error(io::Error::other("the request body is gone"))),
         };
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let wire = h1::Wire::new(
-            &parts.method,
-            target,
-            origin.authority.as_str(),
-            &parts.headers,
-            &body,
-        );
-        let head_request = parts.method == http::Method::HEAD;
-        while let Some(mut idle) = self.take_idle(&origin) {
-            if !poll_fn(|cx| Poll::Ready(idle.conn.poll_usable(cx))).await {
-                continue;
-            }
-            // A pooled connection that fails to take the whole request cannot have
-            // answered it: the request goes out on another.
-            if idle.conn.send(&wire).await.is_err() {
-                continue;
-            }
-            return self.answer(origin, idle.conn, head_request).await;
-        }
         // Boxed: a new connection (and its TLS handshake) is the rare case.
-        match Box::pin(self.connect(&origin, true)).await? {
-            Fresh::H1(stream) => {
-                let mut conn = h1::Conn::new(stream);
-                conn.send(&wire)
-                    .await
-                    .map_err(|e| SendError::Request(h1::Error::from(e).into()))?;
-                self.answer(origin, conn, head_request).await
-            }
-            Fresh::H2(h2) => {
-                let req = http::Request::from_parts(parts, UpBody::buffered(body));
-                self.share_h2(origin, h2, req).await
-            }
-        }
+        Box::pin(self.send_new(origin, req)).await
     }
 
-    /// The first request on a new HTTP/2 connection, which later requests share.
-    async fn share_h2(
-        &self,
-        origin: Origin,
-        h2: http2::SendRequest<UpBody>,
-        req: http::Request<UpBody>,
-    ) -> Result<http::Response<Driven>, SendError> {
-        self.lock_h2().insert(origin, h2.clone());
-        send_h2(h2, req)
-            .await
-            .map_err(|e| SendError::Request(e.into_error().into()))
-    }
-
-    /// Reads the answer to a request sent on `conn`; its body returns `conn` to the idle
-    /// list when it ends.
-    async fn answer(
+    /// `req` on a new connection (HTTP/2 if the upstream offers it).
+    async fn send_new(
         self: &Arc<Self>,
         origin: Origin,
-        mut conn: h1::Conn,
-        head_request: bool,
+        req: http::Request<UpBody>,
     ) -> Result<http::Response<Driven>, SendError> {
-        let h1::Response { parts, body } = conn
-            .read_head(head_request)
-            .await
-            .map_err(|e| SendError::Request(e.into()))?;
-        let mut driven = Driven(Inner::H1 {
-            decoder: body,
-            held: Some(Held {
-                conn,
-                conns: Arc::clone(self),
-                origin,
-            }),
-        });
-        driven.release_if_done();
-        Ok(http::Response::from_parts(parts, driven))
+        match self.connect(&origin, true).await? {
+            Fresh::H1(h1) => self
+                .exchange(origin, h1, req)
+                .await
+                .map_err(|e| SendError::Request(e.into_error())),
+            Fresh::H2(h2) => {
+                self.lock_h2().insert(origin, h2.clone());
+                send_h2(h2, req)
+                    .await
+                    .map_err(|e| SendError::Request(e.into_error()))
+            }
+        }
     }
 
-    /// A streamed upload, on a new HTTP/1.1 connection of hyper's (its body is read while
-    /// the answer may already be coming), or on the shared HTTP/2 connection it offers.
+    /// A streamed upload, on a new HTTP/1.1 connection driven by a task of its own (its
+    /// body is read while the answer may already be coming), or on the shared HTTP/2
+    /// connection a new one offers.
     async fn send_streamed(
         &self,
         origin: Origin,
         req: http::Request<UpBody>,
     ) -> Result<http::Response<Driven>, SendError> {
         match self.connect(&origin, true).await? {
-            Fresh::H1(stream) => Ok(hyper_h1(&origin, stream, req, false)
+            Fresh::H1(h1) => Ok(spawned_h1(&origin, h1, req, false)
                 .await?
-                .map(|body| Driven(Inner::Hyper(body)))),
-            Fresh::H2(h2) => self.share_h2(origin, h2, req).await,
+                .map(Driven::plain)),
+            Fresh::H2(h2) => {
+                self.lock_h2().insert(origin, h2.clone());
+                send_h2(h2, req)
+                    .await
+                    .map_err(|e| SendError::Request(e.into_error()))
+            }
         }
     }
 
@@ -361,37 +396,127 @@ impl Connections {
         req: http::Request<UpBody>,
     ) -> Result<http::Response<Incoming>, SendError> {
         let origin = Origin::of(req.uri())?;
-        let Fresh::H1(stream) = self.connect(&origin, false).await? else {
+        let Fresh::H1(h1) = self.connect(&origin, false).await? else {
             return Err(origin.connect_error(io::Error::other("no HTTP/1.1 connection")));
         };
-        hyper_h1(&origin, stream, req, true).await
+        spawned_h1(&origin, h1, req, true).await
+    }
+
+    /// One HTTP/1.1 exchange on `h1`, driven by this task until the response head; the
+    /// body keeps driving it and returns it to the idle list when it ends, if it may be
+    /// used again.
+    async fn exchange(
+        self: &Arc<Self>,
+        origin: Origin,
+        mut h1: H1,
+        mut req: http::Request<UpBody>,
+    ) -> Result<http::Response<Driven>, TrySendError<http::Request<UpBody>>> {
+        origin_form(&mut req, &origin);
+        let bodyless_by_method = req.method() == http::Method::HEAD;
+        let mut answer = pin!(h1.send.try_send_request(req));
+        let mut resp = poll_fn(|cx| {
+            h1.drive(cx);
+            answer.as_mut().poll(cx)
+        })
+        .await?;
+        h1.reused = true;
+        h1.hint = keep_alive_timeout(resp.headers());
+        let status = resp.status();
+        let headers = resp.headers_mut();
+        // Content-Length beside Transfer-Encoding (RFC 9112 §6.3): hyper reads the chunked
+        // body; the stale length must not reach the client, and the connection ends.
+        let ambiguous = headers.contains_key(http::header::TRANSFER_ENCODING)
+            && headers.remove(http::header::CONTENT_LENGTH).is_some();
+        // No body by status or method: an upstream that sends one anyway would have it
+        // read as the next answer on this connection, so it is not used again.
+        let keep = !(ambiguous
+            || bodyless_by_method
+            || status == http::StatusCode::NO_CONTENT
+            || status == http::StatusCode::NOT_MODIFIED);
+        let mut back = Some(Back {
+            conns: Arc::clone(self),
+            origin,
+            h1,
+            keep,
+        });
+        if resp.body().is_end_stream() {
+            release(&mut back);
+        }
+        Ok(resp.map(|body| Driven { body, back }))
     }
 
     fn lock_h2(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, http2::SendRequest<UpBody>>> {
         self.h2.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take_idle(&self, origin: &Origin) -> Option<Idle> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(origin)?;
-        // The most recently used first: the warmest, the least likely to have been closed.
-        while let Some(i) = list.pop() {
-            if i.since.elapsed() < IDLE_FOR {
-                return Some(i);
-            }
-        }
-        None
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, Vec<H1>>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn put_idle(&self, origin: Origin, conn: h1::Conn) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+    /// The most recently used idle connection to `origin` that is still good. Each is
+    /// polled with a budget of its own (tokio's cooperative budget, once this task has
+    /// spent it, would make a socket that holds a close or bytes read as quiet).
+    async fn take_idle(&self, origin: &Origin) -> Option<H1> {
+        let now = Instant::now();
+        let take = |cx: &mut Context<'_>| {
+            let mut idle = self.lock_idle();
+            let list = idle.get_mut(origin)?;
+            // The warmest first: the least likely to have been closed.
+            while let Some(mut h1) = list.pop() {
+                if h1.alive(now, cx) {
+                    return Some(h1);
+                }
+            }
+            None
+        };
+        tokio::task::unconstrained(poll_fn(|cx| Poll::Ready(take(cx)))).await
+    }
+
+    fn put_idle(self: &Arc<Self>, origin: Origin, mut h1: H1) {
+        if h1.io.is_none() || h1.send.is_closed() {
+            return;
+        }
+        let keep = h1.hint.map_or(self.keepalive, |h| h.min(self.keepalive));
+        h1.until = Instant::now() + keep;
+        let mut idle = self.lock_idle();
         let list = idle.entry(origin).or_default();
         if list.len() < MAX_IDLE {
-            list.push(Idle {
-                conn: conn.into_idle(),
-                since: Instant::now(),
-            });
+            list.push(h1);
         }
+        drop(idle);
+        self.start_reaper();
+    }
+
+    /// Ends idle connections that expired, were closed by the upstream or received bytes
+    /// nobody asked for. Each one's I/O registers `cx`, so such an event wakes the reaper.
+    fn reap(&self, cx: &mut Context<'_>) {
+        let now = Instant::now();
+        self.lock_idle().retain(|_, list| {
+            list.retain_mut(|h1| h1.alive(now, cx));
+            !list.is_empty()
+        });
+    }
+
+    /// The reaper of this thread's idle connections: a task that reaps on every wake (an
+    /// idle connection's socket, or the timer) and ends with the pool.
+    fn start_reaper(self: &Arc<Self>) {
+        if self.reaping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.reaping.store(false, Ordering::Relaxed);
+            return;
+        };
+        let conns: Weak<Connections> = Arc::downgrade(self);
+        let mut tick = tokio::time::interval(REAP_EVERY);
+        runtime.spawn(tokio::task::unconstrained(poll_fn(move |cx| {
+            let Some(conns) = conns.upgrade() else {
+                return Poll::Ready(());
+            };
+            while tick.poll_tick(cx).is_ready() {}
+            conns.reap(cx);
+            Poll::Pending
+        })));
     }
 
     async fn connect(&self, origin: &Origin, offer_h2: bool) -> Result<Fresh, SendError> {
@@ -406,35 +531,47 @@ impl Connections {
             })?
             .map_err(err)?;
         let _ = tcp.set_nodelay(true);
-        if !origin.tls {
-            return Ok(Fresh::H1(Stream::Plain(tcp)));
+        let (stream, h2) = if origin.tls {
+            let name = rustls_pki_types::ServerName::try_from(origin.host().to_string())
+                .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+            let connector = if offer_h2 { &self.tls } else { &self.tls_h1 };
+            let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp))
+                .await
+                .map_err(|_| {
+                    err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no TLS handshake within the connect timeout",
+                    ))
+                })?
+                .map_err(err)?;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            (Stream::Tls(Box::new(tls)), h2)
+        } else {
+            (Stream::Plain(tcp), false)
+        };
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (send, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(|e| err(io::Error::other(e)))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(Fresh::H2(send));
         }
-        let name = rustls_pki_types::ServerName::try_from(origin.host().to_string())
-            .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-        let connector = if offer_h2 { &self.tls } else { &self.tls_h1 };
-        let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp))
-            .await
-            .map_err(|_| {
-                err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no TLS handshake within the connect timeout",
-                ))
-            })?
-            .map_err(err)?;
-        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let stream = Stream::Tls(Box::new(tls));
-        if !h2 {
-            return Ok(Fresh::H1(stream));
-        }
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(stream))
+        let (send, conn) = http1::Builder::new()
+            .handshake(io)
             .await
             .map_err(|e| err(io::Error::other(e)))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(Fresh::H2(send))
+        Ok(Fresh::H1(H1 {
+            send,
+            io: Some(Box::pin(conn)),
+            reused: false,
+            hint: None,
+            until: Instant::now(),
+        }))
     }
 
     /// A TCP connection to the first address of the origin that answers (`resolve`
@@ -459,153 +596,223 @@ impl Connections {
     }
 }
 
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+        Method::TRACE,
+    ]
+    .contains(method)
+}
+
+/// The request to send again after a shared HTTP/2 connection failed it: the one hyper
+/// hands back when it never went out, else a new one when the stream was refused unread
+/// (`GOAWAY` above its last stream id, `REFUSED_STREAM`: RFC 9113 §8.7).
+fn unsent_or_again(
+    mut e: TrySendError<http::Request<UpBody>>,
+    again: Replay<'_>,
+) -> Result<http::Request<UpBody>, SendError> {
+    if let Some(req) = e.take_message() {
+        return Ok(req);
+    }
+    let e = e.into_error();
+    if refused_unread(&e) {
+        if let Some(req) = again() {
+            return Ok(req);
+        }
+    }
+    Err(SendError::Request(e))
+}
+
+/// Whether an HTTP/2 stream was refused before the upstream processed it.
+fn refused_unread(e: &hyper::Error) -> bool {
+    let Some(h2) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>()) else {
+        return false;
+    };
+    (h2.is_go_away() && h2.is_remote()) || h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
 async fn send_h2(
     mut h2: http2::SendRequest<UpBody>,
     req: http::Request<UpBody>,
 ) -> Result<http::Response<Driven>, TrySendError<http::Request<UpBody>>> {
     let resp = h2.try_send_request(req).await?;
-    Ok(resp.map(|body| Driven(Inner::Hyper(body))))
+    Ok(resp.map(Driven::plain))
 }
 
-/// One request on a new HTTP/1.1 connection of hyper's, driven by a task of its own (which
-/// keeps it for an upgrade when `upgrades`). Not pooled.
-async fn hyper_h1(
+/// One request on a new HTTP/1.1 connection driven by a task of its own (which keeps it
+/// for an upgrade when `upgrades`). Not pooled.
+async fn spawned_h1(
     origin: &Origin,
-    stream: Stream,
+    h1: H1,
     mut req: http::Request<UpBody>,
     upgrades: bool,
 ) -> Result<http::Response<Incoming>, SendError> {
-    let (mut send, conn) = http1::Builder::new()
-        .handshake::<Io, UpBody>(TokioIo::new(stream))
-        .await
-        .map_err(|e| origin.connect_error(io::Error::other(e)))?;
+    let H1 {
+        mut send,
+        io: Some(io),
+        ..
+    } = h1
+    else {
+        return Err(origin.connect_error(io::Error::other("the connection closed at once")));
+    };
     tokio::spawn(async move {
+        let io = Pin::into_inner(io);
         let _ = if upgrades {
-            conn.with_upgrades().await
+            io.with_upgrades().await
         } else {
-            conn.await
+            io.await
         };
     });
     origin_form(&mut req, origin);
-    send.send_request(req)
-        .await
-        .map_err(|e| SendError::Request(e.into()))
+    send.send_request(req).await.map_err(SendError::Request)
 }
 
-/// HTTP/1.1 wants the path in the request line and the authority in `Host` (for the
-/// requests hyper sends: streamed uploads, WebSocket handshakes).
+/// HTTP/1.1 wants the path in the request line (`/` when the path is empty, also before
+/// a query) and the authority in `Host`.
 fn origin_form(req: &mut http::Request<UpBody>, origin: &Origin) {
     if req.uri().scheme().is_none() {
         return;
     }
-    if let Ok(host) = http::HeaderValue::from_str(origin.authority.as_str()) {
-        req.headers_mut().entry(http::header::HOST).or_insert(host);
+    if !req.headers().contains_key(http::header::HOST) {
+        if let Ok(host) = http::HeaderValue::from_str(origin.authority.as_str()) {
+            req.headers_mut().insert(http::header::HOST, host);
+        }
     }
-    let path = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    *req.uri_mut() = http::Uri::from(path);
+    let target = match req.uri().path_and_query() {
+        Some(p) if p.as_str().starts_with('/') => Ok(p.clone()),
+        Some(p) => format!("/{}", p.as_str()).parse(),
+        None => Ok(http::uri::PathAndQuery::from_static("/")),
+    };
+    if let Ok(target) = target {
+        *req.uri_mut() = http::Uri::from(target);
+    }
 }
 
-/// Why an exchange failed once under way.
-#[derive(Debug, thiserror::Error)]
-pub enum ExchangeError {
-    #[error(transparent)]
-    Http1(#[from] h1::Error),
-    #[error(transparent)]
-    Hyper(#[from] hyper::Error),
+/// The upstream's `Keep-Alive: timeout=N` (seconds), less a margin for the time an answer
+/// and the next request spend in flight: the upstream counts from when it answered.
+pub fn keep_alive_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("keep-alive")?.to_str().ok()?;
+    let secs: u64 = value.split(',').find_map(|param| {
+        let (name, v) = param.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("timeout")
+            .then(|| v.trim().trim_matches('"').parse().ok())?
+    })?;
+    let ms = secs.saturating_mul(1000);
+    Some(Duration::from_millis(ms.saturating_sub(1000).max(ms / 2)))
 }
 
-/// An upstream response body. An HTTP/1.1 one reads its connection as it is read and
-/// returns the connection to the idle list at its end; dropped before its end, it closes
-/// the connection (it is mid-message).
-pub struct Driven(Inner);
-
-enum Inner {
-    H1 {
-        decoder: h1::Decoder,
-        /// Until the body ends or fails.
-        held: Option<Held>,
-    },
-    Hyper(Incoming),
-}
-
-/// A connection lent to one response body, and where it goes back to.
-struct Held {
-    conn: h1::Conn,
+/// The connection a response body drives, and where it goes back to when the body ends
+/// (if it may be used again).
+struct Back {
     conns: Arc<Connections>,
     origin: Origin,
+    h1: H1,
+    keep: bool,
+}
+
+fn release(back: &mut Option<Back>) {
+    if let Some(b) = back.take() {
+        if b.keep {
+            b.conns.put_idle(b.origin, b.h1);
+        }
+    }
+}
+
+/// An upstream response body. An HTTP/1.1 one drives its connection while it is read
+/// and returns the connection to the idle list at its end; dropped before its end, it
+/// closes the connection (it is mid-message).
+pub struct Driven {
+    body: Incoming,
+    back: Option<Back>,
 }
 
 impl Driven {
-    /// A body with no pooled connection behind it (a WebSocket handshake's answer).
+    /// A body with no pooled connection behind it.
     pub fn plain(body: Incoming) -> Driven {
-        Driven(Inner::Hyper(body))
-    }
-
-    /// Returns the connection to the pool once the body has been read to its end.
-    fn release_if_done(&mut self) {
-        if let Inner::H1 { decoder, held } = &mut self.0 {
-            if !decoder.is_end() {
-                return;
-            }
-            if let Some(h) = held.take() {
-                if h.conn.reusable_after(decoder) {
-                    h.conns.put_idle(h.origin, h.conn);
-                }
-            }
-        }
+        Driven { body, back: None }
     }
 }
 
 impl Body for Driven {
     type Data = bytes::Bytes;
-    type Error = ExchangeError;
+    type Error = hyper::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<bytes::Bytes>, ExchangeError>>> {
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        match &mut this.0 {
-            Inner::Hyper(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map(|f| f.map(|f| f.map_err(ExchangeError::from))),
-            Inner::H1 { decoder, held } => {
-                let Some(h) = held else {
-                    return Poll::Ready(None);
-                };
-                match ready!(h.conn.poll_body(decoder, cx)) {
-                    Some(Ok(data)) => {
-                        this.release_if_done();
-                        Poll::Ready(Some(Ok(Frame::data(data))))
-                    }
-                    None => {
-                        this.release_if_done();
-                        Poll::Ready(None)
-                    }
-                    Some(Err(e)) => {
-                        *held = None;
-                        Poll::Ready(Some(Err(e.into())))
-                    }
-                }
+        if let Some(b) = &mut this.back {
+            if !b.h1.drive(cx) {
+                // Ended (closed or failed): whatever it delivered is read, then it is gone.
+                this.back = None;
             }
         }
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            None => release(&mut this.back),
+            Some(Ok(_)) if this.body.is_end_stream() => release(&mut this.back),
+            Some(Err(_)) => this.back = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.0 {
-            Inner::Hyper(body) => body.is_end_stream(),
-            Inner::H1 { decoder, held } => held.is_none() || decoder.is_end(),
-        }
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.0 {
-            Inner::Hyper(body) => body.size_hint(),
-            Inner::H1 { decoder, .. } => decoder.size_hint(),
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_timeouts_are_read_with_a_margin() {
+        let h = |v: &'static str| {
+            let mut m = http::HeaderMap::new();
+            m.insert("keep-alive", http::HeaderValue::from_static(v));
+            keep_alive_timeout(&m)
+        };
+        assert_eq!(h("timeout=1"), Some(Duration::from_millis(500)));
+        assert_eq!(h("timeout=5, max=100"), Some(Duration::from_secs(4)));
+        assert_eq!(h("max=100, Timeout = 2"), Some(Duration::from_secs(1)));
+        assert_eq!(h("max=100"), None);
+        assert_eq!(h("timeout=soon"), None);
+        assert_eq!(keep_alive_timeout(&http::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn an_empty_path_goes_out_as_a_slash() {
+        let origin = Origin::of(&"http://up.example:81".parse().unwrap()).unwrap();
+        for (uri, target) in [
+            ("http://up.example:81?alt=sse", "/?alt=sse"),
+            ("http://up.example:81", "/"),
+            ("http://up.example:81/v1/x?y=1", "/v1/x?y=1"),
+        ] {
+            let mut req = http::Request::new(UpBody::empty());
+            *req.uri_mut() = uri.parse().unwrap();
+            origin_form(&mut req, &origin);
+            assert_eq!(req.uri().to_string(), target, "{uri}");
+            assert_eq!(req.headers()["host"], "up.example:81");
         }
+    }
+
+    #[test]
+    fn idempotent_methods_are_the_rfc_ones() {
+        assert!(is_idempotent(&http::Method::GET));
+        assert!(is_idempotent(&http::Method::PUT));
+        assert!(!is_idempotent(&http::Method::POST));
+        assert!(!is_idempotent(&http::Method::PATCH));
     }
 }

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-pub use super::conns::SendError;
 use super::conns::{Connections, Driven};
+pub use super::conns::{Replay, SendError};
 
 /// A request body going upstream: buffered (replayable; sent by tokenrelay's own HTTP/1.1
 /// client) or streamed (an upload larger than `server.max_request_body`, sent once).
@@ -73,6 +73,17 @@ impl Body for UpBody {
     }
 }
 
+/// How an upstream client is set up (from `[server]`).
+pub struct UpstreamOptions<'a> {
+    pub connect_timeout: Duration,
+    /// The longest silence inside a response body.
+    pub idle_timeout: Duration,
+    /// The longest an idle connection is kept (`server.upstream_keepalive`).
+    pub keepalive: Duration,
+    pub overrides: HashMap<String, IpAddr>,
+    pub extra_roots: &'a [rustls_pki_types::CertificateDer<'static>],
+}
+
 /// One proxy thread's upstream client.
 #[derive(Clone)]
 pub struct Upstream {
@@ -82,18 +93,26 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
-        Upstream::with_resolve(connect_timeout, idle_timeout, HashMap::new(), &[])
+        Upstream::with_resolve(UpstreamOptions {
+            connect_timeout,
+            idle_timeout,
+            keepalive: Duration::from_secs(30),
+            overrides: HashMap::new(),
+            extra_roots: &[],
+        })
     }
 
     /// A client whose name lookups honour `overrides` (host → address, like curl's
     /// `--resolve`: the port still comes from the URL, TLS still checks the original
     /// name) and that also trusts `extra_roots`.
-    pub fn with_resolve(
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        overrides: HashMap<String, IpAddr>,
-        extra_roots: &[rustls_pki_types::CertificateDer<'static>],
-    ) -> Self {
+    pub fn with_resolve(o: UpstreamOptions<'_>) -> Self {
+        let UpstreamOptions {
+            connect_timeout,
+            idle_timeout,
+            keepalive,
+            overrides,
+            extra_roots,
+        } = o;
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         for c in extra_roots {
@@ -112,17 +131,19 @@ impl Upstream {
             .with_root_certificates(roots)
             .with_no_client_auth();
         Upstream {
-            conns: Connections::new(tls, Arc::new(overrides), connect_timeout),
+            conns: Connections::new(tls, Arc::new(overrides), connect_timeout, keepalive),
             idle_timeout,
         }
     }
 
     /// Sends a request; the response body times out after `idle_timeout` of silence.
+    /// `again` builds it anew if it must go again on a new connection (see `conns.rs`).
     pub async fn send(
         &self,
         req: http::Request<UpBody>,
+        again: Replay<'_>,
     ) -> Result<http::Response<IdleTimeout>, SendError> {
-        let resp = self.conns.send(req).await?;
+        let resp = self.conns.send(req, again).await?;
         let idle = self.idle_timeout;
         Ok(resp.map(|body| IdleTimeout::driven(body, idle)))
     }
@@ -168,7 +189,7 @@ pub enum BodyError {
     #[error("upstream sent nothing for {0:?}")]
     Idle(Duration),
     #[error(transparent)]
-    Upstream(#[from] super::conns::ExchangeError),
+    Upstream(#[from] hyper::Error),
 }
 
 impl Body for IdleTimeout {

@@ -1,0 +1,13 @@
+//! Small pieces several subsystems use and none owns: comparing secrets, reading a
+//! server's "try again later" hint. Depends on nothing else in the crate.
+
+pub mod retry_after;
+
+/// Compares without an early exit on the first differing byte (client keys, the admin
+/// token, OAuth `state`).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
