@@ -15,6 +15,7 @@ use crate::lifecycle::pool::Pool;
 use crate::lifecycle::Refresher;
 use crate::ops::admin::{self, AdminState};
 use crate::ops::alert::Alerter;
+use crate::ops::console::Console;
 use crate::ops::metrics::Metrics;
 use crate::proxy::browser::{BrowserGuard, Listener};
 use crate::proxy::server::{self, Limits};
@@ -97,11 +98,15 @@ impl App {
                 &config.server.allowed_hosts,
                 &config.server.allowed_origins,
             ),
-            logins: Default::default(),
-            logins_enabled: admin_addr.ip().is_loopback() || config.server.admin_token.is_some(),
-            http: reqwest::Client::new(),
-            state_dir: config.refresh.state_dir.clone(),
-            admin_port: admin_addr.port(),
+            console: Arc::new(Console {
+                pool: Arc::clone(&pool),
+                logins: Default::default(),
+                logins_enabled: admin_addr.ip().is_loopback()
+                    || config.server.admin_token.is_some(),
+                http: reqwest::Client::new(),
+                state_dir: config.refresh.state_dir.clone(),
+                admin_port: admin_addr.port(),
+            }),
             fleet: fleet.clone(),
         }));
 

@@ -24,3 +24,4 @@ mod robustness;
 mod security;
 mod tls;
 mod webdriver;
+mod wire;

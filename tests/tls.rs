@@ -26,12 +26,8 @@ async fn https_upstream(dir: &Path) -> String {
     https_upstream_with(dir, &[b"h2", b"http/1.1"], Arc::default()).await
 }
 
-/// An HTTPS server offering `alpn`, counting the connections it accepts in `accepted`.
-async fn https_upstream_with(
-    dir: &Path,
-    alpn: &[&[u8]],
-    accepted: Arc<std::sync::atomic::AtomicUsize>,
-) -> String {
+/// A TLS acceptor with the leaf certificate `make_certs` wrote into `dir`, offering `alpn`.
+pub fn acceptor(dir: &Path, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
     use rustls_pki_types::pem::PemObject;
     let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(dir.join("leaf.pem"))
         .unwrap()
@@ -47,7 +43,16 @@ async fn https_upstream_with(
     .with_single_cert(certs, key)
     .unwrap();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// An HTTPS server offering `alpn`, counting the connections it accepts in `accepted`.
+async fn https_upstream_with(
+    dir: &Path,
+    alpn: &[&[u8]],
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
+    let acceptor = acceptor(dir, alpn);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!(
         "https://127.0.0.1:{}",

@@ -1,7 +1,10 @@
 //! Small pieces several subsystems use and none owns: comparing secrets, reading a
-//! server's "try again later" hint. Depends on nothing else in the crate.
+//! server's "try again later" hint, a credential's reported state (`state`: what the
+//! lifecycle produces and metrics, the admin API and the proxy read). Depends on nothing
+//! else in the crate.
 
 pub mod retry_after;
+pub mod state;
 
 /// Compares without an early exit on the first differing byte (client keys, the admin
 /// token, OAuth `state`).

@@ -23,9 +23,10 @@ use arc_swap::ArcSwap;
 use secrecy::SecretString;
 use tokio::time::Instant;
 
-use super::state::{Snapshot, State, Status};
+use super::state::Status;
 use super::token::{fingerprint, token_from_file, Expiry, Token};
 use crate::clock;
+use crate::common::state::{Snapshot, State};
 use crate::config::{ProviderConfig, RefreshConfig};
 use crate::oauth::RefreshError;
 use crate::ops::alert::{Alerter, Event, Kind};
@@ -54,7 +55,7 @@ pub struct Refresher {
 impl Refresher {
     /// A refresher without alert webhooks.
     pub fn new(client: reqwest::Client, config: RefreshConfig, metrics: Arc<Metrics>) -> Refresher {
-        let defaults = crate::ops::alert::AlertsConfig::default();
+        let defaults = crate::config::AlertsConfig::default();
         Refresher {
             client,
             config,

@@ -17,26 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use url::Url;
 
-/// Google's authorization endpoint.
-pub const GOOGLE_AUTHORIZE_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
-/// Qwen Code's device-code endpoint.
-pub const QWEN_DEVICE_URL: &str = "https://chat.qwen.ai/api/v1/oauth2/device/code";
-pub const QWEN_SCOPE: &str = "openid profile email model.completion";
-pub const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
-pub const RETRIEVER: &str = "https://www.googleapis.com/auth/generative-language.retriever";
-
-/// Clients that belong to other programs: never used by tokenrelay (Google's terms forbid
-/// reusing the Gemini CLI's; gcloud's belongs to gcloud).
-const FOREIGN_CLIENTS: [(&str, &str); 2] = [
-    (
-        "764086051850-6qr4p6gpi6hn506pt8ejuq83di341hur.apps.googleusercontent.com",
-        "gcloud",
-    ),
-    (
-        "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com",
-        "the Gemini CLI",
-    ),
-];
+use crate::providers::google::{CLOUD_PLATFORM_SCOPE, FOREIGN_CLIENTS, RETRIEVER_SCOPE};
 
 /// Why a login did not end with a credential. `exit_code` is the CLI's: 2 when the user
 /// declined or ran out of time, 1 otherwise.
@@ -102,7 +83,7 @@ impl Client {
     pub fn check_own(&self) -> Result<(), LoginError> {
         if let Some((_, owner)) = FOREIGN_CLIENTS.iter().find(|(id, _)| *id == self.id) {
             return Err(LoginError::Client(format!(
-                "client {} belongs to {owner}; tokenrelay uses only your own OAuth client. Make a Desktop app client (Google Cloud console → APIs & Services → Credentials) and pass --client-secret, or sign in with gcloud itself: gcloud auth application-default login --client-id-file=client_secret.json --scopes={CLOUD_PLATFORM},{RETRIEVER}",
+                "client {} belongs to {owner}; tokenrelay uses only your own OAuth client. Make a Desktop app client (Google Cloud console → APIs & Services → Credentials) and pass --client-secret, or sign in with gcloud itself: gcloud auth application-default login --client-id-file=client_secret.json --scopes={CLOUD_PLATFORM_SCOPE},{RETRIEVER_SCOPE}",
                 self.id
             )));
         }
@@ -240,10 +221,10 @@ impl Loopback {
         }
         let answer = post_form(http, &self.token_url, &form).await?;
         let granted = granted(&answer)?;
-        let wants_cloud = self.scopes.iter().any(|s| s == CLOUD_PLATFORM);
+        let wants_cloud = self.scopes.iter().any(|s| s == CLOUD_PLATFORM_SCOPE);
         if wants_cloud
             && !granted.scopes.is_empty()
-            && !granted.scopes.iter().any(|s| s == CLOUD_PLATFORM)
+            && !granted.scopes.iter().any(|s| s == CLOUD_PLATFORM_SCOPE)
         {
             return Err(LoginError::ScopeMissing);
         }
@@ -563,10 +544,10 @@ mod tests {
                 id: "mine.apps.googleusercontent.com".into(),
                 secret: None,
             },
-            &Url::parse(GOOGLE_AUTHORIZE_URL).unwrap(),
+            &Url::parse(crate::providers::google::AUTHORIZE_URL).unwrap(),
             Url::parse("https://oauth2.googleapis.com/token").unwrap(),
             "http://127.0.0.1:5555/oauth2callback".into(),
-            vec!["openid".into(), CLOUD_PLATFORM.into()],
+            vec!["openid".into(), CLOUD_PLATFORM_SCOPE.into()],
             Some("me@example.com"),
         );
         let q: std::collections::HashMap<_, _> =

@@ -30,13 +30,8 @@ pub struct AdminState {
     pub admin_token: Option<SecretString>,
     /// Host and Origin rules (`proxy::browser`), before routing.
     pub browser: BrowserGuard,
-    /// Logins started from the console.
-    pub logins: console::Logins,
-    /// Off when the listener is reachable from other hosts without an admin token.
-    pub logins_enabled: bool,
-    pub http: reqwest::Client,
-    pub state_dir: Option<std::path::PathBuf>,
-    pub admin_port: u16,
+    /// The operator page and its logins (`console`), routed here.
+    pub console: Arc<console::Console>,
     /// Fleet mode: the Redis connection, for `/readyz`.
     pub fleet: Option<Arc<crate::store::redis::Fleet>>,
 }
@@ -50,12 +45,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/admin/credentials/{provider}/{id}/refresh",
             post(refresh_one),
         )
-        .route(
-            "/admin/credentials/{provider}/{id}/login",
-            post(console::start),
-        )
-        .route("/admin/login/{session}", get(console::status))
-        .route("/admin/login/{session}/callback", post(console::pasted))
+        .merge(console::api(Arc::clone(&state.console)))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token,
@@ -64,11 +54,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/ui", get(console::index))
-        .route("/ui/", get(console::index))
-        .route("/ui/app.js", get(console::app_js))
-        .route("/ui/app.css", get(console::app_css))
-        .route("/ui/oauth/google/callback", get(console::callback))
+        .merge(console::pages(Arc::clone(&state.console)))
         .merge(admin)
         .fallback(|| async {
             ProxyError::new(

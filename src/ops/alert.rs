@@ -10,42 +10,12 @@
 
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::clock;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Discord,
-    Slack,
-    Json,
-}
-
-#[derive(Debug, Clone)]
-pub struct WebhookConfig {
-    pub url: SecretString,
-    pub format: Format,
-    pub min_interval: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct AlertsConfig {
-    pub webhooks: Vec<WebhookConfig>,
-    pub after_failures: u32,
-    pub expiry_warning: Duration,
-}
-
-impl Default for AlertsConfig {
-    fn default() -> Self {
-        AlertsConfig {
-            webhooks: Vec::new(),
-            after_failures: 3,
-            expiry_warning: Duration::from_secs(15 * 60),
-        }
-    }
-}
+use crate::config::{AlertsConfig, WebhookConfig, WebhookFormat};
 
 /// What happened to a credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +93,7 @@ impl Alerter {
     }
 }
 
-fn body(format: Format, e: &Event) -> serde_json::Value {
+fn body(format: WebhookFormat, e: &Event) -> serde_json::Value {
     let text = format!(
         "{} tokenrelay: {}/{}: {}",
         e.kind.icon(),
@@ -132,9 +102,9 @@ fn body(format: Format, e: &Event) -> serde_json::Value {
         e.message
     );
     match format {
-        Format::Discord => json!({ "content": text }),
-        Format::Slack => json!({ "text": text }),
-        Format::Json => json!({
+        WebhookFormat::Discord => json!({ "content": text }),
+        WebhookFormat::Slack => json!({ "text": text }),
+        WebhookFormat::Json => json!({
             "event": e.kind.as_str(),
             "provider": e.provider,
             "credential": e.credential,
@@ -201,14 +171,14 @@ mod tests {
             message: "run `qwen`".into(),
         };
         assert_eq!(
-            body(Format::Discord, &e)["content"],
+            body(WebhookFormat::Discord, &e)["content"],
             "🔴 tokenrelay: qwen/work: run `qwen`"
         );
         assert_eq!(
-            body(Format::Slack, &e)["text"],
+            body(WebhookFormat::Slack, &e)["text"],
             "🔴 tokenrelay: qwen/work: run `qwen`"
         );
-        let j = body(Format::Json, &e);
+        let j = body(WebhookFormat::Json, &e);
         assert_eq!(j["event"], "needs_reauth");
         assert_eq!(j["credential"], "work");
     }

@@ -16,18 +16,53 @@ use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::response::{Html, IntoResponse, Response};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::admin::AdminState;
 use crate::clock;
+use crate::lifecycle::pool::Pool;
 use crate::lifecycle::Credential;
 use crate::oauth::login::{self, Client, Loopback};
 use crate::proxy::error::{ProxyError, Reason};
 use crate::store::FileStore;
+
+/// What the console's handlers share: the pool, the logins in progress, and how to reach
+/// the operator's browser and the token endpoints.
+pub struct Console {
+    pub pool: Arc<Pool>,
+    /// Logins started from the page.
+    pub logins: Logins,
+    /// Off when the listener is reachable from other hosts without an admin token.
+    pub logins_enabled: bool,
+    pub http: reqwest::Client,
+    pub state_dir: Option<PathBuf>,
+    pub admin_port: u16,
+}
+
+/// The page, its assets and Google's redirect back: open routes (the redirect cannot carry
+/// a bearer token; the login's `state` gates it).
+pub fn pages<S: Clone + Send + Sync + 'static>(console: Arc<Console>) -> Router<S> {
+    Router::new()
+        .route("/ui", get(index))
+        .route("/ui/", get(index))
+        .route("/ui/app.js", get(app_js))
+        .route("/ui/app.css", get(app_css))
+        .route("/ui/oauth/google/callback", get(callback))
+        .with_state(console)
+}
+
+/// The login endpoints under `/admin/`; the admin router puts them behind the admin token.
+pub fn api<S: Clone + Send + Sync + 'static>(console: Arc<Console>) -> Router<S> {
+    Router::new()
+        .route("/admin/credentials/{provider}/{id}/login", post(start))
+        .route("/admin/login/{session}", get(status))
+        .route("/admin/login/{session}/callback", post(pasted))
+        .with_state(console)
+}
 
 const INDEX: &str = include_str!("ui/index.html");
 const APP_JS: &str = include_str!("ui/app.js");
@@ -62,15 +97,15 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     secure(([(header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
-pub async fn index() -> Response {
+async fn index() -> Response {
     asset("text/html; charset=utf-8", INDEX)
 }
 
-pub async fn app_js() -> Response {
+async fn app_js() -> Response {
     asset("text/javascript; charset=utf-8", APP_JS)
 }
 
-pub async fn app_css() -> Response {
+async fn app_css() -> Response {
     asset("text/css; charset=utf-8", APP_CSS)
 }
 
@@ -130,7 +165,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// The credential, its file, and its state copy.
 fn target(
-    s: &AdminState,
+    s: &Console,
     provider: &str,
     id: &str,
 ) -> Option<(Arc<Credential>, PathBuf, Option<PathBuf>)> {
@@ -153,8 +188,8 @@ fn store(path: PathBuf, state: Option<PathBuf>) -> FileStore {
 
 /// `POST /admin/login/{provider}/{id}`: starts a login; answers the session and what the
 /// operator does next (a consent URL, or a device code).
-pub async fn start(
-    State(s): State<Arc<AdminState>>,
+async fn start(
+    State(s): State<Arc<Console>>,
     Path((provider, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
@@ -322,7 +357,7 @@ pub async fn start(
 
 /// Writes a signed-in document through the store and reloads the pool.
 async fn finish(
-    s: &AdminState,
+    s: &Console,
     provider: &str,
     id: &str,
     doc: serde_json::Map<String, Value>,
@@ -343,7 +378,7 @@ async fn finish(
 }
 
 /// Completes a loopback login from the redirect's query (callback or pasted).
-async fn complete(s: &AdminState, query: &str) -> Result<String, (StatusCode, String)> {
+async fn complete(s: &Console, query: &str) -> Result<String, (StatusCode, String)> {
     let state = url::form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "state")
         .map(|(_, v)| v.into_owned())
@@ -406,8 +441,8 @@ async fn complete(s: &AdminState, query: &str) -> Result<String, (StatusCode, St
 
 /// `GET /ui/oauth/google/callback`: Google's redirect. No bearer token here; the `state`
 /// is the credential.
-pub async fn callback(
-    State(s): State<Arc<AdminState>>,
+async fn callback(
+    State(s): State<Arc<Console>>,
     Query(q): Query<Vec<(String, String)>>,
 ) -> Response {
     let query: String = url::form_urlencoded::Serializer::new(String::new())
@@ -427,13 +462,13 @@ pub async fn callback(
 }
 
 #[derive(Deserialize)]
-pub struct Pasted {
+struct Pasted {
     url: String,
 }
 
 /// `POST /admin/login/{session}/callback`: the redirect URL pasted into the page.
-pub async fn pasted(
-    State(s): State<Arc<AdminState>>,
+async fn pasted(
+    State(s): State<Arc<Console>>,
     Path(session): Path<String>,
     Json(p): Json<Pasted>,
 ) -> Response {
@@ -450,7 +485,7 @@ pub async fn pasted(
 }
 
 /// `GET /admin/login/{session}`: pending, done or error.
-pub async fn status(State(s): State<Arc<AdminState>>, Path(session): Path<String>) -> Response {
+async fn status(State(s): State<Arc<Console>>, Path(session): Path<String>) -> Response {
     let sessions = s.logins.lock();
     let Some(v) = sessions.get(&session) else {
         return error(StatusCode::NOT_FOUND, "no such login session");

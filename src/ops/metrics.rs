@@ -9,7 +9,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::lifecycle::{Snapshot, State};
+use crate::common::state::{Snapshot, State};
 
 pub struct Metrics {
     registry: Registry,

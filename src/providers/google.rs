@@ -17,6 +17,26 @@ pub const ENV_CREDENTIALS: &str = "GEMINI_CLI_OAUTH_CREDENTIALS";
 /// The scope of service-account tokens.
 pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 
+/// Google's authorization endpoint (`tokenrelay login gemini`).
+pub const AUTHORIZE_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
+/// The scope that names the signed-in account (a login's `login_scopes`).
+pub const USERINFO_EMAIL_SCOPE: &str = "https://www.googleapis.com/auth/userinfo.email";
+/// The Gemini API's retrieval scope (a Gemini login's `login_scopes`).
+pub const RETRIEVER_SCOPE: &str = "https://www.googleapis.com/auth/generative-language.retriever";
+
+/// Clients that belong to other programs: never used by tokenrelay (Google's terms forbid
+/// reusing the Gemini CLI's; gcloud's belongs to gcloud).
+pub const FOREIGN_CLIENTS: [(&str, &str); 2] = [
+    (
+        "764086051850-6qr4p6gpi6hn506pt8ejuq83di341hur.apps.googleusercontent.com",
+        "gcloud",
+    ),
+    (
+        "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com",
+        "the Gemini CLI",
+    ),
+];
+
 /// The billing/quota project of an ADC file (`quota_project_id`).
 pub static USER_PROJECT: HeaderName = HeaderName::from_static("x-goog-user-project");
 

@@ -10,6 +10,10 @@ pub const CLIENT_ID: &str = "f0304373b74a44d2b584a3fb70ca9e56";
 pub const DEFAULT_CREDENTIALS: &str = "~/.qwen/oauth_creds.json";
 /// Where existing deployments list Qwen Code files (comma-separated).
 pub const ENV_CREDENTIALS: &str = "QWEN_CODE_OAUTH_CREDENTIALS";
+/// Qwen Code's device-code endpoint (`tokenrelay login qwen`).
+pub const DEVICE_URL: &str = "https://chat.qwen.ai/api/v1/oauth2/device/code";
+/// The scope a Qwen login asks for.
+pub const SCOPE: &str = "openid profile email model.completion";
 
 /// Qwen closed its free OAuth tier on 2026-04-15; paid access is DashScope API keys.
 pub fn reauth_hint() -> String {

@@ -1,0 +1,470 @@
+//! `Fleet`: one process's connection to Redis and the credentials registered with it:
+//! `RedisStore` (one credential's record: compare-and-set, re-assert, delayed writes) and
+//! `SharedKey` (an API key's shared cool-downs and verdicts).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::Script;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value};
+
+use super::scripts::{CAS, COOL, REASSERT};
+use super::{store_error, FleetEvent, FleetMetrics, RedisConfig};
+use crate::clock;
+use crate::store::shape::{self, CredentialFile};
+use crate::store::{FileStore, Shares, StoreError};
+
+/// One process's connection to the fleet: shared by every `RedisStore`.
+pub struct Fleet {
+    pub(super) client: redis::Client,
+    conn: Mutex<Option<redis::Connection>>,
+    pub(super) cfg: RedisConfig,
+    /// `hostname-pid-random`: who wrote a record, who holds a lease.
+    pub replica: String,
+    up: AtomicBool,
+    metrics: Arc<dyn FleetMetrics>,
+    pub(super) events: tokio::sync::broadcast::Sender<FleetEvent>,
+    /// Registered credentials, by `provider/id`, for the poller and the subscriber.
+    pub(super) members: Mutex<HashMap<String, Member>>,
+    /// The `invalid` verdicts this replica wrote and nobody has replaced: written back if
+    /// Redis loses them.
+    pub(super) verdicts: Mutex<HashMap<String, String>>,
+}
+
+#[derive(Clone)]
+pub(super) enum Member {
+    Record(std::sync::Weak<RedisStore>),
+    Key(std::sync::Weak<SharedKey>),
+}
+
+pub(super) enum Live {
+    Record(Arc<RedisStore>),
+    Key(Arc<SharedKey>),
+}
+
+impl Member {
+    pub(super) fn upgrade(&self) -> Option<Live> {
+        match self {
+            Member::Record(w) => w.upgrade().map(Live::Record),
+            Member::Key(w) => w.upgrade().map(Live::Key),
+        }
+    }
+}
+
+impl Live {
+    /// What an `invalid` verdict must be tagged with to be about this credential as it is.
+    pub(super) fn tag(&self) -> String {
+        match self {
+            Live::Record(s) => format!("v{}", s.seen.load(Ordering::Acquire)),
+            Live::Key(k) => k.tag.clone(),
+        }
+    }
+}
+
+impl Fleet {
+    /// Connects lazily: a Redis that is down at start-up is reported, not fatal.
+    pub fn new(cfg: RedisConfig, metrics: Arc<dyn FleetMetrics>) -> Result<Arc<Fleet>, String> {
+        let client = redis::Client::open(cfg.url.expose_secret())
+            .map_err(|e| format!("store.url is not a Redis URL: {}", e.category()))?;
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "replica".into());
+        let replica = format!(
+            "{host}-{}-{:04x}",
+            std::process::id(),
+            rand::random::<u16>()
+        );
+        let (events, _) = tokio::sync::broadcast::channel(1024);
+        Ok(Arc::new(Fleet {
+            client,
+            conn: Mutex::new(None),
+            cfg,
+            replica,
+            up: AtomicBool::new(false),
+            metrics,
+            events,
+            members: Mutex::default(),
+            verdicts: Mutex::default(),
+        }))
+    }
+
+    pub fn config(&self) -> &RedisConfig {
+        &self.cfg
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<FleetEvent> {
+        self.events.subscribe()
+    }
+
+    pub(super) fn channel(&self) -> String {
+        format!("{}:updates", self.cfg.key_prefix)
+    }
+
+    /// The key `part` of credential `name` (`provider/id`), under its hash tag.
+    pub(super) fn key(&self, name: &str, part: &str) -> String {
+        format!("{}:{{{name}}}:{part}", self.cfg.key_prefix)
+    }
+
+    fn register(&self, name: String, member: Member) {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, member);
+    }
+
+    pub(super) fn member(&self, name: &str) -> Option<Live> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .and_then(Member::upgrade)
+    }
+
+    /// Raises the fleet-wide cool-down of `name` (only if later) and tells the peers.
+    fn share_cooldown(&self, name: &str, model: Option<&str>, until_ms: i64) {
+        let key = self.key(name, "cool");
+        let _: Result<i64, _> = self.run("cooldown", |c| {
+            Script::new(COOL)
+                .key(&key)
+                .arg(model.unwrap_or("*"))
+                .arg(until_ms)
+                .arg(self.channel())
+                .arg(name)
+                .invoke(c)
+        });
+    }
+
+    /// Writes the `invalid` verdict on `name` as `tag` knows it and tells the peers.
+    fn share_invalid(&self, name: &str, tag: &str, message: Option<&str>) {
+        let key = self.key(name, "state");
+        let value = format!("{tag}|{}", message.unwrap_or(""));
+        let written: Result<(), _> = self.run("state", |c| {
+            redis::pipe()
+                .hset(&key, "invalid", &value)
+                .ignore()
+                .publish(self.channel(), format!("{name} verdict"))
+                .ignore()
+                .query(c)
+        });
+        let mut mine = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        match message {
+            // Kept even when the write failed: the poller writes it once Redis is back.
+            Some(_) => {
+                mine.insert(name.to_string(), value);
+            }
+            None => {
+                mine.remove(name);
+            }
+        }
+        drop(mine);
+        if written.is_err() {
+            tracing::debug!(target: "tokenrelay::store", credential = %name, "the verdict waits for the fleet store");
+        }
+    }
+
+    fn set_up(&self, up: bool) {
+        let was = self.up.swap(up, Ordering::Relaxed);
+        self.metrics.up(up);
+        if up && !was {
+            let _ = self.events.send(FleetEvent::Reconnected);
+        } else if !up && was {
+            tracing::warn!(target: "tokenrelay::store", "the fleet store (Redis) is unreachable: rotating credentials do not refresh until it is back; tokens keep serving from memory");
+        }
+    }
+
+    /// Runs one operation on the shared connection (reconnecting when needed), counting it.
+    pub(super) fn run<T>(
+        &self,
+        op: &str,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            match self.client.get_connection_with_timeout(self.cfg.op_timeout) {
+                Ok(c) => {
+                    let _ = c.set_read_timeout(Some(self.cfg.op_timeout));
+                    let _ = c.set_write_timeout(Some(self.cfg.op_timeout));
+                    *guard = Some(c);
+                }
+                Err(e) => {
+                    self.metrics.operation(op, false);
+                    drop(guard);
+                    self.set_up(false);
+                    return Err(store_error("connect", e.category()));
+                }
+            }
+        }
+        let conn = guard.as_mut().expect("connected above");
+        match f(conn) {
+            Ok(v) => {
+                self.metrics.operation(op, true);
+                drop(guard);
+                self.set_up(true);
+                Ok(v)
+            }
+            Err(e) => {
+                self.metrics.operation(op, false);
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                {
+                    *guard = None;
+                    drop(guard);
+                    self.set_up(false);
+                }
+                Err(store_error(op, e.category()))
+            }
+        }
+    }
+}
+
+/// A static API key in fleet mode. Keys are configuration, not records, but a key's
+/// cool-downs and the upstream refusing it are shared like a record's.
+pub struct SharedKey {
+    fleet: Arc<Fleet>,
+    name: String,
+    /// `k` + 16 hex digits of the key's SHA-256: a verdict about the key an id named
+    /// before the operator replaced it is not about this one.
+    tag: String,
+}
+
+impl SharedKey {
+    pub fn new(fleet: &Arc<Fleet>, provider: &str, id: &str, key: &SecretString) -> Arc<SharedKey> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.expose_secret().as_bytes());
+        let tag: String = std::iter::once("k".to_string())
+            .chain(digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")))
+            .collect();
+        let shared = Arc::new(SharedKey {
+            fleet: Arc::clone(fleet),
+            name: format!("{provider}/{id}"),
+            tag,
+        });
+        fleet.register(shared.name.clone(), Member::Key(Arc::downgrade(&shared)));
+        shared
+    }
+}
+
+impl Shares for SharedKey {
+    fn share_cooldown(&self, model: Option<&str>, until_ms: i64) {
+        self.fleet.share_cooldown(&self.name, model, until_ms);
+    }
+
+    fn share_invalid(&self, message: Option<&str>) {
+        self.fleet.share_invalid(&self.name, &self.tag, message);
+    }
+}
+
+/// One credential in the fleet store.
+/// (Its `CredentialStore` side and lease are in `record.rs`.)
+pub struct RedisStore {
+    pub(super) fleet: Arc<Fleet>,
+    /// The source file credentials enter the fleet from (read, never written).
+    pub(super) source: FileStore,
+    pub(super) source_path: PathBuf,
+    pub(super) provider: String,
+    pub(super) id: String,
+    /// Whether refreshing without the lease could spend a rotating refresh token twice.
+    pub(super) rotating: bool,
+    /// The version this replica last read or wrote: writes are derived from it.
+    pub(super) seen: AtomicU64,
+    pub(super) doc: Mutex<Option<Map<String, Value>>>,
+    /// The source's fingerprint as recorded.
+    pub(super) src: Mutex<String>,
+    /// A committed token whose write has not landed (Redis was down): retried.
+    retrying: AtomicBool,
+    /// The lease this replica holds now (fence, value), for the attempt marker.
+    pub(super) lease: Mutex<Option<(u64, String)>>,
+}
+
+impl RedisStore {
+    pub fn new(
+        fleet: &Arc<Fleet>,
+        source: PathBuf,
+        provider: &str,
+        id: &str,
+        rotating: bool,
+    ) -> Arc<RedisStore> {
+        let store = Arc::new(RedisStore {
+            fleet: Arc::clone(fleet),
+            source: FileStore::new(source.clone()),
+            source_path: source,
+            provider: provider.into(),
+            id: id.into(),
+            rotating,
+            seen: AtomicU64::new(0),
+            doc: Mutex::new(None),
+            src: Mutex::new(String::new()),
+            retrying: AtomicBool::new(false),
+            lease: Mutex::new(None),
+        });
+        fleet.register(store.name(), Member::Record(Arc::downgrade(&store)));
+        store
+    }
+
+    pub(super) fn name(&self) -> String {
+        format!("{}/{}", self.provider, self.id)
+    }
+
+    pub(super) fn key(&self, part: &str) -> String {
+        self.fleet.key(&self.name(), part)
+    }
+
+    pub(super) fn rec_key(&self) -> String {
+        self.key("rec")
+    }
+
+    /// The record's version, as this replica last saw it.
+    pub fn version(&self) -> u64 {
+        self.seen.load(Ordering::Acquire)
+    }
+
+    pub(super) fn remember(&self, v: u64, doc: Map<String, Value>) {
+        self.seen.store(v, Ordering::Release);
+        *self.doc.lock().unwrap_or_else(|p| p.into_inner()) = Some(doc);
+    }
+
+    pub(super) fn parse_doc(
+        &self,
+        doc: &str,
+        updated_at_ms: i64,
+    ) -> Result<(CredentialFile, Map<String, Value>), StoreError> {
+        shape::parse(doc.as_bytes(), updated_at_ms).map_err(|source| StoreError::Parse {
+            path: format!("redis record {}", self.name()),
+            source,
+        })
+    }
+
+    /// Compare-and-set from version `from`; `Ok(Some(v))` the new version, `Ok(None)`
+    /// someone else wrote first.
+    pub(super) fn cas(
+        &self,
+        from: u64,
+        doc: &Map<String, Value>,
+        src: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let json = serde_json::to_string(doc).map_err(|e| store_error("encode", e))?;
+        let (ok, v): (i64, u64) = self.fleet.run("write", |c| {
+            Script::new(CAS)
+                .key(self.rec_key())
+                .arg(from)
+                .arg(&json)
+                .arg(&self.fleet.replica)
+                .arg(clock::now_ms())
+                .arg(src)
+                .arg(self.fleet.channel())
+                .arg(self.name())
+                .invoke(c)
+        })?;
+        Ok((ok == 1).then_some(v))
+    }
+
+    /// Writes this replica's newer record back (Redis lost it, or restarted empty).
+    pub(super) fn reassert(&self) {
+        let Some(doc) = self.doc.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return;
+        };
+        let v = self.seen.load(Ordering::Acquire);
+        let Ok(json) = serde_json::to_string(&doc) else {
+            return;
+        };
+        let src = self.src.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let put: Result<i64, _> = self.fleet.run("reassert", |c| {
+            Script::new(REASSERT)
+                .key(self.rec_key())
+                .arg(v)
+                .arg(&json)
+                .arg(&self.fleet.replica)
+                .arg(clock::now_ms())
+                .arg(&src)
+                .invoke(c)
+        });
+        if matches!(put, Ok(1)) {
+            tracing::warn!(target: "tokenrelay::store", credential = %self.name(), version = v,
+                "the fleet store had lost this credential's record (or held an older one); wrote this replica's back");
+        }
+    }
+
+    /// Retries a write that could not land until it does, or another writer is ahead.
+    pub(super) fn retry_write(self: &Arc<Self>, from: u64, doc: Map<String, Value>) {
+        if self.retrying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = Arc::clone(self);
+        std::thread::spawn(move || {
+            let mut wait = Duration::from_millis(200);
+            loop {
+                std::thread::sleep(wait);
+                let src = me.src.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                match me.cas(from, &doc, &src) {
+                    Ok(Some(v)) => {
+                        me.remember(v, doc);
+                        tracing::info!(target: "tokenrelay::store", credential = %me.name(), version = v, "the delayed write landed");
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(_) => wait = (wait * 2).min(Duration::from_secs(5)),
+                }
+            }
+            me.retrying.store(false, Ordering::Release);
+        });
+    }
+
+    /// What the record says, for `/admin/credentials`.
+    pub fn describe(&self) -> Value {
+        let key = self.rec_key();
+        let meta: Result<Vec<Option<String>>, _> = self.fleet.run("describe", |c| {
+            redis::cmd("HMGET")
+                .arg(&key)
+                .arg("v")
+                .arg("writer")
+                .arg("updated_at")
+                .query(c)
+        });
+        match meta {
+            Ok(m) => serde_json::json!({
+                "kind": "redis",
+                "up": true,
+                "version": m.first().cloned().flatten().and_then(|v| v.parse::<u64>().ok()),
+                "last_writer": m.get(1).cloned().flatten(),
+                "updated_at": m.get(2).cloned().flatten().and_then(|t| t.parse::<i64>().ok()).map(clock::rfc3339),
+            }),
+            Err(_) => serde_json::json!({"kind": "redis", "up": false, "version": self.version()}),
+        }
+    }
+}
+
+impl Shares for RedisStore {
+    fn share_cooldown(&self, model: Option<&str>, until_ms: i64) {
+        self.fleet.share_cooldown(&self.name(), model, until_ms);
+    }
+
+    fn share_needs_reauth(&self, message: &str) {
+        // Keyed by the version it was found at: a new record (a re-login) is not dead.
+        let v = self.seen.load(Ordering::Acquire);
+        let key = self.key("state");
+        let channel = self.fleet.channel();
+        let name = self.name();
+        let _: Result<(), _> = self.fleet.run("state", |c| {
+            redis::pipe()
+                .hset(&key, "needs_reauth", format!("{v}|{message}"))
+                .ignore()
+                .publish(&channel, format!("{name} dead"))
+                .ignore()
+                .query(c)
+        });
+    }
+
+    fn share_invalid(&self, message: Option<&str>) {
+        let tag = format!("v{}", self.seen.load(Ordering::Acquire));
+        self.fleet.share_invalid(&self.name(), &tag, message);
+    }
+}
