@@ -14,14 +14,14 @@ use crate::config::{Config, StoreConfig};
 use crate::lifecycle::pool::Pool;
 use crate::lifecycle::Refresher;
 use crate::ops::admin::{self, AdminState};
-use crate::ops::alert::Alerter;
 use crate::ops::console::Console;
-use crate::ops::metrics::Metrics;
 use crate::proxy::browser::{BrowserGuard, Listener};
 use crate::proxy::server::{self, Limits};
 use crate::proxy::upstream::{Upstream, UpstreamOptions};
 use crate::proxy::{self, ProxyState};
 use crate::store::redis::{Fleet, FleetEvent, FleetMetrics};
+use crate::telemetry::alert::Alerter;
+use crate::telemetry::metrics::Metrics;
 
 /// A running tokenrelay: its bound addresses and a handle to stop it.
 pub struct App {

@@ -13,6 +13,7 @@ pub mod ops;
 pub mod providers;
 pub mod proxy;
 pub mod store;
+pub mod telemetry;
 
 mod app;
 

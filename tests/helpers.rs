@@ -885,16 +885,19 @@ pub fn unsavable_credential(
     extra_toml: &str,
 ) -> (
     Arc<tokenrelay::lifecycle::Credential>,
-    Arc<tokenrelay::ops::metrics::Metrics>,
+    Arc<tokenrelay::telemetry::metrics::Metrics>,
 ) {
     use tokenrelay::store::CredentialStore;
     let config = TestApp::config(&format!(
         "[providers.qwen]\nupstream = \"{}\"\ntoken_url = \"{}\"\ncredentials = []\n{extra_toml}",
         t.upstream.url, t.tokens.url
     ));
-    let metrics = Arc::new(tokenrelay::ops::metrics::Metrics::new().unwrap());
+    let metrics = Arc::new(tokenrelay::telemetry::metrics::Metrics::new().unwrap());
     let refresher = Arc::new(tokenrelay::lifecycle::Refresher {
-        alerter: tokenrelay::ops::alert::Alerter::start(&config.alerts, reqwest::Client::new()),
+        alerter: tokenrelay::telemetry::alert::Alerter::start(
+            &config.alerts,
+            reqwest::Client::new(),
+        ),
         ..tokenrelay::lifecycle::Refresher::new(
             reqwest::Client::new(),
             config.refresh.clone(),

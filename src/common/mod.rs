@@ -1,8 +1,9 @@
 //! Small pieces several subsystems use and none owns: comparing secrets, reading a
-//! server's "try again later" hint, a credential's reported state (`state`: what the
+//! server's "try again later" and keep-alive hints, a credential's reported state (`state`: what the
 //! lifecycle produces and metrics, the admin API and the proxy read). Depends on nothing
 //! else in the crate.
 
+pub mod keep_alive;
 pub mod retry_after;
 pub mod state;
 

@@ -1,6 +1,6 @@
 //! A credential's state as the lifecycle reports it: `State` (the states of DESIGN.md) and
 //! the read-only `Snapshot` the admin API, metrics and errors are made from. Here rather
-//! than in `lifecycle/` so that `ops::metrics`, which the lifecycle counts into, can read
+//! than in `lifecycle/` so that `telemetry::metrics`, which the lifecycle counts into, can read
 //! snapshots without importing the lifecycle back. The lifecycle re-exports both.
 
 use std::time::Duration;

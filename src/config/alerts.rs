@@ -1,4 +1,4 @@
-//! `[alerts]`: the webhooks (`ops::alert` delivers to them) and the alert thresholds.
+//! `[alerts]`: the webhooks (`telemetry::alert` delivers to them) and the alert thresholds.
 
 use std::time::Duration;
 

@@ -29,11 +29,11 @@ use crate::clock;
 use crate::common::state::{Snapshot, State};
 use crate::config::{ProviderConfig, RefreshConfig};
 use crate::oauth::RefreshError;
-use crate::ops::alert::{Alerter, Event, Kind};
-use crate::ops::metrics::Metrics;
 use crate::store::redis::SharedKey;
 use crate::store::shape::CredentialFile;
 use crate::store::{CredentialStore, Shares};
+use crate::telemetry::alert::{Alerter, Event, Kind};
+use crate::telemetry::metrics::Metrics;
 
 /// What the refresh machinery shares across credentials.
 pub struct Refresher {

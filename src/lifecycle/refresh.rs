@@ -15,9 +15,9 @@ use super::state::Status;
 use super::token::{bearer, fingerprint, token_from_file, Expiry, Token};
 use crate::clock;
 use crate::oauth::{self, Grant, RefreshError};
-use crate::ops::alert::Kind;
 use crate::store::shape::{Shape, TokenUpdate};
 use crate::store::{CredentialStore, LockGuard, TryLock};
+use crate::telemetry::alert::Kind;
 
 /// What a caller needs from a refresh.
 #[derive(Clone, Copy)]

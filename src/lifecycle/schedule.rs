@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::credential::Credential;
 use super::token::Expiry;
 use crate::clock;
-use crate::ops::alert::Kind;
+use crate::telemetry::alert::Kind;
 
 impl Credential {
     /// How long until the background refresh is due: `lead_time` (plus this credential's
@@ -138,9 +138,9 @@ mod tests {
     use crate::config::Config;
     use crate::lifecycle::{Refresher, State};
     use crate::oauth::RefreshError;
-    use crate::ops::metrics::Metrics;
     use crate::store::CredentialStore;
     use crate::store::FileStore;
+    use crate::telemetry::metrics::Metrics;
 
     /// A credential from a real file, with a token endpoint nobody listens on (these tests
     /// never reach it).

@@ -20,9 +20,9 @@ use crate::clock;
 use crate::common::constant_time_eq;
 use crate::lifecycle::pool::{looked_at, Pool, ProviderPool};
 use crate::lifecycle::Credential;
-use crate::ops::metrics::Metrics;
 use crate::proxy::browser::{self, BrowserGuard, Verdict};
 use crate::proxy::error::{ProxyError, Reason};
+use crate::telemetry::metrics::Metrics;
 
 pub struct AdminState {
     pub pool: Arc<Pool>,

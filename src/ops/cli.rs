@@ -14,8 +14,8 @@ use serde_json::Value;
 use crate::config::Config;
 use crate::lifecycle::pool;
 use crate::lifecycle::{Credential, Refresher, State};
-use crate::ops::metrics::Metrics;
 use crate::store::{CredentialStore, FileStore};
+use crate::telemetry::metrics::Metrics;
 
 /// The admin base URL: `--admin` if given, else the configuration's `admin_listen`.
 fn admin_base(config: &Config, admin: Option<&str>) -> String {

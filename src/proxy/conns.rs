@@ -44,7 +44,8 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::upstream::UpBody;
+use super::body::UpBody;
+use crate::common::keep_alive;
 
 /// Idle connections kept per origin and thread.
 const MAX_IDLE: usize = 256;
@@ -420,7 +421,11 @@ impl Connections {
         })
         .await?;
         h1.reused = true;
-        h1.hint = keep_alive_timeout(resp.headers());
+        h1.hint = resp
+            .headers()
+            .get("keep-alive")
+            .and_then(|v| v.to_str().ok())
+            .and_then(keep_alive::timeout);
         let status = resp.status();
         let headers = resp.headers_mut();
         // Content-Length beside Transfer-Encoding (RFC 9112 §6.3): hyper reads the chunked
@@ -693,20 +698,6 @@ fn origin_form(req: &mut http::Request<UpBody>, origin: &Origin) {
     }
 }
 
-/// The upstream's `Keep-Alive: timeout=N` (seconds), less a margin for the time an answer
-/// and the next request spend in flight: the upstream counts from when it answered.
-pub fn keep_alive_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get("keep-alive")?.to_str().ok()?;
-    let secs: u64 = value.split(',').find_map(|param| {
-        let (name, v) = param.split_once('=')?;
-        name.trim()
-            .eq_ignore_ascii_case("timeout")
-            .then(|| v.trim().trim_matches('"').parse().ok())?
-    })?;
-    let ms = secs.saturating_mul(1000);
-    Some(Duration::from_millis(ms.saturating_sub(1000).max(ms / 2)))
-}
-
 /// The connection a response body drives, and where it goes back to when the body ends
 /// (if it may be used again).
 struct Back {
@@ -776,21 +767,6 @@ impl Body for Driven {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keep_alive_timeouts_are_read_with_a_margin() {
-        let h = |v: &'static str| {
-            let mut m = http::HeaderMap::new();
-            m.insert("keep-alive", http::HeaderValue::from_static(v));
-            keep_alive_timeout(&m)
-        };
-        assert_eq!(h("timeout=1"), Some(Duration::from_millis(500)));
-        assert_eq!(h("timeout=5, max=100"), Some(Duration::from_secs(4)));
-        assert_eq!(h("max=100, Timeout = 2"), Some(Duration::from_secs(1)));
-        assert_eq!(h("max=100"), None);
-        assert_eq!(h("timeout=soon"), None);
-        assert_eq!(keep_alive_timeout(&http::HeaderMap::new()), None);
-    }
 
     #[test]
     fn an_empty_path_goes_out_as_a_slash() {

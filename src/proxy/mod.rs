@@ -21,6 +21,7 @@
 mod admit;
 mod answer;
 mod attempt;
+mod body;
 pub mod browser;
 mod choose;
 mod conns;
@@ -45,8 +46,8 @@ use crate::config::PoolConfig;
 use crate::lifecycle::pool::{Pool, ProviderPool};
 use crate::lifecycle::Credential;
 use crate::oauth::error_chain;
-use crate::ops::metrics::Metrics;
 use crate::proxy::error::{ProxyError, Reason};
+use crate::telemetry::metrics::Metrics;
 use admit::{provider_names, split_path, Admitted, RequestBody};
 use attempt::{Attempts, Outcome};
 use browser::{BrowserGuard, Verdict};

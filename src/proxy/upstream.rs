@@ -17,61 +17,9 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+pub use super::body::UpBody;
 use super::conns::{Connections, Driven};
 pub use super::conns::{Replay, SendError};
-
-/// A request body going upstream: buffered (replayable; sent by tokenrelay's own HTTP/1.1
-/// client) or streamed (an upload larger than `server.max_request_body`, sent once).
-pub enum UpBody {
-    Buffered(Option<Bytes>),
-    Streamed(axum::body::Body),
-}
-
-impl UpBody {
-    pub fn buffered(bytes: Bytes) -> UpBody {
-        UpBody::Buffered(Some(bytes))
-    }
-
-    pub fn empty() -> UpBody {
-        UpBody::Buffered(None)
-    }
-}
-
-impl Body for UpBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        match self.get_mut() {
-            UpBody::Buffered(bytes) => Poll::Ready(
-                bytes
-                    .take()
-                    .filter(|b| !b.is_empty())
-                    .map(|b| Ok(Frame::data(b))),
-            ),
-            UpBody::Streamed(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpBody::Buffered(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
-            UpBody::Streamed(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpBody::Buffered(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
-            UpBody::Streamed(body) => body.size_hint(),
-        }
-    }
-}
 
 /// How an upstream client is set up (from `[server]`).
 pub struct UpstreamOptions<'a> {
