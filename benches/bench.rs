@@ -23,6 +23,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 
+#[path = "support/peers.rs"]
+mod peers;
+
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 const SMALL: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}]}"#;
@@ -434,15 +437,15 @@ async fn first_event(url: &str, n: usize) -> (f64, f64) {
     (samples[n / 2], samples[(n * 99 / 100).min(n - 1)])
 }
 
-/// RSS of `pids` (MB) with 1,000 SSE streams open through `url`, after one second.
-fn rss_with_streams(rt: &tokio::runtime::Runtime, url: &str, pids: &[u32]) -> f64 {
+/// RSS of `pids` (MB) with `n` SSE streams open through `url`, after one second.
+fn rss_with_streams(rt: &tokio::runtime::Runtime, url: &str, pids: &[u32], n: usize) -> f64 {
     rt.block_on(async {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(0)
             .build()
             .unwrap();
         let mut open = Vec::new();
-        for _ in 0..1000 {
+        for _ in 0..n {
             let c = client.clone();
             let u = url.to_string();
             open.push(tokio::spawn(async move {
@@ -624,37 +627,44 @@ fn deployments(
         );
     }
 
-    // Memory per open stream, both proxies.
+    // Memory per open stream, both proxies, with 1,000 and with 10,000 streams (long
+    // enough to outlast the opening of all of them).
     let ng_pids = nginx_pids(ng_master);
-    let ng_idle: f64 = ng_pids.iter().map(|p| rss_mb(*p)).sum();
-    let ng_streams = rss_with_streams(
-        rt,
-        &format!("http://127.0.0.1:{ng_port}/v1/sse?events=100"),
-        &ng_pids,
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let tr_idle = rss_mb(tr_pid);
-    let tr_streams = rss_with_streams(
-        rt,
-        &format!("http://127.0.0.1:{tr_port}/bench/v1/sse?events=100"),
-        &[tr_pid],
-    );
-    eprintln!("per stream: nginx {ng_idle:.1} → {ng_streams:.1} MB, tokenrelay {tr_idle:.1} → {tr_streams:.1} MB");
+    let mut rows = Vec::new();
+    for n in [1000usize, 10_000] {
+        let events = if n > 1000 { 600 } else { 100 };
+        let ng_idle: f64 = ng_pids.iter().map(|p| rss_mb(*p)).sum();
+        let ng_streams = rss_with_streams(
+            rt,
+            &format!("http://127.0.0.1:{ng_port}/v1/sse?events={events}"),
+            &ng_pids,
+            n,
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        let tr_idle = rss_mb(tr_pid);
+        let tr_streams = rss_with_streams(
+            rt,
+            &format!("http://127.0.0.1:{tr_port}/bench/v1/sse?events={events}"),
+            &[tr_pid],
+            n,
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        eprintln!("{n} streams: nginx {ng_idle:.1} → {ng_streams:.1} MB, tokenrelay {tr_idle:.1} → {tr_streams:.1} MB");
+        rows.push(("nginx", n, ng_idle, ng_streams));
+        rows.push(("tokenrelay", n, tr_idle, tr_streams));
+    }
     let _ = writeln!(s, "\n## Memory per open stream\n");
-    let _ = writeln!(s, "1,000 concurrent SSE streams held open through each proxy (nginx: master and workers summed).\n");
+    let _ = writeln!(s, "Concurrent SSE streams held open through each proxy (nginx: master and workers summed), measured one second after the last stream opened.\n");
     let _ = writeln!(
         s,
-        "| proxy | RSS before (MB) | RSS with 1,000 streams (MB) | per stream (KB) |"
+        "| proxy | streams | RSS before (MB) | RSS with the streams (MB) | per stream (KB) |"
     );
-    let _ = writeln!(s, "|---|---|---|---|");
-    for (name, before, during) in [
-        ("nginx", ng_idle, ng_streams),
-        ("tokenrelay", tr_idle, tr_streams),
-    ] {
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for (name, n, before, during) in rows {
         let _ = writeln!(
             s,
-            "| {name} | {before:.1} | {during:.1} | {:.0} |",
-            (during - before) * 1024.0 / 1000.0
+            "| {name} | {n} | {before:.1} | {during:.1} | {:.1} |",
+            (during - before) * 1024.0 / n as f64
         );
     }
     s.push('\n');
@@ -742,6 +752,28 @@ fn main() {
         max[i] = oha(&format!("{base}/v1/chat/completions"), None, secs, 64).rps;
         eprintln!("saturation {name}: {:.0} req/s", max[i]);
     }
+    // The proxy users would otherwise pick, at a rate its one worker sustains.
+    let peer_rate = 100;
+    let litellm = peers::litellm(root, &work, up);
+    let mut peer_paths = vec![
+        ("direct", format!("http://{up}/v1/chat/completions")),
+        (
+            "nginx",
+            format!("http://127.0.0.1:{ng_port}/v1/chat/completions"),
+        ),
+    ];
+    if let Some((_, port)) = &litellm {
+        peer_paths.push((
+            "LiteLLM proxy (1 worker)",
+            format!("http://127.0.0.1:{port}/v1/chat/completions"),
+        ));
+    }
+    peer_paths.push((
+        "tokenrelay",
+        format!("http://127.0.0.1:{tr_port}/bench/v1/chat/completions"),
+    ));
+    let peer_rows = peers::compare(&peer_paths, peer_rate, secs);
+    drop(litellm);
     // Key pools: one key vs 1,000 keys, side by side (selection is an index into a
     // snapshot; nothing should grow with the pool).
     let mut keys = Vec::new();
@@ -880,6 +912,7 @@ fn main() {
         &rt,
         &format!("http://127.0.0.1:{idle_port}/bench/v1/sse?events=100"),
         &[idle.0.id()],
+        1000,
     );
     eprintln!("RSS: idle {rss_idle:.1} MB, 1000 streams {rss_streams:.1} MB");
     drop(idle);
@@ -933,16 +966,17 @@ fn main() {
         "storm: {storm_calls} token-endpoint calls, {storm_ok}/{storm_n} ok, p99 {storm_p99:.1} ms"
     );
     drop(storm);
-    let real = deployments(
-        root,
-        &bin,
-        &work,
-        &fakes,
-        &rt,
-        up,
-        secs,
-        ((tr.0.id(), tr_port), (nginx_proc.0.id(), ng_port)),
-    );
+    let real = peers::section(&peer_rows, peer_rate)
+        + &deployments(
+            root,
+            &bin,
+            &work,
+            &fakes,
+            &rt,
+            up,
+            secs,
+            ((tr.0.id(), tr_port), (nginx_proc.0.id(), ng_port)),
+        );
     drop(tr);
 
     let report = report(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tokenrelay vs no proxy vs nginx, side by side in one run (benches/bench.rs).
-# Installs nginx and redis-server (Debian) and oha (crates.io) if missing, raises the open-file limit for
+# Installs nginx and redis-server (Debian), oha (crates.io) and LiteLLM's proxy (PyPI, in
+# target/bench/litellm) if missing, raises the open-file limit for
 # the 1,000-stream and 10,000-request measurements, builds in release mode, and runs.
 #   scripts/bench.sh           full run, rewrites docs/benchmarks.md
 #   scripts/bench.sh --quick   3-second smoke run, prints only
@@ -12,6 +13,11 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 command -v nginx >/dev/null || { as_root apt-get update -qq; DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends nginx >/dev/null; }
 command -v redis-server >/dev/null || { as_root apt-get update -qq; DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
 command -v oha >/dev/null || cargo install --locked oha
+# LiteLLM's proxy, the peer users would otherwise pick, pinned, in a venv of its own.
+[ -x target/bench/litellm/bin/litellm ] || {
+  python3 -m venv target/bench/litellm
+  target/bench/litellm/bin/pip install --quiet --disable-pip-version-check 'litellm[proxy]==1.108.7'
+}
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 cargo build --release --locked --bin tokenrelay
 cargo bench --locked --bench bench -- "$@"

@@ -17,8 +17,11 @@ cargo build --release --locked --bin tokenrelay
 cargo bench --locked --bench bench --no-run 2>/dev/null
 bench=$(ls -t target/release/deps/bench-* | grep -v '\.d$' | head -1)
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; sleep 0.5; rm -rf "$work"' EXIT
-"$bench" --serve > "$work/serve.txt" 2>/dev/null &
+# The benchmark's --serve starts the fakes, a tokenrelay and an nginx of its own: it runs in
+# a process group of its own (setsid), and the whole group is ended on exit, not only it.
+trap 'kill -- -"$serve" $(jobs -p) 2>/dev/null; sleep 0.5; rm -rf "$work"' EXIT
+setsid "$bench" --serve > "$work/serve.txt" 2>/dev/null &
+serve=$!
 for _ in $(seq 100); do grep -q upstream "$work/serve.txt" 2>/dev/null && break; sleep 0.2; done
 up=$(awk '{print $2}' "$work/serve.txt")
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -83,7 +86,7 @@ count nginx "http://127.0.0.1:$ng_port/v1/chat/completions" \
 echo
 echo "tokenrelay, inclusive, per request (its own functions and the hyper layers):"
 callgrind_annotate --inclusive=yes --threshold=100 "$(ls -t "$work/tokenrelay.cg".* | head -1)" 2>/dev/null |
-  grep -E 'tokenrelay::proxy::(serve|forwarded_headers|stream_back|upstream_uri|check_path|browser::BrowserGuard::check)|Connections::(send|answer)|h1::Conn::(read_head|poll_body|send)|UpgradeableConnection<I,S> as core::future::future::Future>::poll \[|Credential::snapshot' |
+  grep -E 'tokenrelay::proxy::(serve|admit::forwarded_headers|answer::stream_back|admit::upstream_uri|admit::check_path|browser::BrowserGuard::check)|Connections::(send|exchange)|Driven as .*Body>::poll_frame|UpgradeableConnection<I,S> as core::future::future::Future>::poll \[|Credential::snapshot' |
   awk -v n="$N" '{gsub(",","",$1); printf "%8d  %s\n", $1 / n, $0}' | cut -c1-200 | sort -rn | head -14
 echo
 echo "nginx, self, per request:"

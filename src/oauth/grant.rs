@@ -240,22 +240,7 @@ fn network_error(e: &reqwest::Error, timeout: Duration) -> RefreshError {
     if e.is_timeout() {
         return RefreshError::Timeout(timeout);
     }
-    RefreshError::Network(error_chain(e))
-}
-
-/// The causes of an error, innermost last, without the URL (it may be long; it is not
-/// secret, but the message reads better without it).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = Vec::new();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        let s = err.to_string();
-        if !parts.last().is_some_and(|p: &String| p.contains(&s)) {
-            parts.push(s);
-        }
-        cur = err.source();
-    }
-    parts.join(": ")
+    RefreshError::Network(crate::common::error_chain(e))
 }
 
 /// Signs the JWT a service account exchanges for an access token (RS256): issued by the

@@ -278,13 +278,16 @@ async fn post_form(
         .send()
         .await
         .map_err(|e| {
-            LoginError::Network(format!("{url} unreachable: {}", super::error_chain(&e)))
+            LoginError::Network(format!(
+                "{url} unreachable: {}",
+                crate::common::error_chain(&e)
+            ))
         })?;
     let status = resp.status().as_u16();
     let bytes = resp
         .bytes()
         .await
-        .map_err(|e| LoginError::Network(format!("{url}: {}", super::error_chain(&e))))?;
+        .map_err(|e| LoginError::Network(format!("{url}: {}", crate::common::error_chain(&e))))?;
     Ok((status, bytes.to_vec()))
 }
 

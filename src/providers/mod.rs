@@ -2,7 +2,7 @@
 //! upstream, token URL and client, where its credential files live), how a credential's
 //! upstream base is derived, which extra headers go upstream, and how to re-authenticate.
 //!
-//! `config.rs` builds a `ProviderConfig` from `preset`; the proxy and the lifecycle ask the
+//! `config/provider.rs` builds a `ProviderConfig` from `preset`; the proxy and the lifecycle ask the
 //! provider (`ProviderConfig::reauth_hint`, `base_url`, `upstream_headers`) instead of
 //! matching on its kind themselves. This module depends on no other subsystem but the
 //! credential file shapes.

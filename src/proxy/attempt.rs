@@ -22,10 +22,10 @@ use super::choose::{LazyModel, Miss};
 use super::error::{ProxyError, Reason};
 use super::upstream::{BodyError, IdleTimeout, UpBody};
 use super::{rewrite, ProxyState, Trail};
+use crate::common::error_chain;
 use crate::common::retry_after;
 use crate::lifecycle::pool::ProviderPool;
 use crate::lifecycle::{Credential, Token};
-use crate::oauth::error_chain;
 use crate::providers::{self, Refusal};
 
 /// What every attempt of one request shares.

@@ -7,8 +7,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-/// A request body going upstream: buffered (replayable; sent by tokenrelay's own HTTP/1.1
-/// client) or streamed (an upload larger than `server.max_request_body`, sent once).
+/// A request body going upstream: buffered (replayable on another credential or a new
+/// connection) or streamed (an upload larger than `server.max_request_body`, sent once).
 pub enum UpBody {
     Buffered(Option<Bytes>),
     Streamed(axum::body::Body),

@@ -42,10 +42,10 @@ use http::StatusCode;
 use secrecy::SecretString;
 use tokio::time::Instant;
 
+use crate::common::error_chain;
 use crate::config::PoolConfig;
 use crate::lifecycle::pool::{Pool, ProviderPool};
 use crate::lifecycle::Credential;
-use crate::oauth::error_chain;
 use crate::proxy::error::{ProxyError, Reason};
 use crate::telemetry::metrics::Metrics;
 use admit::{provider_names, split_path, Admitted, RequestBody};

@@ -141,7 +141,7 @@ async fn deliver(hook: WebhookConfig, client: reqwest::Client, mut rx: mpsc::Rec
                 }
                 Err(e) => {
                     tracing::warn!(target: "tokenrelay::alert", webhook = %host, attempt,
-                        error = %crate::oauth::error_chain(&e.without_url()), "webhook unreachable");
+                        error = %crate::common::error_chain(&e.without_url()), "webhook unreachable");
                     None
                 }
             };
