@@ -19,8 +19,10 @@ pub struct Req {
     pub method: String,
     pub path: String,
     pub head: String,
-    /// The body, when the script reads it (`Content-Length` only).
+    /// The body, when the script reads it.
     pub body: Vec<u8>,
+    /// How many requests this connection carried before this one.
+    pub before: usize,
 }
 
 impl Req {
@@ -135,6 +137,7 @@ async fn serve_hostile(
     let mut got = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
     let mut tainted = false;
+    let mut before = 0;
     loop {
         let end = loop {
             if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -175,7 +178,9 @@ async fn serve_hostile(
             path,
             head,
             body: Vec::new(),
+            before,
         };
+        before += 1;
         let peek = script(&req);
         let chunked = req
             .head
@@ -519,7 +524,8 @@ async fn requests_spaced_at_the_upstreams_idle_timeout_are_all_answered_once() {
             };
             assert_eq!(r.status(), 200, "{id}");
             assert!(is_own(&r.text().await.unwrap(), &id));
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Idle 0.7 s: within the upstream's second, past its timeout less the margin.
+            tokio::time::sleep(Duration::from_millis(700)).await;
         }
     };
     // The one that does not: GETs go again on a new connection when the race is lost.
@@ -536,15 +542,69 @@ async fn requests_spaced_at_the_upstreams_idle_timeout_are_all_answered_once() {
     let posts = seen_announced.posts.lock().unwrap();
     assert_eq!(posts.len(), 4);
     assert!(posts.values().all(|n| *n == 1), "{posts:?}");
-    assert!(
-        seen_announced.accepted.load(SeqCst) >= 7,
-        "a connection the upstream will close is not reused"
+    assert_eq!(
+        seen_announced.accepted.load(SeqCst),
+        8,
+        "a connection idle past the upstream's Keep-Alive: timeout (less a margin) is not reused"
     );
     println!(
         "keep-alive: announced {} connections, silent {} connections",
         seen_announced.accepted.load(SeqCst),
         seen_silent.accepted.load(SeqCst)
     );
+}
+
+/// Answers the first request on each connection; closes the connection on any later one
+/// after reading it, without a byte of answer: the keep-alive race, every time.
+fn closes_reused(r: &Req) -> Script {
+    if r.before == 0 {
+        return Script::answer(answer(r.id()));
+    }
+    Script {
+        pieces: Vec::new(),
+        then: Then::Close,
+        read_body: true,
+        taints: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_closed_under_a_request_resends_only_what_is_safe() {
+    let (upstream, seen) = hostile_upstream(closes_reused, None).await;
+    let t = relay(&upstream, "\"sk-one\"", "").await;
+    // A GET goes again on a new connection: answered.
+    for id in ["get-1", "get-2", "get-3"] {
+        let (status, body) = get(&t, &format!("race/{id}")).await;
+        assert_eq!(status, 200, "{id}: {body}");
+        assert!(is_own(&body, id));
+    }
+    // A POST may have reached the upstream: never sent twice to the same credential.
+    let r = t
+        .http
+        .post(format!("{}/dashscope/v1/race/post-1", t.proxy))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["reason"], "upstream_unreachable", "{e}");
+    assert_eq!(seen.posts.lock().unwrap().get("post-1"), Some(&1));
+    // With a second key, the POST is served by it (once per key at most).
+    let two = relay(&upstream, "\"sk-one\", \"sk-two\"", "").await;
+    let (status, _) = get(&two, "race/warm").await;
+    assert_eq!(status, 200);
+    let r = two
+        .http
+        .post(format!("{}/dashscope/v1/race/post-2", two.proxy))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(is_own(&r.text().await.unwrap(), "post-2"));
+    let posts = seen.posts.lock().unwrap();
+    assert!(posts.get("post-2").is_some_and(|n| *n <= 2), "{posts:?}");
 }
 
 /// tokenrelay's sockets to `port` in `state` (hex, as in /proc/net/tcp: 01 established,
@@ -821,8 +881,118 @@ async fn the_request_line_is_origin_form_and_expect_is_not_forwarded() {
     );
 }
 
+/// A server connection that, once dropped, keeps reading (and dropping) what the client
+/// still sends for a second before it closes, as a server should after GOAWAY (RFC 9113
+/// §6.8): closing at once would reset the connection and lose answers the client has not
+/// read yet.
+struct Linger<T: tokio::io::AsyncRead + Unpin + Send + 'static>(Option<T>);
+
+impl<T: tokio::io::AsyncRead + Unpin + Send + 'static> Drop for Linger<T> {
+    fn drop(&mut self) {
+        if let Some(mut io) = self.0.take() {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 << 10];
+                let drain = async { while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {} };
+                let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+            });
+        }
+    }
+}
+
+impl<T> tokio::io::AsyncRead for Linger<T>
+where
+    T: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl<T> tokio::io::AsyncWrite for Linger<T>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.0.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_write(cx, b),
+            None => std::task::Poll::Ready(Ok(0)),
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_flush(cx),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.as_mut() {
+            Some(io) => std::pin::Pin::new(io).poll_shutdown(cx),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// Serves HTTP/2 on `tls` with the h2 crate: every 10th stream is refused
+/// (`REFUSED_STREAM`), and after its 25th stream the connection shuts down gracefully:
+/// `GOAWAY`, a ping, then `GOAWAY` naming the last stream it took, which refuses the
+/// streams in flight above it; it answers the ones it took and lingers before it closes.
+async fn refusing_h2(tls: tokio_rustls::server::TlsStream<TcpStream>, served: Arc<AtomicUsize>) {
+    let Ok(mut conn) = h2::server::handshake(Linger(Some(tls))).await else {
+        return;
+    };
+    let mut n = 0;
+    while let Some(Ok((req, mut respond))) = conn.accept().await {
+        n += 1;
+        if n % 10 == 0 {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            continue;
+        }
+        if n == 25 {
+            conn.graceful_shutdown();
+        }
+        let served = Arc::clone(&served);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let id = req
+                .uri()
+                .path()
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let body = bytes::Bytes::from(format!("{{\"id\":\"{id}\"}}"));
+            if let Ok(mut stream) = respond.send_response(http::Response::new(()), false) {
+                if stream.send_data(body, true).is_ok() {
+                    served.fetch_add(1, SeqCst);
+                }
+            }
+        });
+    }
+    // The streams it took are answered before the connection closes.
+    let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_upstream_that_sends_goaway_under_load_loses_no_request() {
+async fn an_http2_upstream_that_refuses_streams_and_sends_goaway_under_load_loses_no_request() {
     let certs = tempfile::tempdir().unwrap();
     crate::tls::make_certs(certs.path());
     let acceptor = crate::tls::acceptor(certs.path(), &[b"h2"]);
@@ -834,51 +1004,14 @@ async fn an_http2_upstream_that_sends_goaway_under_load_loses_no_request() {
     let accepted = Arc::new(AtomicUsize::new(0));
     let served = Arc::new(AtomicUsize::new(0));
     let (count, done) = (Arc::clone(&accepted), Arc::clone(&served));
-    // Each connection sends GOAWAY after its 25th request, with streams in flight.
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             count.fetch_add(1, SeqCst);
             let (acceptor, done) = (acceptor.clone(), Arc::clone(&done));
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-                let on_this = Arc::new(AtomicUsize::new(0));
-                let service = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (tx, on_this, done) =
-                            (tx.clone(), Arc::clone(&on_this), Arc::clone(&done));
-                        async move {
-                            if on_this.fetch_add(1, SeqCst) + 1 == 25 {
-                                let _ = tx.try_send(());
-                            }
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                            done.fetch_add(1, SeqCst);
-                            let id = req
-                                .uri()
-                                .path()
-                                .rsplit('/')
-                                .next()
-                                .unwrap_or("")
-                                .to_string();
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from(format!(
-                                    "{{\"id\":\"{id}\"}}"
-                                ))),
-                            ))
-                        }
-                    },
-                );
-                let conn =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-                let mut conn = std::pin::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => return,
-                    _ = rx.recv() => conn.as_mut().graceful_shutdown(),
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    refusing_h2(tls, done).await;
                 }
-                let _ = conn.await;
             });
         }
     });
@@ -889,11 +1022,12 @@ async fn an_http2_upstream_that_sends_goaway_under_load_loses_no_request() {
         &format!("upstream_ca = \"{}\"", ca.display()),
     )
     .await;
+    let (clients, each) = (64, 20);
     let mut tasks = Vec::new();
-    for c in 0..16 {
+    for c in 0..clients {
         let (proxy, http) = (t.proxy.clone(), t.http.clone());
         tasks.push(tokio::spawn(async move {
-            for i in 0..25 {
+            for i in 0..each {
                 let id = format!("h2-c{c}-{i}");
                 let r = http
                     .post(format!("{proxy}/dashscope/v1/h2/{id}"))
@@ -911,9 +1045,14 @@ async fn an_http2_upstream_that_sends_goaway_under_load_loses_no_request() {
     for task in tasks {
         task.await.unwrap();
     }
+    assert_eq!(
+        served.load(SeqCst),
+        clients * each,
+        "each request served once"
+    );
     assert!(
         accepted.load(SeqCst) >= 4,
-        "GOAWAY made tokenrelay open new connections: {}",
+        "refused streams went again on new connections: {}",
         accepted.load(SeqCst)
     );
 }
