@@ -19,7 +19,7 @@ bench=$(ls -t target/release/deps/bench-* | grep -v '\.d$' | head -1)
 work=$(mktemp -d)
 # The benchmark's --serve starts the fakes, a tokenrelay and an nginx of its own: it runs in
 # a process group of its own (setsid), and the whole group is ended on exit, not only it.
-trap 'kill -- -"$serve" $(jobs -p) 2>/dev/null; sleep 0.5; rm -rf "$work"' EXIT
+trap 'kill -- -"$serve" $(jobs -p) 2>/dev/null; sleep 0.5; [ -n "${KEEP:-}" ] && cp "$work"/*.cg.* /tmp/ 2>/dev/null; rm -rf "$work"' EXIT
 setsid "$bench" --serve > "$work/serve.txt" 2>/dev/null &
 serve=$!
 for _ in $(seq 100); do grep -q upstream "$work/serve.txt" 2>/dev/null && break; sleep 0.2; done

@@ -112,17 +112,26 @@ pub(super) fn split_path(path: &str) -> Option<(&str, &str)> {
 /// `\\` as `/` in http URLs): once normalised they would move the request outside the
 /// upstream's base.
 fn check_path(rest: &str) -> Result<(), ProxyError> {
-    let dot = |piece: &str| piece == "." || piece == "..";
-    for seg in rest.split('/') {
-        // Decoded only when it could hide something (`%2e%2e`, `..%2f`, `%5c`).
-        let hidden =
-            seg.contains(['%', '+']) && percent_decode_lower(seg).split(['/', '\\']).any(dot);
-        if hidden || seg.split('\\').any(dot) {
-            return Err(ProxyError::new(
-                Reason::BadRequest,
-                "the path may not contain '.' or '..' segments",
-            ));
-        }
+    let dot = |piece: &[u8]| piece == b"." || piece == b"..";
+    // Segments split at `/` and at `\`, byte by byte (a request's path is short, and this
+    // runs on every request).
+    let plain = rest
+        .as_bytes()
+        .split(|b| *b == b'/' || *b == b'\\')
+        .any(dot);
+    // Decoded only when it could hide something (`%2e%2e`, `..%2f`, `%5c`).
+    let hidden = rest.contains('%')
+        && rest.split('/').any(|seg| {
+            seg.contains(['%', '+'])
+                && percent_decode_lower(seg)
+                    .split(['/', '\\'])
+                    .any(|p| dot(p.as_bytes()))
+        });
+    if plain || hidden {
+        return Err(ProxyError::new(
+            Reason::BadRequest,
+            "the path may not contain '.' or '..' segments",
+        ));
     }
     Ok(())
 }
@@ -310,7 +319,7 @@ pub(super) fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
             .contains(&name)
             || named_in_connection.contains(name)
     };
-    // One pass (a copy, then a removal per name, cost more than the copy).
+    // One pass (a copy, then a removal per name present, cost more: measured).
     let mut out = HeaderMap::with_capacity(incoming.len());
     for (name, value) in incoming {
         if !dropped(name) {
