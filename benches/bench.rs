@@ -753,7 +753,7 @@ fn main() {
         eprintln!("saturation {name}: {:.0} req/s", max[i]);
     }
     // The proxy users would otherwise pick, at a rate its one worker sustains.
-    let peer_rate = 100;
+    let peer_rate = 50;
     let litellm = peers::litellm(root, &work, up);
     let mut peer_paths = vec![
         ("direct", format!("http://{up}/v1/chat/completions")),
