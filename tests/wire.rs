@@ -255,9 +255,13 @@ async fn relay(upstream: &str, keys: &str, server: &str) -> TestApp {
 
 /// GETs `/dashscope/v1/{path}`; the status and body.
 async fn get(t: &TestApp, path: &str) -> (u16, String) {
-    let r = t
-        .http
-        .get(format!("{}/dashscope/v1/{path}", t.proxy))
+    get_from(&t.http, &t.proxy, path).await
+}
+
+/// GETs `{proxy}/dashscope/v1/{path}` (from a task that holds its own client handle).
+async fn get_from(http: &reqwest::Client, proxy: &str, path: &str) -> (u16, String) {
+    let r = http
+        .get(format!("{proxy}/dashscope/v1/{path}"))
         .send()
         .await
         .unwrap();
@@ -309,12 +313,7 @@ async fn bytes_after_a_bodyless_answer_never_reach_another_client() {
                 for pause in [0, 30] {
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                     let id = format!("c{c}-r{round}-p{pause}");
-                    let r = http
-                        .get(format!("{proxy}/dashscope/v1/echo/{id}"))
-                        .send()
-                        .await
-                        .unwrap();
-                    let body = r.text().await.unwrap();
+                    let (_, body) = get_from(&http, &proxy, &format!("echo/{id}")).await;
                     assert!(is_own(&body, &id), "{kind} {when}: {id} got {body}");
                 }
             }
@@ -351,19 +350,10 @@ async fn a_body_longer_than_its_length_or_an_unasked_answer_ends_its_connection(
             for round in 0..10 {
                 for kind in ["long", "twice"] {
                     let id = format!("{kind}-c{c}-r{round}");
-                    let r = http
-                        .get(format!("{proxy}/dashscope/v1/{kind}/now/{id}"))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert!(is_own(&r.text().await.unwrap(), &id));
+                    let (_, body) = get_from(&http, &proxy, &format!("{kind}/now/{id}")).await;
+                    assert!(is_own(&body, &id), "{id} got {body}");
                     let id = format!("echo-{id}");
-                    let r = http
-                        .get(format!("{proxy}/dashscope/v1/echo/{id}"))
-                        .send()
-                        .await
-                        .unwrap();
-                    let body = r.text().await.unwrap();
+                    let (_, body) = get_from(&http, &proxy, &format!("echo/{id}")).await;
                     assert!(is_own(&body, &id), "{id} got {body}");
                 }
             }
@@ -640,12 +630,8 @@ async fn burst(t: &TestApp, n: usize) {
         let (proxy, http) = (t.proxy.clone(), t.http.clone());
         async move {
             let id = format!("burst-{i}");
-            let r = http
-                .get(format!("{proxy}/dashscope/v1/burst/{id}"))
-                .send()
-                .await
-                .unwrap();
-            assert!(is_own(&r.text().await.unwrap(), &id));
+            let (_, body) = get_from(&http, &proxy, &format!("burst/{id}")).await;
+            assert!(is_own(&body, &id), "{id} got {body}");
         }
     });
     futures_util::future::join_all(requests).await;
