@@ -854,7 +854,22 @@ async fn the_request_line_is_origin_form_and_expect_is_not_forwarded() {
     );
     let (status, body) = raw_exchange(&t.proxy, head, vec![b"{}".to_vec()]).await;
     assert_eq!(status, 200, "{body}");
+    // An empty POST says so (hyper alone would send no length; some front ends want one).
+    let r = t
+        .http
+        .post(format!("{}/dashscope/v1/empty/e2", t.proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let heads = seen.heads.lock().unwrap();
+    assert!(
+        heads[2]
+            .to_ascii_lowercase()
+            .contains("content-length: 0\r\n"),
+        "{}",
+        heads[2]
+    );
     assert!(
         heads[0].starts_with("GET /?alt=sse HTTP/1.1\r\n"),
         "{}",

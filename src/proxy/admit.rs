@@ -243,10 +243,12 @@ async fn read_body(
                     return Err(too_large(upload_limit));
                 }
                 if head.len() > limit {
+                    // What is left of the limit after the bytes already read.
+                    let buffered = head.len() as u64;
                     let first = futures_util::stream::once(async move {
                         Ok::<_, axum::Error>(Bytes::from(head))
                     });
-                    let (rest, overrun) = capped(body, upload_limit.saturating_sub(limit as u64));
+                    let (rest, overrun) = capped(body, upload_limit.saturating_sub(buffered));
                     let chained = first.chain(rest.into_data_stream());
                     return Ok(RequestBody::Streamed(Body::from_stream(chained), overrun));
                 }

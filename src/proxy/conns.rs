@@ -219,8 +219,6 @@ struct H1 {
     send: http1::SendRequest<UpBody>,
     /// Boxed once per connection: the pool and the body move `H1`s around.
     io: Option<Pin<Box<http1::Connection<Io, UpBody>>>>,
-    /// Whether it has served a request before (a failure on it may be a keep-alive race).
-    reused: bool,
     /// The upstream's `Keep-Alive: timeout=` from its last answer, less a margin.
     hint: Option<Duration>,
     /// Not used after this.
@@ -260,7 +258,8 @@ enum Fresh {
 /// contended).
 pub struct Connections {
     idle: Mutex<HashMap<Origin, Vec<H1>>>,
-    h2: Mutex<HashMap<Origin, http2::SendRequest<UpBody>>>,
+    /// One shared HTTP/2 connection per origin, with when it was last used.
+    h2: Mutex<HashMap<Origin, (http2::SendRequest<UpBody>, Instant)>>,
     /// ALPN `h2`, `http/1.1`.
     tls: TlsConnector,
     /// ALPN `http/1.1` only (WebSocket upgrades).
@@ -305,14 +304,27 @@ impl Connections {
     ) -> Result<http::Response<Driven>, SendError> {
         let origin = Origin::of(req.uri())?;
         if origin.tls {
-            let shared = self.lock_h2().get(&origin).cloned();
+            let shared = self.lock_h2().get_mut(&origin).map(|(h2, used)| {
+                *used = Instant::now();
+                h2.clone()
+            });
             if let Some(h2) = shared {
-                match send_h2(h2, req).await {
+                let idempotent = is_idempotent(req.method());
+                match send_h2(h2.clone(), req).await {
                     Ok(resp) => return Ok(resp),
                     Err(e) => {
-                        // The shared connection is going away: the next request gets a new one.
-                        self.lock_h2().remove(&origin);
-                        let req = unsent_or_again(e, again)?;
+                        // A connection that is going away makes room for a new one (only
+                        // this one: another request may have put a newer one there).
+                        {
+                            let mut shared = self.lock_h2();
+                            if shared.get(&origin).is_some_and(|(c, _)| c.is_closed()) {
+                                shared.remove(&origin);
+                            }
+                        }
+                        let req = unsent_or_again(e, again, idempotent)?;
+                        if matches!(req.body(), UpBody::Streamed(_)) {
+                            return Box::pin(self.send_streamed(origin, req)).await;
+                        }
                         return Box::pin(self.send_new(origin, req)).await;
                     }
                 }
@@ -329,14 +341,20 @@ impl Connections {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => {
                     if let Some(unsent) = e.take_message() {
-                        // Closed before the request went out: another connection.
-                        req = Some(unsent);
+                        // Closed before the request went out: another connection (built
+                        // anew: the one handed back is already in origin form).
+                        req = again().or(Some(unsent));
                         continue;
+                    }
+                    let e = e.into_error();
+                    if !closed_before_answer(&e) {
+                        // The upstream answered something hyper refused: not a race.
+                        return Err(SendError::Request(e));
                     }
                     // Something may have been written: again only if that is harmless.
                     match again().filter(|r| is_idempotent(r.method())) {
                         Some(r) => req = Some(r),
-                        None => return Err(SendError::Stale(e.into_error())),
+                        None => return Err(SendError::Stale(e)),
                     }
                     break;
                 }
@@ -362,7 +380,7 @@ impl Connections {
                 .await
                 .map_err(|e| SendError::Request(e.into_error())),
             Fresh::H2(h2) => {
-                self.lock_h2().insert(origin, h2.clone());
+                self.share_h2(origin, &h2);
                 send_h2(h2, req)
                     .await
                     .map_err(|e| SendError::Request(e.into_error()))
@@ -370,11 +388,17 @@ impl Connections {
         }
     }
 
+    /// Makes `h2` the shared HTTP/2 connection to `origin` (reaped once idle too long).
+    fn share_h2(self: &Arc<Self>, origin: Origin, h2: &http2::SendRequest<UpBody>) {
+        self.lock_h2().insert(origin, (h2.clone(), Instant::now()));
+        self.start_reaper();
+    }
+
     /// A streamed upload, on a new HTTP/1.1 connection driven by a task of its own (its
     /// body is read while the answer may already be coming), or on the shared HTTP/2
     /// connection a new one offers.
     async fn send_streamed(
-        &self,
+        self: &Arc<Self>,
         origin: Origin,
         req: http::Request<UpBody>,
     ) -> Result<http::Response<Driven>, SendError> {
@@ -383,7 +407,7 @@ impl Connections {
                 .await?
                 .map(Driven::plain)),
             Fresh::H2(h2) => {
-                self.lock_h2().insert(origin, h2.clone());
+                self.share_h2(origin, &h2);
                 send_h2(h2, req)
                     .await
                     .map_err(|e| SendError::Request(e.into_error()))
@@ -420,7 +444,6 @@ impl Connections {
             answer.as_mut().poll(cx)
         })
         .await?;
-        h1.reused = true;
         h1.hint = resp
             .headers()
             .get("keep-alive")
@@ -450,7 +473,9 @@ impl Connections {
         Ok(resp.map(|body| Driven { body, back }))
     }
 
-    fn lock_h2(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, http2::SendRequest<UpBody>>> {
+    fn lock_h2(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Origin, (http2::SendRequest<UpBody>, Instant)>> {
         self.h2.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -496,6 +521,10 @@ impl Connections {
     /// nobody asked for. Each one's I/O registers `cx`, so such an event wakes the reaper.
     fn reap(&self, cx: &mut Context<'_>) {
         let now = Instant::now();
+        // A shared HTTP/2 connection idle past the keep-alive bound, or closed, goes too.
+        let keepalive = self.keepalive;
+        self.lock_h2()
+            .retain(|_, (h2, used)| !h2.is_closed() && now.duration_since(*used) < keepalive);
         self.lock_idle().retain(|_, list| {
             list.retain_mut(|h1| h1.alive(now, cx));
             !list.is_empty()
@@ -573,7 +602,6 @@ impl Connections {
         Ok(Fresh::H1(H1 {
             send,
             io: Some(Box::pin(conn)),
-            reused: false,
             hint: None,
             until: Instant::now(),
         }))
@@ -620,17 +648,34 @@ fn is_idempotent(method: &http::Method) -> bool {
 fn unsent_or_again(
     mut e: TrySendError<http::Request<UpBody>>,
     again: Replay<'_>,
+    idempotent: bool,
 ) -> Result<http::Request<UpBody>, SendError> {
     if let Some(req) = e.take_message() {
         return Ok(req);
     }
     let e = e.into_error();
-    if refused_unread(&e) {
+    if refused_unread(&e) || (idempotent && closed_before_answer(&e)) {
         if let Some(req) = again() {
             return Ok(req);
         }
     }
+    if closed_before_answer(&e) {
+        // It may have reached the upstream: not again with the same credential.
+        return Err(SendError::Stale(e));
+    }
     Err(SendError::Request(e))
+}
+
+/// Whether an exchange failed for want of an answer (the connection closed, reset or
+/// went away), not because the upstream's answer was refused (a parse error) or the
+/// request's own body failed.
+fn closed_before_answer(e: &hyper::Error) -> bool {
+    !(e.is_parse()
+        || e.is_parse_status()
+        || e.is_parse_too_large()
+        || e.is_user()
+        || e.is_body_write_aborted()
+        || e.is_timeout())
 }
 
 /// Whether an HTTP/2 stream was refused before the upstream processed it.
@@ -682,6 +727,17 @@ async fn spawned_h1(
 fn origin_form(req: &mut http::Request<UpBody>, origin: &Origin) {
     if req.uri().scheme().is_none() {
         return;
+    }
+    // hyper sends no length for an empty body; a POST without one is 411 at some front
+    // ends (RFC 9110 §8.6: a user agent should send `Content-Length: 0` there).
+    let bodyless_method = matches!(
+        *req.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::DELETE | http::Method::OPTIONS
+    ) || req.method() == http::Method::TRACE;
+    if req.body().is_end_stream() && !bodyless_method {
+        req.headers_mut()
+            .entry(http::header::CONTENT_LENGTH)
+            .or_insert(http::HeaderValue::from_static("0"));
     }
     if !req.headers().contains_key(http::header::HOST) {
         if let Ok(host) = http::HeaderValue::from_str(origin.authority.as_str()) {
