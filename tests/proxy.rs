@@ -1,12 +1,12 @@
 //! The request path: what goes upstream, what comes back, failover and errors.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
+use crate::wire::{hostile_upstream, Script, Then};
 
 #[tokio::test]
 async fn token_is_injected_and_client_secrets_are_not_forwarded() {
@@ -404,57 +404,18 @@ async fn one_key_on(upstream: &str) -> TestApp {
     t
 }
 
-/// A raw HTTP/1.1 upstream that counts its connections and answers each request head it
-/// reads with `answer(path)`: the bytes to send, and whether to close the connection
-/// after them (50 ms later, as an upstream's idle timeout would).
-async fn raw_upstream(
-    accepted: Arc<std::sync::atomic::AtomicUsize>,
-    answer: fn(&str) -> (&'static [u8], bool),
-) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = vec![0u8; 8192];
-                loop {
-                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&got[..end]).to_string();
-                    got.drain(..end + 4);
-                    let (bytes, close) = answer(head.split(' ').nth(1).unwrap_or(""));
-                    if s.write_all(bytes).await.is_err() {
-                        return;
-                    }
-                    if close {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    url
-}
-
 #[tokio::test]
 async fn a_pooled_connection_the_upstream_closed_is_not_used_for_the_next_request() {
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Every answer is followed by a close.
-    let upstream = raw_upstream(Arc::clone(&accepted), |_| {
-        (
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}",
-            true,
-        )
-    })
+    let (upstream, seen) = hostile_upstream(
+        |_| {
+            Script::answer(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}".to_vec(),
+            )
+            .then(Then::Close)
+        },
+        None,
+    )
     .await;
     let t = one_key_on(&upstream).await;
     for _ in 0..3 {
@@ -472,27 +433,28 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used_for_the_next_reques
         assert_eq!(resp.text().await.unwrap(), r#"{"ok":true}"#);
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(seen.accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
 #[tokio::test]
 async fn upstream_answers_are_framed_strictly_and_ambiguous_ones_end_their_connection() {
     use std::sync::atomic::Ordering::SeqCst;
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // `/ok` well formed; `/smuggle` both Content-Length and chunked; `/conflict` two
     // different lengths; `/cut` a body shorter than its length, then a close.
-    let upstream = raw_upstream(Arc::clone(&accepted), |path| match path {
-        "/v1/ok" => (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
-        "/v1/smuggle" => (
-            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
-            false,
-        ),
-        "/v1/conflict" => (
-            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
-            false,
-        ),
-        _ => (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b", true),
-    })
+    let (upstream, seen) = hostile_upstream(
+        |r| {
+            let bytes: &[u8] = match r.path.as_str() {
+                "/v1/ok" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                "/v1/smuggle" => b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                "/v1/conflict" => {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!"
+                }
+                _ => return Script::answer(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b".to_vec()).then(Then::Close),
+            };
+            Script::answer(bytes.to_vec())
+        },
+        None,
+    )
     .await;
     let t = one_key_on(&upstream).await;
     let get = |path: &str| {
@@ -504,7 +466,7 @@ async fn upstream_answers_are_framed_strictly_and_ambiguous_ones_end_their_conne
         assert_eq!(get("ok").await.unwrap().text().await.unwrap(), "ok");
     }
     assert_eq!(
-        accepted.load(SeqCst),
+        seen.accepted.load(SeqCst),
         1,
         "a well-framed answer keeps its connection"
     );
@@ -521,7 +483,7 @@ async fn upstream_answers_are_framed_strictly_and_ambiguous_ones_end_their_conne
     assert_eq!(r.text().await.unwrap(), "ok");
     assert_eq!(get("ok").await.unwrap().text().await.unwrap(), "ok");
     assert_eq!(
-        accepted.load(SeqCst),
+        seen.accepted.load(SeqCst),
         2,
         "a new connection after the ambiguous answer"
     );

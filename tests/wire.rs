@@ -56,16 +56,28 @@ pub enum Then {
 }
 
 impl Script {
-    fn answer(bytes: Vec<u8>) -> Script {
+    /// `pieces` after the request is read, then the connection kept.
+    pub fn written(pieces: Vec<(Duration, Vec<u8>)>) -> Script {
         Script {
-            pieces: vec![(Duration::ZERO, bytes)],
+            pieces,
             then: Then::Keep,
             read_body: true,
             taints: false,
         }
     }
 
-    fn then(mut self, then: Then) -> Script {
+    /// `bytes` at once.
+    pub fn answer(bytes: Vec<u8>) -> Script {
+        Script::written(vec![(Duration::ZERO, bytes)])
+    }
+
+    /// Answered before the request body is read.
+    fn early(mut self) -> Script {
+        self.read_body = false;
+        self
+    }
+
+    pub fn then(mut self, then: Then) -> Script {
         self.then = then;
         self
     }
@@ -399,25 +411,20 @@ fn at_random(r: &Req) -> Script {
         _ => {
             let body = format!("{{\"id\":\"{id}\"}}");
             let (a, b) = body.split_at(body.len() / 2);
-            Script {
-                pieces: vec![
-                    (
-                        Duration::ZERO,
-                        format!(
-                            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n",
-                            a.len()
-                        )
-                        .into_bytes(),
-                    ),
-                    (
-                        Duration::from_millis(2),
-                        format!("{:x}\r\n{b}\r\n0\r\n\r\n", b.len()).into_bytes(),
-                    ),
-                ],
-                then: Then::Keep,
-                read_body: true,
-                taints: false,
-            }
+            Script::written(vec![
+                (
+                    Duration::ZERO,
+                    format!(
+                        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n",
+                        a.len()
+                    )
+                    .into_bytes(),
+                ),
+                (
+                    Duration::from_millis(2),
+                    format!("{:x}\r\n{b}\r\n0\r\n\r\n", b.len()).into_bytes(),
+                ),
+            ])
         }
     }
 }
@@ -550,12 +557,7 @@ fn closes_reused(r: &Req) -> Script {
     if r.before == 0 {
         return Script::answer(answer(r.id()));
     }
-    Script {
-        pieces: Vec::new(),
-        then: Then::Close,
-        read_body: true,
-        taints: false,
-    }
+    Script::written(Vec::new()).then(Then::Close)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -669,19 +671,15 @@ async fn idle_connections_are_reaped_after_a_burst() {
 /// answered with its length.
 fn early_answers(r: &Req) -> Script {
     let early = |status: &str, body: &str| {
-        Script {
-        pieces: vec![(
-            Duration::ZERO,
+        Script::answer(
             format!(
                 "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
                 body.len()
             )
             .into_bytes(),
-        )],
-        then: Then::Linger,
-        read_body: false,
-        taints: false,
-    }
+        )
+        .then(Then::Linger)
+        .early()
     };
     if r.head.to_ascii_lowercase().contains("bearer sk-dead") {
         return early(

@@ -310,7 +310,7 @@ impl Connections {
             });
             if let Some(h2) = shared {
                 let idempotent = is_idempotent(req.method());
-                match send_h2(h2.clone(), req).await {
+                match send_h2(h2, req).await {
                     Ok(resp) => return Ok(resp),
                     Err(e) => {
                         // A connection that is going away makes room for a new one (only
@@ -379,19 +379,23 @@ impl Connections {
                 .exchange(origin, h1, req)
                 .await
                 .map_err(|e| SendError::Request(e.into_error())),
-            Fresh::H2(h2) => {
-                self.share_h2(origin, &h2);
-                send_h2(h2, req)
-                    .await
-                    .map_err(|e| SendError::Request(e.into_error()))
-            }
+            Fresh::H2(h2) => self.first_on_h2(origin, h2, req).await,
         }
     }
 
-    /// Makes `h2` the shared HTTP/2 connection to `origin` (reaped once idle too long).
-    fn share_h2(self: &Arc<Self>, origin: Origin, h2: &http2::SendRequest<UpBody>) {
+    /// The first request on a new HTTP/2 connection, which becomes the shared one to
+    /// `origin` (reaped once idle too long).
+    async fn first_on_h2(
+        self: &Arc<Self>,
+        origin: Origin,
+        h2: http2::SendRequest<UpBody>,
+        req: http::Request<UpBody>,
+    ) -> Result<http::Response<Driven>, SendError> {
         self.lock_h2().insert(origin, (h2.clone(), Instant::now()));
         self.start_reaper();
+        send_h2(h2, req)
+            .await
+            .map_err(|e| SendError::Request(e.into_error()))
     }
 
     /// A streamed upload, on a new HTTP/1.1 connection driven by a task of its own (its
@@ -406,12 +410,7 @@ impl Connections {
             Fresh::H1(h1) => Ok(spawned_h1(&origin, h1, req, false)
                 .await?
                 .map(Driven::plain)),
-            Fresh::H2(h2) => {
-                self.share_h2(origin, &h2);
-                send_h2(h2, req)
-                    .await
-                    .map_err(|e| SendError::Request(e.into_error()))
-            }
+            Fresh::H2(h2) => self.first_on_h2(origin, h2, req).await,
         }
     }
 
