@@ -330,15 +330,11 @@ async fn follow_fleet(
                 id,
                 model,
                 until_ms,
+                reason,
+                scope,
             } => {
                 if let Some(c) = pool.provider(&provider).and_then(|p| p.find(&id)) {
-                    let left = std::time::Duration::from_millis(
-                        (until_ms - crate::clock::now_ms()).max(0) as u64,
-                    );
-                    match model {
-                        Some(m) => c.cool_model_locally(&m, left),
-                        None => c.cool_locally(left),
-                    }
+                    c.cool_from_peer(model, until_ms, reason, scope);
                 }
             }
             FleetEvent::NeedsReauth {

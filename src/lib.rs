@@ -12,6 +12,7 @@ pub mod oauth;
 pub mod ops;
 pub mod providers;
 pub mod proxy;
+pub mod quota;
 pub mod store;
 pub mod telemetry;
 

@@ -465,6 +465,7 @@ fn a_stale_release_or_renew_after_a_takeover_is_a_no_op() {
             grace: Duration::from_secs(1),
             pubsub: false,
             op_timeout: Duration::from_secs(1),
+            limit_timeout: Duration::from_millis(100),
         },
         Arc::new(NoMetrics),
     )

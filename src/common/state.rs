@@ -52,8 +52,82 @@ pub struct Snapshot {
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
     pub cooldown_remaining: Option<Duration>,
-    /// Models this credential is cooling down for, and for how long.
-    pub model_cooldowns: Vec<(String, Duration)>,
+    /// Every cool-down: the whole credential's (`model: None`) and per model, including
+    /// ended ones that wait for their half-open probe.
+    pub cooldowns: Vec<CooldownView>,
     pub retry_in: Option<Duration>,
     pub usable: bool,
+}
+
+/// Why a credential (or one of its models) cools down, from the upstream's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CoolReason {
+    /// A per-minute (or per-second) quota: its retry hint, else the next minute.
+    PerMinute,
+    /// A per-day quota: until the next midnight in America/Los_Angeles.
+    PerDay,
+    /// The tier has no quota for the model at all (`limit: 0`).
+    NoAccess,
+    /// A rate limit the answer did not classify: its `Retry-After`/`RetryInfo`, else
+    /// `pool.default_cooldown`.
+    RetryAfter,
+}
+
+impl CoolReason {
+    pub const ALL: [CoolReason; 4] = [
+        CoolReason::PerMinute,
+        CoolReason::PerDay,
+        CoolReason::NoAccess,
+        CoolReason::RetryAfter,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CoolReason::PerMinute => "per_minute",
+            CoolReason::PerDay => "per_day",
+            CoolReason::NoAccess => "no_access",
+            CoolReason::RetryAfter => "retry_after",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CoolReason> {
+        CoolReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// Whom a cool-down was decided for: this credential, or every credential of its project
+/// (a per-project quota).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CoolScope {
+    Credential,
+    Project,
+}
+
+impl CoolScope {
+    pub const ALL: [CoolScope; 2] = [CoolScope::Credential, CoolScope::Project];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CoolScope::Credential => "credential",
+            CoolScope::Project => "project",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CoolScope> {
+        CoolScope::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// One cool-down as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct CooldownView {
+    /// `None`: the whole credential.
+    pub model: Option<String>,
+    pub until_ms: i64,
+    /// Zero once it has ended (it waits for its probe).
+    pub left: Duration,
+    pub reason: CoolReason,
+    pub scope: CoolScope,
+    /// A request is probing it now (half-open).
+    pub probing: bool,
 }

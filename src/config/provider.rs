@@ -12,6 +12,7 @@ use super::raw::{RawApiKey, RawCredentialEntry, RawProvider};
 use super::values::expand_tilde;
 use super::{ConfigError, Validator};
 use crate::providers::{self, dashscope, google, qwen, vertex, KeyHeader, ProviderKind};
+use crate::quota::limits::{Declared, Limit};
 
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
@@ -40,6 +41,8 @@ pub struct ProviderConfig {
     pub authorize_url: Option<Url>,
     pub device_url: Option<Url>,
     pub login_scopes: Vec<String>,
+    /// Declared limits (`[providers.NAME.limits]`), counted before requests go upstream.
+    pub limits: crate::quota::limits::Declared,
 }
 
 /// One configured static key and its id (configured, else a hash of the key).
@@ -47,6 +50,8 @@ pub struct ProviderConfig {
 pub struct ApiKey {
     pub id: Option<String>,
     pub key: SecretString,
+    /// The Google Cloud project whose quota the key spends (`project = "…"`).
+    pub project: Option<String>,
 }
 
 impl ProviderConfig {
@@ -271,16 +276,20 @@ impl Validator<'_> {
         let mut api_keys = Vec::new();
         for (i, k) in raw.api_keys.into_iter().enumerate() {
             let at = key(&format!("api_keys[{i}]"));
-            let (spec, id) = match k {
-                RawApiKey::Key(spec) => (spec, None),
-                RawApiKey::Table(t) => (t.key, t.id),
+            let (spec, id, project) = match k {
+                RawApiKey::Key(spec) => (spec, None, None),
+                RawApiKey::Table(t) => (t.key, t.id, t.project),
             };
             if let Some(id) = &id {
                 validate_id(id).map_err(|p| self.err(format!("{at}.id"), p))?;
             }
+            if let Some(p) = &project {
+                validate_id(p).map_err(|e| self.err(format!("{at}.project"), e))?;
+            }
             api_keys.push(ApiKey {
                 id,
                 key: self.secret(&at, &spec)?,
+                project,
             });
         }
         let api_keys_file = match raw.api_keys_file.as_deref() {
@@ -367,6 +376,28 @@ impl Validator<'_> {
         let scopes = raw
             .scopes
             .unwrap_or_else(|| vec![google::CLOUD_PLATFORM_SCOPE.to_string()]);
+        let mut limits = Declared::default();
+        for (model, l) in raw.limits {
+            let at = key(&format!("limits.{model:?}"));
+            let limit = Limit {
+                rpm: l.rpm,
+                rpd: l.rpd,
+                tpm: l.tpm,
+            };
+            if limit == Limit::default() || [l.rpm, l.rpd, l.tpm].contains(&Some(0)) {
+                return Err(self.err(
+                    at,
+                    "give one or more of rpm, rpd, tpm, each above 0 (e.g. { rpm = 10, rpd = 250 })",
+                ));
+            }
+            if model == "*" {
+                limits.any = Some(limit);
+            } else if model.is_empty() || model.len() > 128 || model.contains(['{', '}']) {
+                return Err(self.err(at, "a model name (as requests name it) or \"*\""));
+            } else {
+                limits.by_model.insert(model, limit);
+            }
+        }
         Ok(ProviderConfig {
             name: name.to_string(),
             kind,
@@ -385,6 +416,7 @@ impl Validator<'_> {
             authorize_url,
             device_url,
             login_scopes,
+            limits,
         })
     }
 

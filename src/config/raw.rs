@@ -28,6 +28,7 @@ pub(super) struct RawStore {
     pub(super) grace: Option<String>,
     pub(super) pubsub: Option<bool>,
     pub(super) op_timeout: Option<String>,
+    pub(super) limit_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +110,16 @@ pub(super) struct RawProvider {
     pub(super) authorize_url: Option<String>,
     pub(super) device_url: Option<String>,
     pub(super) login_scopes: Option<Vec<String>>,
+    /// Declared limits by model name (or `"*"`).
+    pub(super) limits: BTreeMap<String, RawLimit>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimit {
+    pub(super) rpm: Option<u64>,
+    pub(super) rpd: Option<u64>,
+    pub(super) tpm: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +134,7 @@ pub(super) enum RawApiKey {
 pub(super) struct RawApiKeyTable {
     pub(super) key: String,
     pub(super) id: Option<String>,
+    pub(super) project: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

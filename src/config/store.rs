@@ -56,6 +56,11 @@ impl Validator<'_> {
                     grace,
                     pubsub: raw.pubsub.unwrap_or(true),
                     op_timeout: self.duration("store.op_timeout", raw.op_timeout, "2s")?,
+                    limit_timeout: self.duration(
+                        "store.limit_timeout",
+                        raw.limit_timeout,
+                        "100ms",
+                    )?,
                 }))
             }
             other => Err(self.err(

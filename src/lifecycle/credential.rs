@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use secrecy::SecretString;
 use tokio::time::Instant;
 
@@ -84,6 +84,10 @@ pub struct Credential {
     pub(super) source: Source,
     /// Fleet mode: where the other replicas hear of its cool-downs and verdicts.
     peers: Option<Arc<dyn Shares>>,
+    /// The Google Cloud project whose quota it spends: declared (`project =` on a key),
+    /// from its file (`quota_project_id`, a service account's `project_id`), or learned
+    /// from an answer that names it. Credentials of one project share its quota.
+    pub project: ArcSwapOption<String>,
     pub(super) refresher: Arc<Refresher>,
     pub(super) token: ArcSwap<Token>,
     pub(super) status: Mutex<Status>,
@@ -122,6 +126,7 @@ impl Credential {
             .then(|| Arc::clone(&store) as Arc<dyn Shares>);
         let mut cred = Credential::new(provider, id, kind, Source::Store(store), token, refresher);
         cred.peers = peers;
+        cred.project = ArcSwapOption::from(file_project(&file).map(Arc::new));
         cred.stored_refresh
             .store(fingerprint(file.refresh_token.as_ref()), Ordering::Relaxed);
         if let Some(problem) = cred.cannot_refresh_reason(&cred.token.load()) {
@@ -139,6 +144,7 @@ impl Credential {
         provider: Arc<ProviderConfig>,
         id: String,
         key: &SecretString,
+        project: Option<String>,
         refresher: Arc<Refresher>,
     ) -> Credential {
         let token = Token {
@@ -161,6 +167,7 @@ impl Credential {
             .map(|f| SharedKey::new(f, &provider.name, &id, key) as Arc<dyn Shares>);
         let mut cred = Credential::new(provider, id, "api_key", Source::ApiKey, token, refresher);
         cred.peers = peers;
+        cred.project = ArcSwapOption::from(project.map(Arc::new));
         cred
     }
 
@@ -178,6 +185,7 @@ impl Credential {
             kind,
             source,
             peers: None,
+            project: ArcSwapOption::empty(),
             refresher,
             token: ArcSwap::from_pointee(token),
             status: Mutex::new(Status::default()),
@@ -189,6 +197,21 @@ impl Credential {
             retired: AtomicBool::new(false),
             jitter: rand::random::<f64>(),
             upstream_ok: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The project whose quota this credential spends, if known.
+    pub fn project(&self) -> Option<Arc<String>> {
+        self.project.load_full()
+    }
+
+    /// An answer named the project: remembered when none was known (a declared or filed
+    /// project is not overwritten; Google names projects by number, files by id).
+    pub fn learn_project(&self, project: &str) {
+        if self.project.load().is_none() {
+            self.project.store(Some(Arc::new(project.to_string())));
+            tracing::info!(target: "tokenrelay::proxy", provider = %self.provider.name, credential = %self.id,
+                project, "learned the credential's project from an upstream answer");
         }
     }
 
@@ -246,22 +269,17 @@ impl Credential {
         let token = self.token.load();
         let st = self.lock_status();
         let cooldown_remaining = st
-            .cooldown_until
-            .and_then(|t| t.checked_duration_since(now))
+            .cooldowns
+            .iter()
+            .find(|c| c.model.is_none())
+            .and_then(|c| c.until.checked_duration_since(now))
             .filter(|d| !d.is_zero());
         let retry_in = st
             .retry_at
             .and_then(|t| t.checked_duration_since(now))
             .filter(|d| !d.is_zero());
         let valid = token.is_valid(now_ms);
-        let model_cooldowns = st
-            .model_cooldowns
-            .iter()
-            .filter_map(|(m, until)| {
-                let left = until.checked_duration_since(now)?;
-                (!left.is_zero()).then(|| (m.clone(), left))
-            })
-            .collect();
+        let cooldowns = self.cooldown_views(&st.cooldowns, now);
         let state = if st.invalid {
             State::Invalid
         } else if st.needs_reauth {
@@ -292,7 +310,7 @@ impl Credential {
             last_error: st.last_error.clone(),
             consecutive_failures: st.consecutive_failures,
             cooldown_remaining,
-            model_cooldowns,
+            cooldowns,
             retry_in,
             usable,
         }
@@ -301,39 +319,6 @@ impl Credential {
     /// Whether a request may use this credential now (no network call to decide).
     pub fn is_usable(&self) -> bool {
         self.snapshot().usable
-    }
-
-    /// How much longer this credential cools down for `model` (a per-model 429).
-    pub fn model_cooldown(&self, model: &str) -> Option<Duration> {
-        let st = self.lock_status();
-        if st.model_cooldowns.is_empty() {
-            return None;
-        }
-        let now = Instant::now();
-        st.model_cooldowns
-            .iter()
-            .find(|(m, _)| m == model)
-            .and_then(|(_, until)| until.checked_duration_since(now))
-            .filter(|d| !d.is_zero())
-    }
-
-    /// Keeps the credential out of rotation for `model` for `d` (a 429 naming it); never
-    /// shortens a longer cool-down. Expired entries are dropped on the way.
-    pub fn cool_down_model(&self, model: &str, d: Duration) {
-        self.cool_model_locally(model, d);
-        self.share_cooldown(Some(model), d);
-    }
-
-    /// A per-model cool-down in this replica only (one a peer shared with us).
-    pub fn cool_model_locally(&self, model: &str, d: Duration) {
-        let now = Instant::now();
-        let until = now + d;
-        let mut st = self.lock_status();
-        st.model_cooldowns.retain(|(_, u)| *u > now);
-        match st.model_cooldowns.iter_mut().find(|(m, _)| m == model) {
-            Some((_, u)) => *u = (*u).max(until),
-            None => st.model_cooldowns.push((model.to_string(), until)),
-        }
     }
 
     /// Tells the other replicas (fleet mode), off the request path: the request never
@@ -352,12 +337,6 @@ impl Credential {
             }
             None => spawn(),
         }
-    }
-
-    fn share_cooldown(&self, model: Option<&str>, d: Duration) {
-        let model = model.map(str::to_string);
-        let until_ms = clock::now_ms() + d.as_millis() as i64;
-        self.tell_peers(move |p| p.share_cooldown(model.as_deref(), until_ms));
     }
 
     /// The store's own account of this credential (fleet mode: version, last writer).
@@ -442,25 +421,9 @@ impl Credential {
         let was = std::mem::replace(&mut st.invalid, false);
         if was {
             st.last_error = None;
-            st.model_cooldowns.clear();
+            st.cooldowns.clear();
         }
         was
-    }
-
-    /// Keeps the credential out of rotation for `d` (an upstream rate limit), here and
-    /// (fleet mode) in every replica.
-    pub fn cool_down(&self, d: Duration) {
-        self.cool_locally(d);
-        self.share_cooldown(None, d);
-    }
-
-    /// A whole-credential cool-down in this replica only.
-    pub fn cool_locally(&self, d: Duration) {
-        let until = Instant::now() + d;
-        let mut st = self.lock_status();
-        if st.cooldown_until.is_none_or(|u| u < until) {
-            st.cooldown_until = Some(until);
-        }
     }
 
     pub(super) fn alert(&self, kind: Kind, message: String) {
@@ -471,4 +434,12 @@ impl Credential {
             message,
         });
     }
+}
+
+/// The project a credential file names: an ADC file's `quota_project_id`, else a service
+/// account's `project_id`.
+pub(super) fn file_project(file: &CredentialFile) -> Option<String> {
+    file.quota_project_id
+        .clone()
+        .or_else(|| file.project_id.clone())
 }

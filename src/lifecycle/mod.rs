@@ -7,6 +7,7 @@
 //! This subsystem never sees a client's HTTP request: the proxy asks it for a token and
 //! tells it what the upstream answered (a 401 → `replace_token`, a 429 → `cool_down`).
 
+mod cooldown;
 mod credential;
 pub mod pool;
 mod refresh;
@@ -15,6 +16,7 @@ mod state;
 mod token;
 
 pub use crate::common::state::{Snapshot, State};
+pub use cooldown::{Cool, Gate, Probe};
 pub use credential::Refresher;
 pub use credential::{Credential, Source};
 pub use pool::{looked_at, Pool, ProviderPool};

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::config::{Config, CredentialPath, ProviderConfig, Strategy};
 use crate::lifecycle::{Credential, Refresher};
+use crate::quota::limits::Limits;
 use crate::store::redis::RedisStore;
 use crate::store::{CredentialStore, FileStore};
 
@@ -34,6 +35,8 @@ pub struct ProviderPool {
     /// The request path's metric handles for this provider, resolved on first use (a
     /// label lookup per request costs more than the request's own logic spends elsewhere).
     pub hot: HotMetrics,
+    /// The declared limits' counts (`[providers.NAME.limits]`).
+    pub limits: Limits,
 }
 
 /// Metric handles resolved once: the counter of `200` answers and the duration histogram.
@@ -128,6 +131,7 @@ impl Pool {
     /// parsed is an error naming it: a broken credential should be fixed, not ignored.
     pub fn load(config: &Config, refresher: &Arc<Refresher>) -> Result<Pool, LoadError> {
         let mut providers = Vec::new();
+        let shared_counts = refresher.fleet.as_ref().map(|f| Arc::new(f.counts()));
         for p in &config.providers {
             let provider = Arc::new(p.clone());
             refresher.metrics.init_provider(&provider.name);
@@ -138,11 +142,12 @@ impl Pool {
                     load_credential(&provider, &found, &mut ids, refresher).map_err(LoadError)?;
                 creds.push(cred);
             }
-            for (id, key) in api_keys(&provider).map_err(LoadError)? {
+            for k in api_keys(&provider).map_err(LoadError)? {
                 creds.push(Arc::new(Credential::api_key(
                     Arc::clone(&provider),
-                    id,
-                    &key,
+                    k.id,
+                    &k.key,
+                    k.project,
                     Arc::clone(refresher),
                 )));
             }
@@ -154,6 +159,11 @@ impl Pool {
             for c in &creds {
                 refresher.metrics.init_credential(&provider.name, &c.id);
             }
+            let limits = Limits::new(
+                &provider.name,
+                provider.limits.clone(),
+                shared_counts.clone(),
+            );
             providers.push(Arc::new(ProviderPool {
                 config: provider,
                 credentials: ArcSwap::from_pointee(creds),
@@ -161,6 +171,7 @@ impl Pool {
                 strategy: config.pool.strategy,
                 pins: std::sync::Mutex::default(),
                 hot: HotMetrics::default(),
+                limits,
             }));
         }
         Ok(Pool {
@@ -241,7 +252,7 @@ impl Pool {
                 .collect();
             match api_keys(provider) {
                 Ok(keys) => {
-                    for (id, key) in keys {
+                    for FoundKey { id, key, project } in keys {
                         match keys_now.remove(&id) {
                             Some(c) => {
                                 next.push(c);
@@ -252,6 +263,7 @@ impl Pool {
                                     Arc::clone(provider),
                                     id,
                                     &key,
+                                    project,
                                     Arc::clone(&self.refresher),
                                 ));
                                 self.refresher
@@ -461,7 +473,14 @@ pub fn credential_paths(provider: &ProviderConfig) -> Result<Vec<(String, PathBu
 /// A provider's static keys with their ids: the configured id, else `key-` and 8 hex
 /// digits of the key's SHA-256 (stable across reloads and reorderings, never the key). The
 /// same key listed twice is one credential.
-pub fn api_keys(provider: &ProviderConfig) -> Result<Vec<(String, SecretString)>, String> {
+/// A configured key, with its id and project.
+pub struct FoundKey {
+    pub id: String,
+    pub key: SecretString,
+    pub project: Option<String>,
+}
+
+pub fn api_keys(provider: &ProviderConfig) -> Result<Vec<FoundKey>, String> {
     let from_file = match &provider.api_keys_file {
         Some(path) => crate::config::read_key_file(path)
             .map_err(|e| format!("providers.{}.api_keys_file: {e}", provider.name))?,
@@ -470,12 +489,12 @@ pub fn api_keys(provider: &ProviderConfig) -> Result<Vec<(String, SecretString)>
     let listed = provider
         .api_keys
         .iter()
-        .map(|k| (k.id.clone(), k.key.clone()))
-        .chain(from_file.into_iter().map(|k| (None, k)));
+        .map(|k| (k.id.clone(), k.key.clone(), k.project.clone()))
+        .chain(from_file.into_iter().map(|k| (None, k, None)));
     let mut seen_ids = HashSet::new();
     let mut seen_keys = HashSet::new();
     let mut out = Vec::new();
-    for (id, key) in listed {
+    for (id, key, project) in listed {
         let digest = ring::digest::digest(&ring::digest::SHA256, key.expose_secret().as_bytes());
         if !seen_keys.insert(digest.as_ref().to_vec()) {
             continue;
@@ -493,7 +512,7 @@ pub fn api_keys(provider: &ProviderConfig) -> Result<Vec<(String, SecretString)>
                 provider.name
             ));
         }
-        out.push((id, key));
+        out.push(FoundKey { id, key, project });
     }
     Ok(out)
 }

@@ -135,8 +135,9 @@ pub fn backoff(failures: u32, max: Duration, hint: Option<Duration>) -> Duration
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::state::{CoolReason, CoolScope};
     use crate::config::Config;
-    use crate::lifecycle::{Refresher, State};
+    use crate::lifecycle::{Cool, Gate, Refresher, State};
     use crate::oauth::RefreshError;
     use crate::store::CredentialStore;
     use crate::store::FileStore;
@@ -248,8 +249,8 @@ mod tests {
     async fn a_cooled_down_credential_is_skipped_until_its_time_passes() {
         let dir = tempfile::tempdir().unwrap();
         let c = credential(dir.path(), clock::now_ms() + 3_600_000);
-        c.cool_down(Duration::from_secs(30));
-        c.cool_down(Duration::from_secs(10)); // a shorter hint never shortens a cooldown
+        c.cool(&whole(30));
+        c.cool(&whole(10)); // a shorter hint never shortens a cooldown
         let snap = c.snapshot();
         assert_eq!(snap.state, State::CoolingDown);
         assert!(!snap.usable);
@@ -258,6 +259,78 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(c.is_usable());
         assert_eq!(c.snapshot().state, State::Ready);
+    }
+
+    fn whole(secs: u64) -> Cool {
+        Cool {
+            model: None,
+            length: Duration::from_secs(secs),
+            reason: CoolReason::RetryAfter,
+            scope: CoolScope::Credential,
+            doubling: true,
+            cap: Duration::from_secs(3600),
+        }
+    }
+
+    fn model_cool(secs: u64, doubling: bool) -> Cool {
+        Cool {
+            model: Some("m".into()),
+            doubling,
+            ..whole(secs)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exactly_one_probe_goes_when_a_cooldown_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Arc::new(credential(dir.path(), clock::now_ms() + 3_600_000));
+        c.cool(&model_cool(30, true));
+        assert!(matches!(c.gate(Some("m")), Gate::Closed { .. }));
+        assert!(
+            matches!(c.gate(Some("other")), Gate::Open),
+            "other models keep serving"
+        );
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let probe = match c.gate(Some("m")) {
+            Gate::Probe(p) => p,
+            _ => panic!("the first request after the cool-down probes"),
+        };
+        for _ in 0..10 {
+            assert!(
+                matches!(c.gate(Some("m")), Gate::Closed { left, .. } if left.is_zero()),
+                "the others wait for the probe"
+            );
+        }
+        // The probe's connection failed: the claim is freed, the next request probes.
+        drop(probe);
+        let probe = match c.gate(Some("m")) {
+            Gate::Probe(p) => p,
+            _ => panic!("a dropped probe frees its claim"),
+        };
+        // Refused again without a hint: twice as long.
+        c.cool(&model_cool(30, true));
+        probe.answered(true);
+        let snap = c.snapshot();
+        assert_eq!(snap.cooldowns[0].left, Duration::from_secs(60));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        match c.gate(Some("m")) {
+            Gate::Probe(p) => p.answered(false),
+            _ => panic!("probe"),
+        }
+        assert!(
+            c.snapshot().cooldowns.is_empty(),
+            "a served probe ends the cool-down"
+        );
+        assert!(matches!(c.gate(Some("m")), Gate::Open));
+        // With a hint there is no doubling.
+        c.cool(&model_cool(30, false));
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let Gate::Probe(p) = c.gate(Some("m")) else {
+            panic!("probe")
+        };
+        c.cool(&model_cool(30, false));
+        p.answered(true);
+        assert_eq!(c.snapshot().cooldowns[0].left, Duration::from_secs(30));
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,14 +3,16 @@
 
 use tokio::time::Instant;
 
+use super::cooldown::Cooldown;
+
 #[derive(Debug, Default)]
 pub(super) struct Status {
     pub(super) needs_reauth: bool,
     /// Refused by the upstream (`State::Invalid`).
     pub(super) invalid: bool,
-    /// Per-model cool-downs (a 429 naming a model); the credential serves other models.
-    /// Few entries: a linear scan beats a map.
-    pub(super) model_cooldowns: Vec<(String, Instant)>,
+    /// Cool-downs (an upstream rate limit): the whole credential's and per model; a
+    /// per-model one leaves the credential serving other models. See `cooldown.rs`.
+    pub(super) cooldowns: Vec<Cooldown>,
     pub(super) consecutive_failures: u32,
     /// The last failure, as a message fit for operators (no secrets).
     pub(super) last_error: Option<String>,
@@ -19,8 +21,6 @@ pub(super) struct Status {
     pub(super) last_refresh_at_ms: Option<i64>,
     /// No automatic refresh attempt before this (transient backoff).
     pub(super) retry_at: Option<Instant>,
-    /// Not used for requests before this (upstream 429).
-    pub(super) cooldown_until: Option<Instant>,
     /// Alerts already sent for the current trouble: one message per transition.
     pub(super) alerted: Alerted,
 }

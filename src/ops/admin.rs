@@ -123,8 +123,14 @@ struct CredentialView {
     last_error: Option<String>,
     consecutive_failures: u32,
     writable: bool,
-    /// Models this credential cools down for (a per-model 429), with seconds left.
+    /// Every cool-down: `model` (null: the whole credential), `until`, `seconds` left,
+    /// `reason` (per_minute, per_day, no_access, retry_after), `scope` (credential,
+    /// project) and `probe` (`waiting` for the first request after it ended, `running`).
+    cooldowns: Vec<serde_json::Value>,
+    /// The per-model ones, as earlier versions listed them.
     model_cooldowns: Vec<serde_json::Value>,
+    /// The Google Cloud project whose quota it spends, when known.
+    project: Option<String>,
     /// What replaces this credential when it is dead: the same text as `tokenrelay status`.
     hint: String,
     /// Who it signs in as, where the file says.
@@ -152,11 +158,35 @@ fn view(c: &Credential) -> CredentialView {
         last_error: snap.last_error,
         consecutive_failures: snap.consecutive_failures,
         writable: c.writable(),
-        model_cooldowns: snap
-            .model_cooldowns
+        cooldowns: snap
+            .cooldowns
             .iter()
-            .map(|(m, d)| json!({"model": m, "seconds": d.as_secs_f64().ceil() as u64}))
+            .map(|c| {
+                json!({
+                    "model": c.model,
+                    "until": clock::rfc3339(c.until_ms),
+                    "until_ms": c.until_ms,
+                    "seconds": c.left.as_secs_f64().ceil() as u64,
+                    "reason": c.reason.as_str(),
+                    "scope": c.scope.as_str(),
+                    "probe": match (c.left.is_zero(), c.probing) {
+                        (false, _) => serde_json::Value::Null,
+                        (true, false) => json!("waiting"),
+                        (true, true) => json!("running"),
+                    },
+                })
+            })
             .collect(),
+        model_cooldowns: snap
+            .cooldowns
+            .iter()
+            .filter(|c| !c.left.is_zero())
+            .filter_map(|c| {
+                let m = c.model.as_ref()?;
+                Some(json!({"model": m, "seconds": c.left.as_secs_f64().ceil() as u64, "reason": c.reason.as_str(), "scope": c.scope.as_str()}))
+            })
+            .collect(),
+        project: c.project().map(|p| p.to_string()),
         account: c.current().account.clone(),
         login: console::login_kind(c),
         store: c.store_view(),
@@ -180,9 +210,20 @@ async fn credentials(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
-    for c in s.pool.all_credentials() {
+    let now = clock::now_ms();
+    for p in &s.pool.providers {
+        let snaps: Vec<_> = p
+            .credentials()
+            .iter()
+            .map(|c| (c.id.clone(), c.snapshot()))
+            .collect();
+        for (id, snap) in &snaps {
+            s.metrics.observe_credential(&p.config.name, id, snap);
+        }
         s.metrics
-            .observe_credential(&c.provider.name, &c.id, &c.snapshot());
+            .observe_cooldowns(&p.config.name, snaps.iter().map(|(_, snap)| snap));
+        s.metrics
+            .observe_limits(&p.config.name, &p.limits.usage(now));
     }
     (
         [(

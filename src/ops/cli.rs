@@ -336,9 +336,9 @@ pub fn check(config: &Config) -> anyhow::Result<i32> {
                 }
             }
         }
-        for (id, _) in &keys {
+        for k in &keys {
             rows.push([
-                format!("{}/{id}", provider.name),
+                format!("{}/{}", provider.name, k.id),
                 "api_key".into(),
                 "never expires".into(),
                 "-".into(),

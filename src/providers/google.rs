@@ -7,7 +7,7 @@
 use http::{HeaderName, HeaderValue};
 use serde_json::Value;
 
-use super::Refusal;
+use super::{QuotaWindow, Refusal, Violation};
 
 pub const UPSTREAM: &str = "https://generativelanguage.googleapis.com";
 pub const TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
@@ -99,6 +99,19 @@ pub fn refusal(status: u16, body: &Value, static_key: bool) -> Option<Refusal> {
             ),
             "BILLING_DISABLED" => format!("enable billing for project {project}"),
             "CONSUMER_SUSPENDED" => format!("project {project} is suspended: use a key or credential of another project"),
+            // The credential's kind is refused whatever the request: refreshing or
+            // waiting cannot help.
+            "ACCESS_TOKEN_TYPE_UNSUPPORTED" => format!(
+                "this API does not take this kind of token; {}",
+                if static_key { key_hint() } else { "use an API key or a service account for it".to_string() }
+            ),
+            "UNSUPPORTED_CLIENT" => format!(
+                "the OAuth client that issued this credential is not allowed here: sign in again with your own Desktop client ({})",
+                reauth_hint()
+            ),
+            r if r.contains("INELIGIBLE") => format!(
+                "the account's tier cannot use this API ({r}): use a credential of an eligible account or project"
+            ),
             _ => continue,
         };
         return Some(Refusal::Dead {
@@ -114,9 +127,10 @@ pub fn refusal(status: u16, body: &Value, static_key: bool) -> Option<Refusal> {
     None
 }
 
-/// The models a Gemini 429 names (`QuotaFailure.violations[].quotaDimensions.model`), each
-/// with whether that quota is zero (the key's tier has none for that model).
-pub fn quota_models(body: &Value) -> Vec<(String, bool)> {
+/// The quotas a Gemini 429 names (`QuotaFailure.violations[]`): the window and scope from
+/// `quotaId` (`…PerDay…`, `…PerMinute…`, `…PerProject…`), the model from
+/// `quotaDimensions.model`, and whether the limit is zero (`quotaValue`).
+pub fn quota_violations(body: &Value) -> Vec<Violation> {
     let message = body["error"]["message"].as_str().unwrap_or("");
     body["error"]["details"]
         .as_array()
@@ -124,18 +138,42 @@ pub fn quota_models(body: &Value) -> Vec<(String, bool)> {
         .flatten()
         .filter(|d| d["@type"] == "type.googleapis.com/google.rpc.QuotaFailure")
         .flat_map(|d| d["violations"].as_array().into_iter().flatten())
-        .filter_map(|v| {
-            let model = v["quotaDimensions"]["model"].as_str()?;
+        .map(|v| {
+            let id = v["quotaId"].as_str().unwrap_or("");
+            let model = v["quotaDimensions"]["model"].as_str().map(str::to_string);
+            let window = if id.contains("PerDay") {
+                QuotaWindow::Day
+            } else if id.contains("PerMinute") || id.contains("PerSecond") {
+                QuotaWindow::Minute
+            } else {
+                QuotaWindow::Other
+            };
             let zero = match v["quotaValue"].as_str() {
                 Some(q) => q == "0",
                 // Google often states the limit only in the message. This is the one place
-                // tokenrelay reads message text, as a fallback after the structured fields:
+                // tokenrelay reads message text, as a fallback after the structured field:
                 // "…, limit: 0, model: gemini-3.1-pro" (pinned by a test).
-                None => message.contains(&format!("limit: 0, model: {model}")),
+                None => model
+                    .as_deref()
+                    .is_some_and(|m| message.contains(&format!("limit: 0, model: {m}"))),
             };
-            Some((model.to_string(), zero))
+            Violation {
+                model,
+                window,
+                per_project: id.contains("PerProject"),
+                zero,
+            }
         })
         .collect()
+}
+
+/// The project an answer names: `ErrorInfo.metadata.consumer` = `projects/N`.
+pub fn consumer_project(body: &Value) -> Option<String> {
+    error_infos(body)
+        .filter_map(|i| i["metadata"]["consumer"].as_str())
+        .find_map(|c| c.strip_prefix("projects/"))
+        .filter(|p| !p.is_empty() && p.len() <= 64)
+        .map(str::to_string)
 }
 
 #[cfg(test)]
@@ -167,26 +205,58 @@ mod tests {
         let leaked = fixture("google_403_api_key_leaked.json");
         assert!(matches!(refusal(403, &leaked, true), Some(Refusal::Probe)));
         assert!(refusal(403, &leaked, false).is_none());
+        for (file, reason) in [
+            (
+                "google_401_access_token_type_unsupported.json",
+                "ACCESS_TOKEN_TYPE_UNSUPPORTED",
+            ),
+            ("google_403_unsupported_client.json", "UNSUPPORTED_CLIENT"),
+        ] {
+            match refusal(403, &fixture(file), false) {
+                Some(Refusal::Dead { reason: r, .. }) => assert_eq!(r, reason),
+                other => panic!("{file}: {other:?}"),
+            }
+        }
         let unauthenticated = fixture("google_401_unauthenticated.json");
         assert!(refusal(401, &unauthenticated, true).is_none());
     }
 
     #[test]
-    fn quota_answers_name_their_model_and_a_zero_limit() {
+    fn quota_answers_name_their_window_scope_model_and_a_zero_limit() {
+        let day = quota_violations(&fixture("google_429_quota_per_model.json"));
         assert_eq!(
-            quota_models(&fixture("google_429_quota_per_model.json")),
-            vec![("gemini-2.5-pro".to_string(), false)]
+            day,
+            vec![Violation {
+                model: Some("gemini-2.5-pro".into()),
+                window: QuotaWindow::Day,
+                per_project: true,
+                zero: false
+            }]
         );
+        let minute = quota_violations(&fixture("google_429_per_minute_per_project.json"));
+        assert_eq!(
+            (minute[0].window, minute[0].per_project),
+            (QuotaWindow::Minute, true)
+        );
+        assert_eq!(
+            consumer_project(&fixture("google_429_per_minute_per_project.json")).as_deref(),
+            Some("123456789012")
+        );
+        let tokens = quota_violations(&fixture("google_429_input_tokens_per_minute.json"));
+        assert_eq!(
+            (tokens[0].window, tokens[0].per_project),
+            (QuotaWindow::Minute, false)
+        );
+        assert_eq!(tokens[0].model.as_deref(), Some("gemini-2.5-flash"));
         // No quotaValue: the limit is read from the message, in this format.
         let zero = fixture("google_429_model_not_in_tier.json");
         assert!(zero["error"]["message"]
             .as_str()
             .unwrap()
             .contains("limit: 0, model: gemini-3.1-pro"));
-        assert_eq!(
-            quota_models(&zero),
-            vec![("gemini-3.1-pro".to_string(), true)]
-        );
-        assert!(quota_models(&fixture("google_429_resource_exhausted.json")).is_empty());
+        let zero = quota_violations(&zero);
+        assert!(zero[0].zero);
+        assert_eq!(zero[0].model.as_deref(), Some("gemini-3.1-pro"));
+        assert!(quota_violations(&fixture("google_429_resource_exhausted.json")).is_empty());
     }
 }

@@ -242,6 +242,9 @@ impl ProviderKind {
                 action,
             });
         }
+        if let Some((reason, action)) = dashscope::account_refusal(body) {
+            return Some(Refusal::Dead { reason, action });
+        }
         if static_key && dashscope::is_dead_key_code(code) {
             return Some(Refusal::Dead {
                 reason: code.to_string(),
@@ -272,9 +275,55 @@ pub fn request_model(path: &str, body: &[u8]) -> Option<String> {
     None
 }
 
-/// The model names a quota answer attributes the limit to, with whether the limit is zero.
-pub fn quota_models(body: &Value) -> Vec<(String, bool)> {
-    google::quota_models(body)
+/// The window of a quota an answer says was exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaWindow {
+    /// Per minute (or per second): it turns within a minute.
+    Minute,
+    /// Per day: Google's turn at midnight in America/Los_Angeles.
+    Day,
+    /// Not named by the answer.
+    Other,
+}
+
+/// One quota an upstream's answer says was exceeded, read from its protocol fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The model the quota is for, when the answer names it.
+    pub model: Option<String>,
+    pub window: QuotaWindow,
+    /// The quota belongs to the project (every key and token of the project shares it).
+    pub per_project: bool,
+    /// The limit is zero: the tier has no access to the model at all.
+    pub zero: bool,
+}
+
+impl ProviderKind {
+    /// Whether an answer is a rate limit or a spent quota (a cool-down, not a refusal of
+    /// the credential): 429, or a quota code in another status (Google's
+    /// `RESOURCE_EXHAUSTED`, OpenAI-style `insufficient_quota`, DashScope's codes).
+    pub fn is_quota_answer(self, status: u16, body: &Value) -> bool {
+        let e = &body["error"];
+        status == 429
+            || e["status"] == "RESOURCE_EXHAUSTED"
+            || e["code"] == "insufficient_quota"
+            || e["type"] == "insufficient_quota"
+            || dashscope::quota_code(body).is_some()
+    }
+
+    /// The quotas a rate-limit answer names (none: a plain rate limit).
+    pub fn quota_violations(self, body: &Value) -> Vec<Violation> {
+        let mut v = google::quota_violations(body);
+        if v.is_empty() {
+            v.extend(dashscope::quota_violation(body));
+        }
+        v
+    }
+}
+
+/// The project an answer names (Google's `ErrorInfo.metadata.consumer`, `projects/N`).
+pub fn answer_project(body: &Value) -> Option<String> {
+    google::consumer_project(body)
 }
 
 /// The upstream base for a credential: its `resource_url` (Qwen's rule, see

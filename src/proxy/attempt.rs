@@ -22,11 +22,14 @@ use super::choose::{LazyModel, Miss};
 use super::error::{ProxyError, Reason};
 use super::upstream::{BodyError, IdleTimeout, UpBody};
 use super::{rewrite, ProxyState, Trail};
+use crate::clock;
 use crate::common::error_chain;
 use crate::common::retry_after;
+use crate::common::state::CoolScope;
 use crate::lifecycle::pool::ProviderPool;
-use crate::lifecycle::{Credential, Token};
-use crate::providers::{self, Refusal};
+use crate::lifecycle::{Cool, Credential, Probe, Token};
+use crate::providers::{self, Refusal, Violation};
+use crate::quota;
 
 /// What every attempt of one request shares.
 pub(super) struct Attempts<'a> {
@@ -75,6 +78,7 @@ impl Attempts<'_> {
         mut token: Arc<Token>,
         model: &mut LazyModel<'_>,
         trail: &mut Trail,
+        mut half_open: Option<Probe>,
     ) -> Result<Outcome, ProxyError> {
         let (s, pool) = (self.s, self.pool);
         let provider = pool.config.name.as_str();
@@ -159,6 +163,9 @@ impl Attempts<'_> {
             };
             if streamed {
                 // Sent once: whatever the upstream answered is the answer.
+                if status != StatusCode::TOO_MANY_REQUESTS {
+                    settle(&mut half_open, false);
+                }
                 trail.served(cred);
                 return Ok(Outcome::Served(stream_back(
                     resp.map(Body::new),
@@ -195,6 +202,7 @@ impl Attempts<'_> {
                 (resp.map(Body::new), None)
             };
             let Some(verdict) = verdict else {
+                settle(&mut half_open, false);
                 trail.served(cred);
                 return Ok(Outcome::Served(stream_back(
                     resp,
@@ -202,10 +210,15 @@ impl Attempts<'_> {
                     Some((&origins, pool)),
                 )));
             };
+            if let Some(p) = verdict.body.as_ref().and_then(providers::answer_project) {
+                cred.learn_project(&p);
+            }
             match verdict.judge(kind, static_key) {
                 Judgement::Pass => {}
-                Judgement::RateLimited { hint, models } => {
-                    break rate_limited(s, pool, cred, hint, models, model, status);
+                Judgement::RateLimited { hint, violations } => {
+                    let miss = rate_limited(s, pool, cred, hint, &violations, model, status);
+                    settle(&mut half_open, true);
+                    break miss;
                 }
                 Judgement::Refused(Refusal::Dead { reason, action }) => {
                     break invalid(s, provider, cred, reason, action);
@@ -216,6 +229,7 @@ impl Attempts<'_> {
                     }
                 }
             }
+            settle(&mut half_open, false);
             trail.served(cred);
             return Ok(Outcome::Served(stream_back(
                 resp,
@@ -227,52 +241,81 @@ impl Attempts<'_> {
     }
 }
 
-/// Cools a rate-limited credential down: for the models the answer names (or the
-/// request's model, where the provider's quotas are per model), else whole. A zero quota
-/// (the key's tier has none for that model) cools the pair for `pool.max_cooldown`.
+/// Reports a half-open probe's answer (see `lifecycle::cooldown`).
+fn settle(probe: &mut Option<Probe>, rate_limited: bool) {
+    if let Some(p) = probe.take() {
+        p.answered(rate_limited);
+    }
+}
+
+/// Cools a rate-limited credential down as `quota::decide` reads the answer: per model
+/// where the answer names one (or the provider's quotas are per model), for the window it
+/// names; a per-project quota cools the model on every credential of the project.
 fn rate_limited(
     s: &ProxyState,
     pool: &ProviderPool,
-    cred: &Credential,
+    cred: &Arc<Credential>,
     hint: Option<Duration>,
-    named: Vec<(String, bool)>,
+    violations: &[Violation],
     model: &mut LazyModel<'_>,
     status: StatusCode,
 ) -> Miss {
     let provider = pool.config.name.as_str();
-    let cap = s.pool_config.max_cooldown;
-    let cooldown = hint.unwrap_or(s.pool_config.default_cooldown).min(cap);
     s.metrics
         .upstream_retries
         .with_label_values(&[provider, "rate_limited"])
         .inc();
-    let mut models = named;
-    if models.is_empty() && pool.config.kind.quota_per_model() {
-        if let Some(m) = model.get() {
-            models.push((m.to_string(), false));
-        }
-    }
-    if models.is_empty() {
-        cred.cool_down(cooldown);
-        tracing::warn!(target: "tokenrelay::proxy", provider, credential = %cred.id, status = status.as_u16(),
-            cooldown_s = cooldown.as_secs_f64(), "upstream rate-limited the credential; cooling it down");
-        return Miss::RateLimited {
-            cooldown,
-            model: None,
-        };
-    }
+    let bounds = quota::Bounds {
+        default_cooldown: s.pool_config.default_cooldown,
+        max_cooldown: s.pool_config.max_cooldown,
+    };
+    let decisions = quota::decide(
+        violations,
+        hint,
+        model.get(),
+        pool.config.kind.quota_per_model(),
+        clock::now_ms(),
+        bounds,
+    );
+    let project = cred.project();
     let mut longest = Duration::ZERO;
-    for (m, zero) in &models {
-        let d = if *zero { cap } else { cooldown };
-        longest = longest.max(d);
-        cred.cool_down_model(m, d);
-        s.metrics.count_model_cooldown(provider, m);
-        tracing::warn!(target: "tokenrelay::proxy", provider, credential = %cred.id, model = %m, status = status.as_u16(),
-            cooldown_s = d.as_secs_f64(), zero_quota = *zero, "upstream rate-limited the credential for one model; other models keep using it");
+    for d in &decisions {
+        let shared = d.per_project && project.is_some();
+        let scope = if shared {
+            CoolScope::Project
+        } else {
+            CoolScope::Credential
+        };
+        let cool = Cool {
+            model: d.model.clone(),
+            length: d.length,
+            reason: d.reason,
+            scope,
+            doubling: d.doubling,
+            cap: bounds.max_cooldown,
+        };
+        cred.cool(&cool);
+        let mut cooled = 1;
+        if let (true, Some(p)) = (shared, &project) {
+            // Keys of one project are one quota, not extra capacity.
+            for other in pool.credentials().iter() {
+                if other.id != cred.id && other.project().as_deref() == Some(p) {
+                    other.cool(&cool);
+                    cooled += 1;
+                }
+            }
+        }
+        longest = longest.max(d.length);
+        s.metrics
+            .count_cooldown(provider, d.reason, scope, d.model.as_deref());
+        tracing::warn!(target: "tokenrelay::proxy", provider, credential = %cred.id, status = status.as_u16(),
+            model = d.model.as_deref().unwrap_or("*"), reason = d.reason.as_str(), scope = scope.as_str(),
+            project = project.as_deref().map(String::as_str).unwrap_or("-"), credentials = cooled,
+            cooldown_s = d.length.as_secs_f64(), "upstream rate-limited the credential; cooling it down");
     }
     Miss::RateLimited {
         cooldown: longest,
-        model: models.into_iter().next().map(|(m, _)| m),
+        model: decisions.into_iter().find_map(|d| d.model),
     }
 }
 
@@ -350,7 +393,7 @@ enum Judgement {
     Pass,
     RateLimited {
         hint: Option<Duration>,
-        models: Vec<(String, bool)>,
+        violations: Vec<Violation>,
     },
     Refused(Refusal),
 }
@@ -361,13 +404,12 @@ impl ErrorAnswer {
     fn judge(&self, kind: providers::ProviderKind, static_key: bool) -> Judgement {
         let null = serde_json::Value::Null;
         let body = self.body.as_ref().unwrap_or(&null);
-        let quota = self.status == StatusCode::TOO_MANY_REQUESTS || is_quota_error(body);
-        if quota {
+        if kind.is_quota_answer(self.status.as_u16(), body) {
             return Judgement::RateLimited {
                 hint: self
                     .retry_after
                     .or_else(|| retry_after::google_retry_delay_of(body)),
-                models: providers::quota_models(body),
+                violations: kind.quota_violations(body),
             };
         }
         match kind.refusal(self.status.as_u16(), body, static_key) {
@@ -436,28 +478,33 @@ async fn inspect(
     ))
 }
 
-fn is_quota_error(v: &serde_json::Value) -> bool {
-    let e = &v["error"];
-    e["code"] == "insufficient_quota"
-        || e["type"] == "insufficient_quota"
-        || e["status"] == "RESOURCE_EXHAUSTED"
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::providers::ProviderKind;
 
     #[test]
     fn quota_errors_are_recognised() {
         let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
-        assert!(is_quota_error(&json(include_bytes!(
-            "../../tests/fixtures/responses/qwen_403_insufficient_quota.json"
-        ))));
-        assert!(is_quota_error(&json(include_bytes!(
-            "../../tests/fixtures/responses/google_429_resource_exhausted.json"
-        ))));
-        assert!(!is_quota_error(&json(include_bytes!(
-            "../../tests/fixtures/responses/qwen_401_invalid_api_key.json"
-        ))));
+        let q = |status, b: &[u8]| ProviderKind::Qwen.is_quota_answer(status, &json(b));
+        assert!(q(
+            403,
+            include_bytes!("../../tests/fixtures/responses/qwen_403_insufficient_quota.json")
+        ));
+        assert!(q(
+            400,
+            include_bytes!("../../tests/fixtures/responses/google_429_resource_exhausted.json")
+        ));
+        assert!(q(
+            403,
+            include_bytes!("../../tests/fixtures/responses/dashscope_403_free_tier_only.json")
+        ));
+        assert!(!q(
+            401,
+            include_bytes!("../../tests/fixtures/responses/qwen_401_invalid_api_key.json")
+        ));
+        assert!(!q(
+            400,
+            include_bytes!("../../tests/fixtures/responses/dashscope_400_arrearage.json")
+        ));
     }
 }

@@ -6,10 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock;
 use crate::lifecycle::pool::ProviderPool;
-use crate::lifecycle::{Credential, State as CredState};
+use crate::lifecycle::{Credential, Gate, Probe, State as CredState};
 use crate::oauth::RefreshError;
 use crate::providers;
+use crate::telemetry::metrics::Metrics;
 
 use super::rewrite;
 
@@ -77,25 +79,83 @@ pub(super) fn candidates<'p>(
     )
 }
 
-/// Why `cred` is not tried for this request, if it is not: its state, or a cool-down for
-/// the request's model.
-pub(super) fn skipped(cred: &Credential, model: &mut LazyModel<'_>) -> Option<Miss> {
+/// Why `cred` is not tried for this request, if it is not: its state, a cool-down (the
+/// whole credential's or the request's model's; the first request after one ended is its
+/// probe), or its project at a declared limit.
+pub(super) async fn skipped(
+    metrics: &Metrics,
+    pool: &ProviderPool,
+    cred: &Arc<Credential>,
+    model: &mut LazyModel<'_>,
+    tokens: u64,
+) -> Result<Option<Probe>, Miss> {
     let snap = cred.snapshot();
     if !snap.usable {
-        return Some(Miss::Skipped {
+        return Err(Miss::Skipped {
             state: snap.state,
             detail: snap.last_error.clone().unwrap_or_default(),
             cooldown: snap.cooldown_remaining,
         });
     }
-    if snap.model_cooldowns.is_empty() {
-        return None;
+    let mut probe = None;
+    if !snap.cooldowns.is_empty() {
+        match cred.gate(model.get()) {
+            Gate::Open => {}
+            Gate::Probe(p) => probe = Some(p),
+            Gate::Closed {
+                model: m,
+                left,
+                reason,
+            } => {
+                let what = match &m {
+                    Some(m) => format!("model {m}, {}", reason.as_str()),
+                    None => reason.as_str().to_string(),
+                };
+                let (detail, left) = if left.is_zero() {
+                    (
+                        format!("{what}; another request is probing it"),
+                        Duration::from_secs(1),
+                    )
+                } else {
+                    (what, left)
+                };
+                return Err(Miss::Skipped {
+                    state: CredState::CoolingDown,
+                    detail,
+                    cooldown: Some(left),
+                });
+            }
+        }
     }
-    let m = model.get()?;
-    let (_, left) = snap.model_cooldowns.iter().find(|(c, _)| c == m)?;
-    Some(Miss::Skipped {
-        state: CredState::CoolingDown,
-        detail: format!("model {m}"),
-        cooldown: Some(*left),
-    })
+    if !pool.limits.is_empty() {
+        let project = cred.project();
+        let scope = match &project {
+            Some(p) => p.as_str().to_string(),
+            None => format!("credential:{}", cred.id),
+        };
+        if let Err(full) = pool
+            .limits
+            .take(&scope, model.get(), tokens, clock::now_ms())
+            .await
+        {
+            metrics
+                .limit_skips
+                .with_label_values(&[pool.config.name.as_str(), full.window])
+                .inc();
+            let whose = match &project {
+                Some(p) => format!("project {p}"),
+                None => "this credential".to_string(),
+            };
+            return Err(Miss::Skipped {
+                state: CredState::CoolingDown,
+                detail: format!(
+                    "{whose} is at its declared {} limit for model {}",
+                    full.window,
+                    model.get().unwrap_or("*")
+                ),
+                cooldown: Some(full.wait),
+            });
+        }
+    }
+    Ok(probe)
 }

@@ -240,11 +240,15 @@ async fn serve(
         body: Some(body),
     };
     let mut misses: Vec<(Arc<Credential>, Miss)> = Vec::new();
+    let tokens = crate::quota::limits::estimate_tokens(model_bytes.len());
     for cred in candidates {
-        if let Some(miss) = choose::skipped(&cred, &mut model) {
-            misses.push((cred, miss));
-            continue;
-        }
+        let probe = match choose::skipped(&s.metrics, pool, &cred, &mut model, tokens).await {
+            Ok(p) => p,
+            Err(miss) => {
+                misses.push((cred, miss));
+                continue;
+            }
+        };
         trail.tried(&cred);
         let token = match cred.fresh_token().await {
             Ok(t) => t,
@@ -263,7 +267,10 @@ async fn serve(
                 }
             }
         }
-        match attempts.with(&cred, token, &mut model, trail).await? {
+        match attempts
+            .with(&cred, token, &mut model, trail, probe)
+            .await?
+        {
             Outcome::Served(resp) => return Ok(resp),
             Outcome::Missed(miss) => misses.push((cred, miss)),
         }

@@ -26,6 +26,8 @@ pub use file::{write_atomically, FileStore, LOCK_STALE_AFTER};
 
 use shape::{CredentialFile, ParseError, TokenUpdate};
 
+use crate::common::state::{CoolReason, CoolScope};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{path}: cannot {op}: {source}")]
@@ -57,8 +59,16 @@ pub enum TryLock {
 /// What a fleet tells its replicas about a credential besides its token: no-ops on one
 /// machine. Called off the request path (these may wait on the network).
 pub trait Shares: Send + Sync + 'static {
-    /// Shares a cool-down (until, Unix ms; for a model or the whole credential).
-    fn share_cooldown(&self, _model: Option<&str>, _until_ms: i64) {}
+    /// Shares a cool-down (until, Unix ms; for a model or the whole credential), with why
+    /// and for whom it was decided.
+    fn share_cooldown(
+        &self,
+        _model: Option<&str>,
+        _until_ms: i64,
+        _reason: CoolReason,
+        _scope: CoolScope,
+    ) {
+    }
     /// This credential's refresh token is dead: the others stop using it without spending
     /// a call each to find out.
     fn share_needs_reauth(&self, _message: &str) {}

@@ -59,6 +59,8 @@ pub struct CredentialFile {
     pub client_secret: Option<SecretString>,
     pub resource_url: Option<String>,
     pub quota_project_id: Option<String>,
+    /// A service account's `project_id`.
+    pub project_id: Option<String>,
     /// Service accounts: the signing key and identity.
     pub service_account: Option<ServiceAccountKey>,
     /// Who this credential signs in as (`account` of a login's file, a service account's
@@ -201,6 +203,7 @@ fn interpret(doc: &Map<String, Value>, mtime_ms: i64) -> Result<CredentialFile, 
         client_secret: opt_secret(doc, "client_secret")?,
         resource_url: opt_str(doc, "resource_url")?.filter(|c| !c.is_empty()),
         quota_project_id: opt_str(doc, "quota_project_id")?.filter(|c| !c.is_empty()),
+        project_id: opt_str(doc, "project_id")?.filter(|c| !c.is_empty()),
         account: opt_str(doc, "account")
             .ok()
             .flatten()

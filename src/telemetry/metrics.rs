@@ -9,7 +9,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::common::state::{Snapshot, State};
+use crate::common::state::{CoolReason, CoolScope, Snapshot, State};
 
 pub struct Metrics {
     registry: Registry,
@@ -26,6 +26,12 @@ pub struct Metrics {
     pub persist_total: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub model_cooldowns: IntCounterVec,
+    pub cooldowns: IntCounterVec,
+    pub cooldowns_active: IntGaugeVec,
+    pub limit: IntGaugeVec,
+    pub limit_used: IntGaugeVec,
+    pub limit_skips: IntCounterVec,
+    pub source_error: IntGaugeVec,
     pub upgrades_open: IntGaugeVec,
     pub store_up: prometheus::IntGauge,
     pub store_operations: IntCounterVec,
@@ -37,6 +43,8 @@ pub struct Metrics {
 
 /// A bound on the `model` label's values.
 const MAX_MODEL_LABELS: usize = 64;
+
+pub const LIMIT_WINDOWS: [&str; 3] = ["rpm", "rpd", "tpm"];
 
 pub const REFRESH_OUTCOMES: [&str; 4] = ["success", "auth_error", "network_error", "server_error"];
 pub const RETRY_REASONS: [&str; 4] = [
@@ -147,6 +155,36 @@ impl Metrics {
                 "Per-model cool-downs started by an upstream 429 that named or implied a model.",
                 &["provider", "model"],
             )?,
+            cooldowns: counter(
+                "tokenrelay_cooldowns_total",
+                "Cool-downs started by upstream rate limits, by reason (per_minute, per_day, no_access, retry_after) and scope (credential, project: one per credential cooled).",
+                &["provider", "reason", "scope"],
+            )?,
+            cooldowns_active: int_gauge(
+                "tokenrelay_cooldowns_active",
+                "Cool-downs running now (credential or credential and model), by reason and scope.",
+                &["provider", "reason", "scope"],
+            )?,
+            limit: int_gauge(
+                "tokenrelay_limit",
+                "Declared limits ([providers.NAME.limits]) by model entry and window (rpm, rpd, tpm).",
+                &["provider", "model", "window"],
+            )?,
+            limit_used: int_gauge(
+                "tokenrelay_limit_used",
+                "Use of a declared limit in its current window: the highest among projects (or credentials), counted by this replica.",
+                &["provider", "model", "window"],
+            )?,
+            limit_skips: counter(
+                "tokenrelay_limit_skips_total",
+                "Credentials skipped for a request because their project was at a declared limit (no upstream call).",
+                &["provider", "window"],
+            )?,
+            source_error: int_gauge(
+                "tokenrelay_credential_source_error",
+                "1 while the credential's file cannot be read or parsed (it keeps serving from memory).",
+                &["provider", "credential"],
+            )?,
             upgrades_open: int_gauge(
                 "tokenrelay_upgrades_open",
                 "WebSocket connections spliced through now.",
@@ -189,7 +227,67 @@ impl Metrics {
         }
         self.requests.with_label_values(&[provider, "200"]);
         self.upgrades_open.with_label_values(&[provider]);
+        for r in CoolReason::ALL {
+            for sc in CoolScope::ALL {
+                self.cooldowns
+                    .with_label_values(&[provider, r.as_str(), sc.as_str()]);
+                self.cooldowns_active
+                    .with_label_values(&[provider, r.as_str(), sc.as_str()]);
+            }
+        }
+        for w in LIMIT_WINDOWS {
+            self.limit_skips.with_label_values(&[provider, w]);
+        }
         self.upgrade_duration.with_label_values(&[provider]);
+    }
+
+    /// Counts a cool-down by reason and scope (and by model, bounded, when per model).
+    pub fn count_cooldown(
+        &self,
+        provider: &str,
+        reason: CoolReason,
+        scope: CoolScope,
+        model: Option<&str>,
+    ) {
+        self.cooldowns
+            .with_label_values(&[provider, reason.as_str(), scope.as_str()])
+            .inc();
+        if let Some(m) = model {
+            self.count_model_cooldown(provider, m);
+        }
+    }
+
+    /// Sets the cool-down gauges of one provider from its credentials' snapshots.
+    pub fn observe_cooldowns<'a>(&self, provider: &str, snaps: impl Iterator<Item = &'a Snapshot>) {
+        let mut counts = std::collections::HashMap::new();
+        for snap in snaps {
+            for c in snap.cooldowns.iter().filter(|c| !c.left.is_zero()) {
+                *counts.entry((c.reason, c.scope)).or_insert(0i64) += 1;
+            }
+        }
+        for r in CoolReason::ALL {
+            for sc in CoolScope::ALL {
+                self.cooldowns_active
+                    .with_label_values(&[provider, r.as_str(), sc.as_str()])
+                    .set(counts.get(&(r, sc)).copied().unwrap_or(0));
+            }
+        }
+    }
+
+    /// Sets the declared limits' gauges of one provider.
+    pub fn observe_limits(&self, provider: &str, usage: &[crate::quota::limits::Use]) {
+        for u in usage {
+            for (w, v) in [("rpm", u.rpm), ("rpd", u.rpd), ("tpm", u.tpm)] {
+                if let Some((used, limit)) = v {
+                    self.limit
+                        .with_label_values(&[provider, &u.model, w])
+                        .set(limit as i64);
+                    self.limit_used
+                        .with_label_values(&[provider, &u.model, w])
+                        .set(used as i64);
+                }
+            }
+        }
     }
 
     /// Counts a per-model cool-down; the label set stays bounded.
@@ -227,6 +325,7 @@ impl Metrics {
             .with_label_values(&[provider, credential, "200"]);
         self.last_success_ts
             .with_label_values(&[provider, credential]);
+        self.source_error.with_label_values(&[provider, credential]);
     }
 
     /// Removes a credential's series (it left the pool).
@@ -236,6 +335,9 @@ impl Metrics {
             .last_success_ts
             .remove_label_values(&[provider, credential]);
         let _ = self.usable.remove_label_values(&[provider, credential]);
+        let _ = self
+            .source_error
+            .remove_label_values(&[provider, credential]);
         for s in State::ALL {
             let _ = self
                 .state

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 use super::scripts::{CAS, COOL, REASSERT};
 use super::{store_error, FleetEvent, FleetMetrics, RedisConfig};
 use crate::clock;
+use crate::common::state::{CoolReason, CoolScope};
 use crate::store::shape::{self, CredentialFile};
 use crate::store::{FileStore, Shares, StoreError};
 
@@ -92,6 +93,15 @@ impl Fleet {
         }))
     }
 
+    /// Fleet-wide counts of declared limits, on a connection of their own.
+    pub fn counts(&self) -> super::SharedCounts {
+        super::SharedCounts::new(
+            self.client.clone(),
+            format!("{}:lim", self.cfg.key_prefix),
+            self.cfg.limit_timeout,
+        )
+    }
+
     pub fn config(&self) -> &RedisConfig {
         &self.cfg
     }
@@ -129,13 +139,13 @@ impl Fleet {
     }
 
     /// Raises the fleet-wide cool-down of `name` (only if later) and tells the peers.
-    fn share_cooldown(&self, name: &str, model: Option<&str>, until_ms: i64) {
+    fn share_cooldown(&self, name: &str, model: Option<&str>, until_ms: i64, why: &str) {
         let key = self.key(name, "cool");
         let _: Result<i64, _> = self.run("cooldown", |c| {
             Script::new(COOL)
                 .key(&key)
                 .arg(model.unwrap_or("*"))
-                .arg(until_ms)
+                .arg(format!("{until_ms}|{why}"))
                 .arg(self.channel())
                 .arg(name)
                 .invoke(c)
@@ -254,8 +264,15 @@ impl SharedKey {
 }
 
 impl Shares for SharedKey {
-    fn share_cooldown(&self, model: Option<&str>, until_ms: i64) {
-        self.fleet.share_cooldown(&self.name, model, until_ms);
+    fn share_cooldown(
+        &self,
+        model: Option<&str>,
+        until_ms: i64,
+        reason: CoolReason,
+        scope: CoolScope,
+    ) {
+        let why = format!("{}|{}", reason.as_str(), scope.as_str());
+        self.fleet.share_cooldown(&self.name, model, until_ms, &why);
     }
 
     fn share_invalid(&self, message: Option<&str>) {
@@ -443,8 +460,16 @@ impl RedisStore {
 }
 
 impl Shares for RedisStore {
-    fn share_cooldown(&self, model: Option<&str>, until_ms: i64) {
-        self.fleet.share_cooldown(&self.name(), model, until_ms);
+    fn share_cooldown(
+        &self,
+        model: Option<&str>,
+        until_ms: i64,
+        reason: CoolReason,
+        scope: CoolScope,
+    ) {
+        let why = format!("{}|{}", reason.as_str(), scope.as_str());
+        self.fleet
+            .share_cooldown(&self.name(), model, until_ms, &why);
     }
 
     fn share_needs_reauth(&self, message: &str) {

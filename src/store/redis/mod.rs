@@ -9,8 +9,8 @@
 //!   `attempt` (`fence:v` of the last holder that went to the token endpoint).
 //! - `…:lease` — `fence:replica:nonce`, `SET NX PX`, renewed by compare-and-`PEXPIRE`,
 //!   released by compare-and-delete; `…:fence` — the `INCR` counter fences come from.
-//! - `…:cool` — shared cool-downs: field = model (or `*`), value = until (Unix ms), raised
-//!   only if later.
+//! - `…:cool` — shared cool-downs: field = model (or `*`), value = `until|reason|scope`
+//!   (until in Unix ms), raised only if later.
 //! - `…:state` — verdicts: `needs_reauth` = `v|message` (the record at version `v` has a
 //!   dead refresh token), `invalid` = `tag|message` (the upstream refused the credential;
 //!   an empty message: an operator brought it back). The tag is `v<version>` for a record
@@ -30,6 +30,7 @@
 //! `poll.rs` (the poller and the subscriber), `record.rs` (`RedisStore` as a
 //! `CredentialStore`, and its lease), `scripts.rs` (the Lua scripts).
 
+pub mod counts;
 mod fleet;
 mod poll;
 mod record;
@@ -39,6 +40,9 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+use crate::common::state::{CoolReason, CoolScope};
+
+pub use self::counts::SharedCounts;
 pub use self::fleet::{Fleet, RedisStore, SharedKey};
 pub use self::record::{release_if_held, renew_if_held};
 use super::StoreError;
@@ -58,6 +62,9 @@ pub struct RedisConfig {
     pub pubsub: bool,
     /// Redis calls give up after this (the request path never waits on them).
     pub op_timeout: Duration,
+    /// The one Redis call a request may wait for: counting it against a declared limit
+    /// (`[providers.NAME.limits]`). Past this, the replica's own count decides.
+    pub limit_timeout: Duration,
 }
 
 /// What changed in the fleet, for the lifecycle to act on.
@@ -71,6 +78,8 @@ pub enum FleetEvent {
         id: String,
         model: Option<String>,
         until_ms: i64,
+        reason: CoolReason,
+        scope: CoolScope,
     },
     /// A peer found this credential's refresh token dead at the version this replica
     /// holds: take it out of rotation without spending a call to learn the same.

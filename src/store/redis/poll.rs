@@ -11,6 +11,7 @@ use redis::Commands;
 use super::fleet::{Fleet, Live};
 use super::FleetEvent;
 use crate::clock;
+use crate::common::state::{CoolReason, CoolScope};
 use crate::store::StoreError;
 
 impl Fleet {
@@ -122,7 +123,7 @@ impl Fleet {
     fn read_shared(&self, name: &str, member: &Live) -> Result<(), StoreError> {
         let (provider, id) = name.split_once('/').unwrap_or((name, ""));
         let (cool_key, state_key) = (self.key(name, "cool"), self.key(name, "state"));
-        let (cools, (dead, verdict)): (HashMap<String, i64>, (Option<String>, Option<String>)) =
+        let (cools, (dead, verdict)): (HashMap<String, String>, (Option<String>, Option<String>)) =
             self.run("shared", |c| {
                 redis::pipe()
                     .hgetall(&cool_key)
@@ -133,12 +134,30 @@ impl Fleet {
                     .query(c)
             })?;
         let now = clock::now_ms();
-        for (model, until) in cools.into_iter().filter(|(_, u)| *u > now) {
+        for (model, value) in cools {
+            let mut parts = value.split('|');
+            let until_ms = parts
+                .next()
+                .and_then(|u| u.parse::<i64>().ok())
+                .unwrap_or(0);
+            if until_ms <= now {
+                continue;
+            }
+            let reason = parts
+                .next()
+                .and_then(CoolReason::parse)
+                .unwrap_or(CoolReason::RetryAfter);
+            let scope = parts
+                .next()
+                .and_then(CoolScope::parse)
+                .unwrap_or(CoolScope::Credential);
             let _ = self.events.send(FleetEvent::Cooldown {
                 provider: provider.into(),
                 id: id.into(),
                 model: (model != "*").then_some(model),
-                until_ms: until,
+                until_ms,
+                reason,
+                scope,
             });
         }
         // Keyed by the version it was found at: a new record (a re-login) is not dead.

@@ -28,11 +28,34 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
+/// A cool-down's value is `until|reason|scope` (until in Unix ms; older replicas wrote
+/// the bare number): raised only if later.
 pub(super) const COOL: &str = r#"
-local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if tonumber(ARGV[2]) <= cur then return 0 end
+local function until_of(v) return tonumber(string.match(v or '0', '^%d+') or '0') end
+local new = until_of(ARGV[2])
+if new <= until_of(redis.call('HGET', KEYS[1], ARGV[1])) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIREAT', KEYS[1], math.max(tonumber(ARGV[2]), tonumber(redis.call('PEXPIRETIME', KEYS[1]))))
+redis.call('PEXPIREAT', KEYS[1], math.max(new, tonumber(redis.call('PEXPIRETIME', KEYS[1]))))
 redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' cool')
 return 1
+"#;
+
+/// Takes one request (and ARGV[4] tokens) from a declared limit's windows, or nothing:
+/// KEYS[1] the minute (hash: `r`, `t`), KEYS[2] the day; ARGV rpm, tpm, rpd (0: none),
+/// tokens, the minute's and the day's time to live (ms). Returns 0 taken, 1 rpm full,
+/// 2 tpm full, 3 rpd full. A request is never refused by tpm alone in an empty minute.
+pub(super) const TAKE: &str = r#"
+local rpm, tpm, rpd, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local m = redis.call('HMGET', KEYS[1], 'r', 't')
+local r, t = tonumber(m[1] or '0'), tonumber(m[2] or '0')
+local d = tonumber(redis.call('GET', KEYS[2]) or '0')
+if rpm > 0 and r + 1 > rpm then return 1 end
+if tpm > 0 and t > 0 and t + tokens > tpm then return 2 end
+if rpd > 0 and d + 1 > rpd then return 3 end
+redis.call('HINCRBY', KEYS[1], 'r', 1)
+redis.call('HINCRBY', KEYS[1], 't', tokens)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+return 0
 "#;
