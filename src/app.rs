@@ -322,7 +322,7 @@ async fn follow_fleet(
         match event {
             FleetEvent::Changed { provider, id } => {
                 if let Some(c) = pool.provider(&provider).and_then(|p| p.find(&id)) {
-                    c.reload().await;
+                    let _ = c.reload().await;
                 }
             }
             FleetEvent::Cooldown {
@@ -357,7 +357,7 @@ async fn follow_fleet(
             }
             FleetEvent::Reconnected => {
                 for c in pool.all_credentials().filter(|c| !c.is_api_key()) {
-                    c.reload().await;
+                    let _ = c.reload().await;
                 }
             }
         }

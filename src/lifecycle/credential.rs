@@ -307,7 +307,12 @@ impl Credential {
             state,
             expires_at_ms: token.expires_at_ms(),
             last_refresh_at_ms: st.last_refresh_at_ms,
-            last_error: st.last_error.clone(),
+            // A broken file is what an operator must fix first; the token in memory serves.
+            last_error: match (&st.source_error, &st.last_error) {
+                (Some(s), Some(e)) => Some(format!("{s}; serving the token in memory. Also: {e}")),
+                (Some(s), None) => Some(format!("{s}; serving the token in memory")),
+                (None, e) => e.clone(),
+            },
             consecutive_failures: st.consecutive_failures,
             cooldown_remaining,
             cooldowns,

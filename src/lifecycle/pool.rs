@@ -222,7 +222,11 @@ impl Pool {
             for f in &found {
                 match by_path.remove(&f.path.display().to_string()) {
                     Some(c) => {
-                        c.reload().await;
+                        if let Err(problem) = c.reload().await {
+                            report
+                                .errors
+                                .push(format!("{}/{}: {problem}", provider.name, c.id));
+                        }
                         next.push(c);
                         report.kept += 1;
                     }

@@ -78,7 +78,10 @@ impl Credential {
 
     /// Re-reads the store (its file changed, or a reload was asked for): a newer token or a
     /// new refresh token is adopted, which also brings a `needs_reauth` credential back.
-    pub async fn reload(self: &Arc<Self>) {
+    /// A file that cannot be read or parsed is the `Err`: the credential keeps serving
+    /// from memory and shows the problem (see `source_problem`).
+    pub async fn reload(self: &Arc<Self>) -> Result<(), String> {
+        let mut result = Ok(());
         if let Source::Store(store) = &self.source {
             let _gate = self.gate.lock().await;
             let current = self.token.load_full();
@@ -86,8 +89,43 @@ impl Credential {
                 // A new file: whatever the upstream refused is gone with the old one.
                 self.clear_invalid();
             }
+            if let Some(problem) = self.lock_status().source_error.clone() {
+                result = Err(problem);
+            }
         }
         self.wake.notify_one();
+        result
+    }
+
+    /// Records whether the store could be read: a broken file is shown where operators
+    /// look (`last_error`, the reload's `errors`, a metric, an alert), once per breakage.
+    fn source_problem(&self, problem: Option<String>) {
+        let changed = {
+            let mut st = self.lock_status();
+            let changed = st.source_error != problem;
+            st.source_error = problem.clone();
+            changed
+        };
+        self.refresher
+            .metrics
+            .source_error
+            .with_label_values(&[&self.provider.name, &self.id])
+            .set(i64::from(problem.is_some()));
+        match problem {
+            Some(p) if changed => {
+                tracing::error!(target: "tokenrelay::credentials", provider = %self.provider.name, credential = %self.id, problem = %p,
+                    "the credential's file cannot be read; serving the token in memory until it is fixed (it is never written back with less than it held)");
+                self.alert(
+                    Kind::SourceBroken,
+                    format!("its file cannot be read ({p}); it serves the token in memory until the file is fixed"),
+                );
+            }
+            None if changed => {
+                tracing::info!(target: "tokenrelay::credentials", provider = %self.provider.name, credential = %self.id,
+                    "the credential's file reads again");
+            }
+            _ => {}
+        }
     }
 
     /// The background refresh's request: a token other than generation `g`, so a token
@@ -209,9 +247,7 @@ impl Credential {
                     }
                 }
                 Ok(Err(e)) if store.lock_required() => {
-                    let e = RefreshError::LockBusy(format!(
-                        "the fleet store is unreachable ({e}); a rotating credential is not refreshed without it"
-                    ));
+                    let e = RefreshError::StoreUnreachable(e.to_string());
                     self.record_failure(&e, Duration::ZERO);
                     return Err(e);
                 }
@@ -308,9 +344,7 @@ impl Credential {
                 Ok(Err(e)) if store.lock_required() => {
                     // A rotating credential shared by a fleet: refreshing without the lease
                     // could spend its refresh token twice. Serve the current token; retry.
-                    return Err(RefreshError::LockBusy(format!(
-                        "the fleet store is unreachable ({e}); a rotating credential is not refreshed without its lease"
-                    )));
+                    return Err(RefreshError::StoreUnreachable(e.to_string()));
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(target: "tokenrelay::refresh", provider = %self.provider.name, credential = %self.id, error = %e,
@@ -532,6 +566,39 @@ impl Credential {
         }
     }
 
+    /// An adopted token fixes what it fixes: a fresh access token ends a transient
+    /// failure (backoff, expired: another writer refreshed while we could not), a new
+    /// refresh token also ends `needs_reauth`. Their error, count and alerts go with them.
+    fn adopted(&self, newer_access: bool, new_refresh: bool) {
+        let recovered = {
+            let mut st = self.lock_status();
+            let transient = st.last_error_transient && newer_access;
+            let reauth = st.needs_reauth && new_refresh;
+            if new_refresh {
+                st.retry_at = None;
+            }
+            if !transient && !reauth {
+                return;
+            }
+            st.needs_reauth = false;
+            st.consecutive_failures = 0;
+            st.last_error = None;
+            st.last_error_transient = false;
+            st.retry_at = None;
+            let a = &mut st.alerted;
+            let was_alerting = a.reauth || a.failing || a.expiring;
+            (a.reauth, a.failing, a.expiring) = (false, false, false);
+            was_alerting
+        };
+        if recovered {
+            self.alert(
+                Kind::Recovered,
+                "serving a token another writer refreshed; the earlier refresh failures are over"
+                    .to_string(),
+            );
+        }
+    }
+
     /// Re-reads the store; adopts its token when it differs from ours (another writer
     /// refreshed, or the user re-authenticated). Returns the adopted token.
     pub(super) async fn adopt_from_store(
@@ -541,10 +608,12 @@ impl Credential {
     ) -> Option<Arc<Token>> {
         let s = Arc::clone(store);
         let file = match tokio::task::spawn_blocking(move || s.load()).await {
-            Ok(Ok(f)) => f,
+            Ok(Ok(f)) => {
+                self.source_problem(None);
+                f
+            }
             Ok(Err(e)) => {
-                tracing::warn!(target: "tokenrelay::credentials", provider = %self.provider.name, credential = %self.id, error = %e,
-                    "could not re-read the credential before refreshing; using the copy in memory");
+                self.source_problem(Some(e.to_string()));
                 return None;
             }
             Err(_) => return None,
@@ -594,11 +663,7 @@ impl Credential {
         let adopted = Arc::new(candidate);
         self.token.store(Arc::clone(&adopted));
         self.wake.notify_one();
-        if new_refresh {
-            let mut st = self.lock_status();
-            st.needs_reauth = false;
-            st.retry_at = None;
-        }
+        self.adopted(newer_access, new_refresh);
         tracing::info!(target: "tokenrelay::credentials", provider = %self.provider.name, credential = %self.id,
             new_access_token = newer_access, new_refresh_token = new_refresh, "adopted a token stored by another writer");
         Some(adopted)

@@ -16,6 +16,9 @@ pub(super) struct Status {
     pub(super) consecutive_failures: u32,
     /// The last failure, as a message fit for operators (no secrets).
     pub(super) last_error: Option<String>,
+    /// The credential's file (or record) could not be read or parsed at the last reload:
+    /// it keeps serving from memory; this names the file and the problem.
+    pub(super) source_error: Option<String>,
     /// Whether the last failure was a transient token-endpoint failure.
     pub(super) last_error_transient: bool,
     pub(super) last_refresh_at_ms: Option<i64>,

@@ -44,6 +44,10 @@ pub enum RefreshError {
     BadKey(String),
     #[error("another process has held the refresh lock {0} for too long")]
     LockBusy(String),
+    /// Fleet mode: Redis did not answer, and a rotating credential is not refreshed
+    /// without its lease (it could spend the refresh token twice).
+    #[error("the fleet store is unreachable ({0}); a rotating credential is not refreshed without it")]
+    StoreUnreachable(String),
 }
 
 fn describe(d: &Option<String>) -> String {
@@ -71,7 +75,10 @@ impl RefreshError {
             | RefreshError::NoClientId { .. }
             | RefreshError::NoTokenUrl { .. }
             | RefreshError::BadKey(_) => "auth_error",
-            RefreshError::Network(_) | RefreshError::Timeout(_) | RefreshError::LockBusy(_) => {
+            RefreshError::Network(_)
+            | RefreshError::Timeout(_)
+            | RefreshError::LockBusy(_)
+            | RefreshError::StoreUnreachable(_) => {
                 "network_error"
             }
             RefreshError::Server { .. } | RefreshError::Malformed(_) => "server_error",

@@ -25,6 +25,8 @@ pub enum Kind {
     RefreshFailing,
     PersistFailed,
     ExpiringSoon,
+    /// The credential's file cannot be read or parsed (it serves from memory).
+    SourceBroken,
     Recovered,
 }
 
@@ -36,6 +38,7 @@ impl Kind {
             Kind::RefreshFailing => "refresh_failing",
             Kind::PersistFailed => "persist_failed",
             Kind::ExpiringSoon => "expiring_soon",
+            Kind::SourceBroken => "credential_file_broken",
             Kind::Recovered => "recovered",
         }
     }
@@ -43,7 +46,9 @@ impl Kind {
     fn icon(self) -> &'static str {
         match self {
             Kind::NeedsReauth | Kind::Invalid => "🔴",
-            Kind::RefreshFailing | Kind::ExpiringSoon | Kind::PersistFailed => "🟠",
+            Kind::RefreshFailing | Kind::ExpiringSoon | Kind::PersistFailed | Kind::SourceBroken => {
+                "🟠"
+            }
             Kind::Recovered => "🟢",
         }
     }
