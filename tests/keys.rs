@@ -32,6 +32,19 @@ pub enum Key {
     ZeroFor(&'static str),
     /// DashScope's 401 invalid_api_key.
     DashscopeDead,
+    /// This fixture with this status, for requests for `model` ("" for every request).
+    Fixture {
+        model: &'static str,
+        status: u16,
+        file: &'static str,
+    },
+    /// A per-minute, per-project 429 for `model` with this `retryDelay` ("1s").
+    Limited {
+        model: &'static str,
+        delay: &'static str,
+    },
+    /// Good, after this many milliseconds.
+    Slow(u64),
     /// (Internal) the key that started an upload session.
     StartedBy(String),
 }
@@ -87,6 +100,15 @@ impl KeyUpstream {
 
     pub fn hits(&self) -> Vec<Hit> {
         self.state.hits.lock().unwrap().clone()
+    }
+
+    /// Changes how a key answers from now on.
+    pub fn set(&self, key: &str, behaviour: Key) {
+        self.state
+            .keys
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), behaviour);
     }
 
     pub fn hits_for(&self, key: &str) -> usize {
@@ -173,6 +195,19 @@ async fn answer(State(s): State<Arc<KeyState>>, req: Request) -> Response {
         Some(Key::ZeroFor(m)) if m == model => {
             return quota_answer("google_429_model_not_in_tier.json", "gemini-3.1-pro", m)
         }
+        Some(Key::Fixture {
+            model: m,
+            status,
+            file,
+        }) if m.is_empty() || m == model => return status_json(status, fixture(file)),
+        Some(Key::Limited { model: m, delay }) if m == model => {
+            let text = serde_json::to_string(&fixture("google_429_per_minute_per_project.json"))
+                .unwrap()
+                .replace("gemini-2.5-flash", m)
+                .replace("\"7s\"", &format!("\"{delay}\""));
+            return status_json(429, serde_json::from_str(&text).unwrap());
+        }
+        Some(Key::Slow(ms)) => tokio::time::sleep(Duration::from_millis(ms)).await,
         Some(_) => {}
     }
     // Google's resumable upload: `start` gives a session URL on this host; the upload leg

@@ -18,6 +18,7 @@ mod lifecycle;
 mod login;
 mod passthrough;
 mod proxy;
+mod quota;
 mod recipes;
 mod refresh;
 mod robustness;

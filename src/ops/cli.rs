@@ -133,17 +133,23 @@ pub async fn status(config: &Config, admin: Option<&str>) -> anyhow::Result<i32>
     Ok(i32::from(attention))
 }
 
-/// Per-model cool-downs as `model 36s, model2 2h`, or `-`.
+/// Cool-downs as `gemini-2.5-pro 7h per_day/project, * 36s retry_after`, or `-`; one
+/// that ended and waits for its probe shows `probe`.
 fn model_cooldowns(c: &serde_json::Value) -> String {
-    let list: Vec<String> = c["model_cooldowns"]
+    let list: Vec<String> = c["cooldowns"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|m| {
+            let left = match m["seconds"].as_i64().unwrap_or(0) {
+                0 => "probe".to_string(),
+                s => human_secs(s),
+            };
             format!(
-                "{} {}",
-                m["model"].as_str().unwrap_or("?"),
-                human_secs(m["seconds"].as_i64().unwrap_or(0))
+                "{} {left} {}/{}",
+                m["model"].as_str().unwrap_or("*"),
+                m["reason"].as_str().unwrap_or("?"),
+                m["scope"].as_str().unwrap_or("?")
             )
         })
         .collect();

@@ -307,7 +307,7 @@ fn rate_limited(
         }
         longest = longest.max(d.length);
         s.metrics
-            .count_cooldown(provider, d.reason, scope, d.model.as_deref());
+            .count_cooldown(provider, d.reason, scope, d.model.as_deref(), cooled);
         tracing::warn!(target: "tokenrelay::proxy", provider, credential = %cred.id, status = status.as_u16(),
             model = d.model.as_deref().unwrap_or("*"), reason = d.reason.as_str(), scope = scope.as_str(),
             project = project.as_deref().map(String::as_str).unwrap_or("-"), credentials = cooled,

@@ -248,10 +248,11 @@ impl Metrics {
         reason: CoolReason,
         scope: CoolScope,
         model: Option<&str>,
+        credentials: u64,
     ) {
         self.cooldowns
             .with_label_values(&[provider, reason.as_str(), scope.as_str()])
-            .inc();
+            .inc_by(credentials);
         if let Some(m) = model {
             self.count_model_cooldown(provider, m);
         }

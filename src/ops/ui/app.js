@@ -105,8 +105,16 @@ function row(c) {
   const last = el("span", ago(c.last_refresh_at)); last.dataset.role = "last-refresh";
   tr.append(cell("Last refresh", last));
   const fails = cell("Failures", el("span", c.consecutive_failures)); fails.className = "num"; tr.append(fails);
-  const cools = (c.model_cooldowns || []).map((m) => `${m.model} ${human(m.seconds)}`).join(", ");
-  tr.append(cell("Cool-downs", el("span", cools || "–")));
+  const coolCell = el("div"); coolCell.dataset.role = "cooldowns";
+  for (const m of c.cooldowns || []) {
+    const left = m.seconds > 0 ? human(m.seconds) : "probing";
+    const line = el("div", `${m.model || "all models"} ${left}`);
+    line.append(el("span", ` ${m.reason.replace("_", " ")}${m.scope === "project" ? " · project" + (c.project ? " " + c.project : "") : ""}`, "sub"));
+    line.title = "until " + m.until; line.dataset.reason = m.reason; line.dataset.scope = m.scope;
+    coolCell.append(line);
+  }
+  if (!coolCell.childNodes.length) coolCell.append(el("span", "–"));
+  tr.append(cell("Cool-downs", coolCell));
   const err = el("div");
   if (c.last_error) {
     const d = el("details"); d.append(el("summary", c.last_error.length > 60 ? c.last_error.slice(0, 60) + "…" : c.last_error), el("p", c.last_error));
