@@ -946,3 +946,101 @@ async fn a_keys_model_quota_seen_by_one_replica_is_honoured_by_the_other() {
         "other models serve"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopting_a_peers_token_after_redis_returns_clears_the_failures_it_fixes() {
+    let redis = Redis::start();
+    let f = fleet(
+        2,
+        &redis,
+        3600,
+        "op_timeout = \"300ms\"\npoll_interval = \"200ms\"",
+    )
+    .await;
+    assert_eq!(chat(&f.apps[0]).await, 200);
+    both_on_one_token(&f).await;
+    // Redis stops answering: replica B's refresh fails (it is not refreshed without Redis).
+    unsafe {
+        libc::kill(redis.child.id() as i32, libc::SIGSTOP);
+    }
+    let (status, body) = f.apps[1]
+        .admin_post("/admin/credentials/qwen/shared/refresh")
+        .await;
+    assert_ne!(status, 200, "{body}");
+    let b = f.apps[1].credential("shared").await;
+    assert_eq!(b["state"], "backoff", "{b}");
+    let error = b["last_error"].as_str().unwrap();
+    assert!(
+        error.starts_with("the fleet store is unreachable") && !error.contains("refresh lock"),
+        "one message, not two run together: {error}"
+    );
+    unsafe {
+        libc::kill(redis.child.id() as i32, libc::SIGCONT);
+    }
+    // Redis is back; replica A refreshes; B adopts A's token and with it its health.
+    wait_for("the store back on A", Duration::from_secs(5), || async {
+        f.apps[0].admin_json("/readyz").await.1["store"]["up"] == true
+    })
+    .await;
+    let (status, body) = f.apps[0]
+        .admin_post("/admin/credentials/qwen/shared/refresh")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let a_expiry = f.apps[0].credential("shared").await["expires_at"].clone();
+    wait_for("B adopts A's token", Duration::from_secs(5), || async {
+        f.apps[1].credential("shared").await["expires_at"] == a_expiry
+    })
+    .await;
+    let b = f.apps[1].credential("shared").await;
+    assert_eq!(b["state"], "ready", "{b}");
+    assert_eq!(b["last_error"], Value::Null, "{b}");
+    assert_eq!(b["consecutive_failures"], 0, "{b}");
+}
+
+/// Three replicas with one declared limit, as configured on a real Redis.
+async fn limited_fleet(redis: &Redis, up: &crate::keys::KeyUpstream) -> Vec<TestApp> {
+    let store = key_store(redis);
+    let keys = r#"api_keys = [{ key = "AIza-a", id = "a", project = "p1" }, { key = "AIza-b", id = "b", project = "p1" }]
+[providers.gemini.limits]
+"gemini-2.5-pro" = { rpm = 5 }"#;
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        apps.push(crate::keys::relay("gemini", &up.url, keys, &store).await);
+    }
+    apps
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_hold_one_declared_limit_through_redis() {
+    use crate::keys::{Key, KeyUpstream};
+    let redis = Redis::start();
+    let up = KeyUpstream::start(false, &[("AIza-a", Key::Good), ("AIza-b", Key::Good)]).await;
+    let apps = limited_fleet(&redis, &up).await;
+    loop {
+        // Start early in a minute, so that the window does not turn mid-burst.
+        let second = (now_ms() / 1000) % 60;
+        if second < 45 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let minute = now_ms() / 60_000;
+    // 3 replicas × 6 concurrent requests for one project's model limited to 5 a minute.
+    let mut all = Vec::new();
+    for app in &apps {
+        for _ in 0..6 {
+            all.push(generate(app, "gemini-2.5-pro"));
+        }
+    }
+    let statuses = futures_util::future::join_all(all).await;
+    assert_eq!(now_ms() / 60_000, minute, "the minute turned mid-burst");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 13);
+    assert_eq!(up.hits().len(), 5, "the fleet sent the limit, not 3× it");
+    // Another model is not limited.
+    assert_eq!(generate(&apps[2], "gemini-2.5-flash").await, 200);
+}

@@ -714,3 +714,50 @@ async fn sigterm_drains_in_flight_streams_and_exits_cleanly() {
     let status = p.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{}", p.logs());
 }
+
+#[tokio::test]
+async fn a_truncated_credential_file_keeps_serving_and_says_so_where_operators_look() {
+    let t = spawn_app(Flavor::Qwen)
+        .cred("half.json", qwen_cred("at-good", "rt-good"))
+        .access_token("at-good")
+        .refresh_token("rt-good")
+        .start()
+        .await;
+    let path = t.cred_path("half.json");
+    let whole = read_json(&path);
+    // A half-written copy, as an interrupted editor or copy leaves it.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let (status, report) = t.admin_post("/admin/reload").await;
+    assert_eq!(status, 422, "a reload with errors: {report}");
+    let errors = report["errors"].to_string();
+    assert!(
+        errors.contains("qwen/half")
+            && errors.contains("half.json")
+            && errors.contains("not valid JSON"),
+        "the reload names the file and the problem: {report}"
+    );
+    let c = t.credential("half").await;
+    assert_eq!(c["usable"], true, "it keeps serving from memory: {c}");
+    let error = c["last_error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("half.json") && error.contains("not valid JSON"),
+        "{c}"
+    );
+    t.assert_metric(r#"tokenrelay_credential_source_error{credential="half",provider="qwen"} 1"#)
+        .await;
+    assert_eq!(t.post("/qwen/v1/x", json!({})).await.status(), 200);
+    // A refresh writes back from the last good copy: never less than the file held.
+    let (status, body) = t.admin_post("/admin/credentials/qwen/half/refresh").await;
+    assert_eq!(status, 200, "{body}");
+    let written = read_json(&path);
+    for (k, _) in whole.as_object().unwrap() {
+        assert!(written.get(k).is_some(), "{k} kept: {written}");
+    }
+    // Fixed (the write-back above fixed it): the error goes.
+    let (_, report) = t.admin_post("/admin/reload").await;
+    assert!(report["errors"].as_array().unwrap().is_empty(), "{report}");
+    assert_eq!(t.credential("half").await["last_error"], Value::Null);
+    t.assert_metric(r#"tokenrelay_credential_source_error{credential="half",provider="qwen"} 0"#)
+        .await;
+}

@@ -35,7 +35,13 @@ async fn a_per_project_quota_cools_the_model_on_every_key_of_the_project() {
     let up = KeyUpstream::start(
         false,
         &[
-            ("AIza-a", Key::Limited { model: "gemini-2.5-flash", delay: "30s" }),
+            (
+                "AIza-a",
+                Key::Limited {
+                    model: "gemini-2.5-flash",
+                    delay: "30s",
+                },
+            ),
             ("AIza-b", Key::Good),
             ("AIza-c", Key::Good),
         ],
@@ -51,35 +57,66 @@ async fn a_per_project_quota_cools_the_model_on_every_key_of_the_project() {
     // a is refused for the project's per-minute quota: b (same project) is not tried, c serves.
     assert_eq!(call(&t, "gemini-2.5-flash").await.status(), 200);
     assert_eq!(up.hits_for("AIza-a"), 1);
-    assert_eq!(up.hits_for("AIza-b"), 0, "b shares a's project quota: not extra capacity");
+    assert_eq!(
+        up.hits_for("AIza-b"),
+        0,
+        "b shares a's project quota: not extra capacity"
+    );
     assert_eq!(up.hits_for("AIza-c"), 1);
     for id in ["a", "b"] {
         let c = t.credential(id).await;
         let cool = cooldown(&c, "gemini-2.5-flash");
         assert_eq!(cool["reason"], "per_minute", "{c}");
         assert_eq!(cool["scope"], "project", "{c}");
-        assert!((28..=30).contains(&cool["seconds"].as_u64().unwrap()), "{c}");
+        assert!(
+            (28..=30).contains(&cool["seconds"].as_u64().unwrap()),
+            "{c}"
+        );
         assert_eq!(c["state"], "ready", "other models still go through {id}");
     }
-    assert!(t.credential("c").await["cooldowns"].as_array().unwrap().is_empty());
+    assert!(t.credential("c").await["cooldowns"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     // Other models still use the project's keys.
     assert_eq!(call(&t, "gemini-2.5-pro").await.status(), 200);
     assert_eq!(up.hits_for("AIza-a"), 2);
-    t.assert_metric(r#"tokenrelay_cooldowns_total{provider="gemini",reason="per_minute",scope="project"} 2"#).await;
-    t.assert_metric(r#"tokenrelay_cooldowns_active{provider="gemini",reason="per_minute",scope="project"} 2"#).await;
+    t.assert_metric(
+        r#"tokenrelay_cooldowns_total{provider="gemini",reason="per_minute",scope="project"} 2"#,
+    )
+    .await;
+    t.assert_metric(
+        r#"tokenrelay_cooldowns_active{provider="gemini",reason="per_minute",scope="project"} 2"#,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn an_undeclared_project_is_learned_from_the_answer() {
     let up = KeyUpstream::start(
         false,
-        &[("AIza-a", Key::Limited { model: "gemini-2.5-flash", delay: "30s" })],
+        &[(
+            "AIza-a",
+            Key::Limited {
+                model: "gemini-2.5-flash",
+                delay: "30s",
+            },
+        )],
     )
     .await;
-    let t = relay("gemini", &up.url, r#"api_keys = [{ key = "AIza-a", id = "a" }]"#, "").await;
+    let t = relay(
+        "gemini",
+        &up.url,
+        r#"api_keys = [{ key = "AIza-a", id = "a" }]"#,
+        "",
+    )
+    .await;
     assert_eq!(call(&t, "gemini-2.5-flash").await.status(), 429);
     let c = t.credential("a").await;
-    assert_eq!(c["project"], "123456789012", "ErrorInfo.metadata.consumer names it");
+    assert_eq!(
+        c["project"], "123456789012",
+        "ErrorInfo.metadata.consumer names it"
+    );
     // Learned with this answer: the scope becomes the project's on the next one.
     assert_eq!(cooldown(&c, "gemini-2.5-flash")["scope"], "project");
 }
@@ -87,11 +124,21 @@ async fn an_undeclared_project_is_learned_from_the_answer() {
 #[tokio::test]
 async fn a_spent_day_cools_down_until_pacific_midnight_not_for_the_retry_hint() {
     let up = KeyUpstream::start(false, &[("AIza-a", Key::QuotaFor("gemini-2.5-pro"))]).await;
-    let t = relay("gemini", &up.url, r#"api_keys = [{ key = "AIza-a", id = "a" }]"#, "").await;
+    let t = relay(
+        "gemini",
+        &up.url,
+        r#"api_keys = [{ key = "AIza-a", id = "a" }]"#,
+        "",
+    )
+    .await;
     let resp = call(&t, "gemini-2.5-pro").await;
     assert_eq!(resp.status(), 429);
     let midnight = tokenrelay::quota::window::next_pacific_midnight_ms(crate::helpers::now_ms());
-    let retry: i64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: i64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(
         (retry * 1000 - (midnight - crate::helpers::now_ms())).abs() < 5_000,
         "Retry-After {retry}s is the time to midnight in Los Angeles"
@@ -99,7 +146,10 @@ async fn a_spent_day_cools_down_until_pacific_midnight_not_for_the_retry_hint() 
     let c = t.credential("a").await;
     let cool = cooldown(&c, "gemini-2.5-pro");
     assert_eq!(cool["reason"], "per_day");
-    assert!((cool["until_ms"].as_i64().unwrap() - midnight).abs() < 5_000, "{cool}");
+    assert!(
+        (cool["until_ms"].as_i64().unwrap() - midnight).abs() < 5_000,
+        "{cool}"
+    );
     // The status command shows the reason and scope.
     let admin = t.admin.clone();
     let status = tokio::task::spawn_blocking(move || {
@@ -111,7 +161,10 @@ async fn a_spent_day_cools_down_until_pacific_midnight_not_for_the_retry_hint() 
     .await
     .unwrap();
     let out = String::from_utf8_lossy(&status.stdout);
-    assert!(out.contains("gemini-2.5-pro") && out.contains("per_day/credential"), "{out}");
+    assert!(
+        out.contains("gemini-2.5-pro") && out.contains("per_day/credential"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
@@ -119,7 +172,13 @@ async fn exactly_one_probe_goes_when_a_cooldown_ends() {
     let up = KeyUpstream::start(
         false,
         &[
-            ("AIza-a", Key::Limited { model: "gemini-2.5-flash", delay: "1s" }),
+            (
+                "AIza-a",
+                Key::Limited {
+                    model: "gemini-2.5-flash",
+                    delay: "1s",
+                },
+            ),
             ("AIza-b", Key::Good),
         ],
     )
@@ -155,7 +214,14 @@ async fn a_rate_limit_without_a_hint_cools_until_the_next_minute_with_no_upstrea
     // DashScope's per-minute limit carries no hint: until the next minute.
     let up = KeyUpstream::start(
         true,
-        &[("sk-a", Key::Fixture { model: "", status: 429, file: "dashscope_429_limit_requests.json" })],
+        &[(
+            "sk-a",
+            Key::Fixture {
+                model: "",
+                status: 429,
+                file: "dashscope_429_limit_requests.json",
+            },
+        )],
     )
     .await;
     let t = relay(
@@ -187,8 +253,22 @@ async fn dashscope_spent_quota_is_no_access_and_arrears_take_the_key_out() {
     let up = KeyUpstream::start(
         true,
         &[
-            ("sk-free", Key::Fixture { model: "", status: 403, file: "dashscope_403_free_tier_only.json" }),
-            ("sk-owing", Key::Fixture { model: "", status: 400, file: "dashscope_400_arrearage.json" }),
+            (
+                "sk-free",
+                Key::Fixture {
+                    model: "",
+                    status: 403,
+                    file: "dashscope_403_free_tier_only.json",
+                },
+            ),
+            (
+                "sk-owing",
+                Key::Fixture {
+                    model: "",
+                    status: 400,
+                    file: "dashscope_400_arrearage.json",
+                },
+            ),
         ],
     )
     .await;
@@ -219,7 +299,14 @@ async fn credential_level_refusals_are_invalid_never_a_cooldown() {
     let up = KeyUpstream::start(
         false,
         &[
-            ("AIza-a", Key::Fixture { model: "", status: 401, file: "google_401_access_token_type_unsupported.json" }),
+            (
+                "AIza-a",
+                Key::Fixture {
+                    model: "",
+                    status: 401,
+                    file: "google_401_access_token_type_unsupported.json",
+                },
+            ),
             ("AIza-b", Key::Good),
         ],
     )
@@ -235,12 +322,23 @@ async fn credential_level_refusals_are_invalid_never_a_cooldown() {
     let a = t.credential("a").await;
     assert_eq!(a["state"], "invalid");
     assert!(a["cooldowns"].as_array().unwrap().is_empty());
-    assert!(a["last_error"].as_str().unwrap().contains("ACCESS_TOKEN_TYPE_UNSUPPORTED"));
+    assert!(a["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("ACCESS_TOKEN_TYPE_UNSUPPORTED"));
 }
 
 #[tokio::test]
 async fn a_declared_limit_is_never_sent_upstream() {
-    let up = KeyUpstream::start(false, &[("AIza-a", Key::Good), ("AIza-b", Key::Good), ("AIza-c", Key::Good)]).await;
+    let up = KeyUpstream::start(
+        false,
+        &[
+            ("AIza-a", Key::Good),
+            ("AIza-b", Key::Good),
+            ("AIza-c", Key::Good),
+        ],
+    )
+    .await;
     let t = relay(
         "gemini",
         &up.url,
@@ -261,20 +359,38 @@ async fn a_declared_limit_is_never_sent_upstream() {
     if tokenrelay::quota::window::minute_of(crate::helpers::now_ms()) != started {
         return; // the window turned mid-test: the counts above are not comparable
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 6, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        6,
+        "{statuses:?}"
+    );
     assert_eq!(up.hits().len(), 6, "the refused ones never went upstream");
     let resp = call(&t, "gemini-2.5-pro").await;
     assert_eq!(resp.status(), 429);
-    let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&retry), "until the minute turns: {retry}");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["reason"], "all_credentials_rate_limited");
     let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("project p1 is at its declared rpm limit"), "{message}");
+    assert!(
+        message.contains("project p1 is at its declared rpm limit"),
+        "{message}"
+    );
     // Another model is not limited by gemini-2.5-pro's entry.
     assert_eq!(call(&t, "gemini-2.5-flash").await.status(), 200);
-    t.assert_metric(r#"tokenrelay_limit{model="gemini-2.5-pro",provider="gemini",window="rpm"} 3"#).await;
-    t.assert_metric(r#"tokenrelay_limit_used{model="gemini-2.5-pro",provider="gemini",window="rpm"} 3"#).await;
+    t.assert_metric(r#"tokenrelay_limit{model="gemini-2.5-pro",provider="gemini",window="rpm"} 3"#)
+        .await;
+    t.assert_metric(
+        r#"tokenrelay_limit_used{model="gemini-2.5-pro",provider="gemini",window="rpm"} 3"#,
+    )
+    .await;
     let m = t.metrics().await;
-    assert!(m.contains(r#"tokenrelay_limit_skips_total{provider="gemini",window="rpm"}"#), "{m}");
+    assert!(
+        m.contains(r#"tokenrelay_limit_skips_total{provider="gemini",window="rpm"}"#),
+        "{m}"
+    );
 }

@@ -46,7 +46,9 @@ pub enum RefreshError {
     LockBusy(String),
     /// Fleet mode: Redis did not answer, and a rotating credential is not refreshed
     /// without its lease (it could spend the refresh token twice).
-    #[error("the fleet store is unreachable ({0}); a rotating credential is not refreshed without it")]
+    #[error(
+        "the fleet store is unreachable ({0}); a rotating credential is not refreshed without it"
+    )]
     StoreUnreachable(String),
 }
 
@@ -78,9 +80,7 @@ impl RefreshError {
             RefreshError::Network(_)
             | RefreshError::Timeout(_)
             | RefreshError::LockBusy(_)
-            | RefreshError::StoreUnreachable(_) => {
-                "network_error"
-            }
+            | RefreshError::StoreUnreachable(_) => "network_error",
             RefreshError::Server { .. } | RefreshError::Malformed(_) => "server_error",
         }
     }

@@ -58,12 +58,17 @@ const MINUTE_CODES: [&str; 6] = [
 ];
 
 /// A quota that is spent until an operator acts: the model's free quota with "use free
-/// tier only" on (403), or the account out of quota (`insufficient_quota`).
-const SPENT_CODES: [&str; 2] = ["AllocationQuota.FreeTierOnly", "insufficient_quota"];
+/// tier only" on (403).
+const SPENT_CODES: [&str; 1] = ["AllocationQuota.FreeTierOnly"];
+/// OpenAI's generic "quota exceeded" (a plan's allowance, a balance): no window is
+/// named, so its hint (else `pool.default_cooldown`) decides.
+const UNNAMED_CODES: [&str; 1] = ["insufficient_quota"];
 
 /// The quota code of a DashScope rate-limit or spent-quota answer.
 pub fn quota_code(body: &Value) -> Option<&str> {
-    error_code(body).filter(|c| MINUTE_CODES.contains(c) || SPENT_CODES.contains(c))
+    error_code(body).filter(|c| {
+        MINUTE_CODES.contains(c) || SPENT_CODES.contains(c) || UNNAMED_CODES.contains(c)
+    })
 }
 
 /// What a DashScope quota answer names: its window from the code (the model is the
@@ -72,7 +77,11 @@ pub fn quota_violation(body: &Value) -> Option<Violation> {
     let code = quota_code(body)?;
     Some(Violation {
         model: None,
-        window: QuotaWindow::Minute,
+        window: if UNNAMED_CODES.contains(&code) {
+            QuotaWindow::Other
+        } else {
+            QuotaWindow::Minute
+        },
         per_project: false,
         zero: SPENT_CODES.contains(&code),
     })

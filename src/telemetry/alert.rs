@@ -46,9 +46,10 @@ impl Kind {
     fn icon(self) -> &'static str {
         match self {
             Kind::NeedsReauth | Kind::Invalid => "🔴",
-            Kind::RefreshFailing | Kind::ExpiringSoon | Kind::PersistFailed | Kind::SourceBroken => {
-                "🟠"
-            }
+            Kind::RefreshFailing
+            | Kind::ExpiringSoon
+            | Kind::PersistFailed
+            | Kind::SourceBroken => "🟠",
             Kind::Recovered => "🟢",
         }
     }
