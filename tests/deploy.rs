@@ -159,6 +159,8 @@ async fn dashboard_and_alerts_use_only_metrics_that_exist() {
     let t = spawn_app(Flavor::Qwen)
         .cred("a.json", qwen_cred("a", "r"))
         .access_token("a")
+        // The limit gauges exist for declared limits.
+        .provider_keys("[providers.qwen.limits]\n\"*\" = { rpm = 1000 }")
         .start()
         .await;
     assert_eq!(t.post("/qwen/v1/x", json!({})).await.status(), 200);
@@ -180,6 +182,7 @@ async fn a_scrape_passes_promtool_check_metrics() {
         .cred("a.json", expired_qwen("rt-a"))
         .cred("b.json", expired_qwen("rt-dead"))
         .refresh_token("rt-a")
+        .provider_keys("[providers.qwen.limits]\n\"qwen-max\" = { rpm = 10, rpd = 100, tpm = 5000 }")
         .start()
         .await;
     for _ in 0..3 {
