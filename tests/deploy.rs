@@ -182,7 +182,9 @@ async fn a_scrape_passes_promtool_check_metrics() {
         .cred("a.json", expired_qwen("rt-a"))
         .cred("b.json", expired_qwen("rt-dead"))
         .refresh_token("rt-a")
-        .provider_keys("[providers.qwen.limits]\n\"qwen-max\" = { rpm = 10, rpd = 100, tpm = 5000 }")
+        .provider_keys(
+            "[providers.qwen.limits]\n\"qwen-max\" = { rpm = 10, rpd = 100, tpm = 5000 }",
+        )
         .start()
         .await;
     for _ in 0..3 {

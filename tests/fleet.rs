@@ -937,6 +937,9 @@ async fn a_keys_model_quota_seen_by_one_replica_is_honoured_by_the_other() {
         },
     )
     .await;
+    // The reason travels with it: a per-day quota, on the peer too.
+    let peer = apps[1].credential("one").await;
+    assert_eq!(peer["cooldowns"][0]["reason"], "per_day", "{peer}");
     let hits = up.hits().len();
     assert_eq!(generate(&apps[1], "gemini-2.5-pro").await, 429);
     assert_eq!(up.hits().len(), hits, "the peer did not spend a request");
