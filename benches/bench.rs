@@ -167,21 +167,29 @@ fn tokenrelay_with(
     spawn_tokenrelay(bin, work, name, &provider)
 }
 
-/// Starts tokenrelay with a pool of `n` static API keys (an `api_keys_file`).
+/// Starts tokenrelay with a pool of `n` static API keys (an `api_keys_file`), with
+/// declared limits (`[providers.bench.limits]`, high enough never to refuse: every request
+/// is counted) when `limits`.
 fn tokenrelay_keys(
     bin: &Path,
     work: &Path,
     name: &str,
     upstream: SocketAddr,
     n: usize,
+    limits: bool,
 ) -> (Proc, u16) {
     let keys = work.join(format!("{name}-keys.txt"));
     let lines: String = (0..n).map(|i| format!("bench-key-{i:04}\n")).collect();
     std::fs::write(&keys, lines).unwrap();
-    let provider = format!(
+    let mut provider = format!(
         "[providers.bench]\nupstream = \"http://{upstream}\"\napi_keys_file = \"{}\"\n",
         keys.display()
     );
+    if limits {
+        provider.push_str(
+            "[providers.bench.limits]\n\"bench-model\" = { rpm = 1000000000, rpd = 1000000000, tpm = 1000000000000 }\n\"*\" = { rpm = 1000000000, rpd = 1000000000 }\n",
+        );
+    }
     let (p, port, _) = spawn_tokenrelay(bin, work, name, &provider);
     (p, port)
 }
@@ -712,6 +720,14 @@ fn main() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
+    if std::env::args().any(|a| a == "--keys") {
+        // Only the key-pool rows (1 key, 1,000 keys, 1,000 keys with limits), printed.
+        let keys = key_pools(&bin, &work, up, secs);
+        let mut s = String::new();
+        key_rows(&mut s, &keys);
+        println!("{s}");
+        return;
+    }
     let (tr, tr_port, _) = tokenrelay(&bin, &work, "main", up, tok, 1, now + 3_600_000);
     let (nginx_proc, ng_port) = nginx(&work, up);
     if std::env::args().any(|a| a == "--serve") {
@@ -774,22 +790,7 @@ fn main() {
     ));
     let peer_rows = peers::compare(&peer_paths, peer_rate, secs);
     drop(litellm);
-    // Key pools: one key vs 1,000 keys, side by side (selection is an index into a
-    // snapshot; nothing should grow with the pool).
-    let mut keys = Vec::new();
-    for n in [1usize, 1000] {
-        let (p, port) = tokenrelay_keys(&bin, &work, &format!("keys{n}"), up, n);
-        let url = format!("http://127.0.0.1:{port}/bench/v1/chat/completions");
-        let _ = oha(&url, Some(500), 1, 8);
-        let at_rate = oha(&url, Some(1000), secs, 64);
-        let sat = oha(&url, None, secs, 64).rps;
-        let rss = rss_mb(p.0.id());
-        eprintln!(
-            "{n} keys: p50 {:.3} ms p99 {:.3} ms at 1000/s, saturation {sat:.0} req/s, RSS {rss:.1} MB",
-            at_rate.p50, at_rate.p99
-        );
-        keys.push((n, at_rate, sat, rss));
-    }
+    let keys = key_pools(&bin, &work, up, secs);
     // Fleet mode: the request path with the Redis store (no Redis call per request) next
     // to the file store, then a refresh storm on three replicas sharing one credential.
     let redis_port = free_port();
@@ -1003,11 +1004,59 @@ fn main() {
     }
 }
 
+/// One key-pool row: what was configured, latency at 1,000/s, saturation, RSS.
+type KeyRow = (&'static str, Latency, f64, f64);
+
+/// Key pools side by side: one key, 1,000 keys (selection is an index into a snapshot;
+/// nothing should grow with the pool), and 1,000 keys with declared limits (every request
+/// counted against its key's minute and day windows before it is sent).
+fn key_pools(bin: &Path, work: &Path, up: SocketAddr, secs: u32) -> Vec<KeyRow> {
+    let mut rows = Vec::new();
+    for (label, n, limits) in [
+        ("1 key", 1usize, false),
+        ("1,000 keys", 1000, false),
+        ("1,000 keys, limits declared", 1000, true),
+    ] {
+        let name = format!("keys{n}{}", if limits { "l" } else { "" });
+        let (p, port) = tokenrelay_keys(bin, work, &name, up, n, limits);
+        let url = format!("http://127.0.0.1:{port}/bench/v1/chat/completions");
+        let _ = oha(&url, Some(500), 1, 8);
+        let at_rate = oha(&url, Some(1000), secs, 64);
+        let sat = oha(&url, None, secs, 64).rps;
+        let rss = rss_mb(p.0.id());
+        eprintln!(
+            "{label}: p50 {:.3} ms p99 {:.3} ms at 1000/s, saturation {sat:.0} req/s, RSS {rss:.1} MB",
+            at_rate.p50, at_rate.p99
+        );
+        rows.push((label, at_rate, sat, rss));
+    }
+    rows
+}
+
+fn key_rows(s: &mut String, keys: &[KeyRow]) {
+    let _ = writeln!(
+        s,
+        "\n## API key pools: 1 key vs 1,000 keys, and 1,000 keys with declared limits\n"
+    );
+    let _ = writeln!(
+        s,
+        "| pool | p50 at 1000/s (ms) | p99 at 1000/s (ms) | saturation req/s | RSS MB |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for (label, l, sat, rss) in keys {
+        let _ = writeln!(
+            s,
+            "| {label} | {:.3} | {:.3} | {sat:.0} | {rss:.1} |",
+            l.p50, l.p99
+        );
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn report(
     fixed: &[(u32, [Latency; 3])],
     max: &[f64; 3],
-    keys: &[(usize, Latency, f64, f64)],
+    keys: &[KeyRow],
     fleet: &(Vec<(&str, Latency, f64)>, usize, usize, usize),
     sse: &[(f64, f64); 3],
     rss_idle: f64,
@@ -1064,19 +1113,7 @@ fn report(
     for (i, name) in ["direct", "nginx", "tokenrelay"].iter().enumerate() {
         let _ = writeln!(s, "| {name} | {:.0} | {:.2} |", max[i], max[2] / max[i]);
     }
-    let _ = writeln!(s, "\n## API key pools: 1 key vs 1,000 keys\n");
-    let _ = writeln!(
-        s,
-        "| keys | p50 at 1000/s (ms) | p99 at 1000/s (ms) | saturation req/s | RSS MB |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|---|");
-    for (n, l, sat, rss) in keys {
-        let _ = writeln!(
-            s,
-            "| {n} | {:.3} | {:.3} | {sat:.0} | {rss:.1} |",
-            l.p50, l.p99
-        );
-    }
+    key_rows(&mut s, keys);
     let _ = writeln!(s, "\n## Fleet mode\n");
     let _ = writeln!(
         s,

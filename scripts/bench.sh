@@ -5,6 +5,7 @@
 # the 1,000-stream and 10,000-request measurements, builds in release mode, and runs.
 #   scripts/bench.sh           full run, rewrites docs/benchmarks.md
 #   scripts/bench.sh --quick   3-second smoke run, prints only
+#   scripts/bench.sh --keys    only the key-pool rows (1, 1,000, 1,000 with limits), printed
 #   scripts/bench.sh --serve   start the fakes, tokenrelay and nginx, print their addresses
 #                              and pids, and wait (for perf / valgrind / oha by hand)
 set -euo pipefail

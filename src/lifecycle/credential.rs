@@ -88,6 +88,8 @@ pub struct Credential {
     /// from its file (`quota_project_id`, a service account's `project_id`), or learned
     /// from an answer that names it. Credentials of one project share its quota.
     pub project: ArcSwapOption<String>,
+    /// Where declared limits count this credential when it has no project.
+    own_scope: String,
     pub(super) refresher: Arc<Refresher>,
     pub(super) token: ArcSwap<Token>,
     pub(super) status: Mutex<Status>,
@@ -180,6 +182,7 @@ impl Credential {
         refresher: Arc<Refresher>,
     ) -> Credential {
         Credential {
+            own_scope: format!("credential:{id}"),
             provider,
             id,
             kind,
@@ -203,6 +206,11 @@ impl Credential {
     /// The project whose quota this credential spends, if known.
     pub fn project(&self) -> Option<Arc<String>> {
         self.project.load_full()
+    }
+
+    /// What declared limits count this credential under when it has no project.
+    pub fn own_scope(&self) -> &str {
+        &self.own_scope
     }
 
     /// An answer named the project: remembered when none was known (a declared or filed

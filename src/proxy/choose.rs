@@ -129,13 +129,10 @@ pub(super) async fn skipped(
     }
     if !pool.limits.is_empty() {
         let project = cred.project();
-        let scope = match &project {
-            Some(p) => p.as_str().to_string(),
-            None => format!("credential:{}", cred.id),
-        };
+        let scope = project.as_deref().map_or(cred.own_scope(), String::as_str);
         if let Err(full) = pool
             .limits
-            .take(&scope, model.get(), tokens, clock::now_ms())
+            .take(scope, model.get(), tokens, clock::now_ms())
             .await
         {
             metrics

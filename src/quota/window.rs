@@ -52,8 +52,24 @@ pub fn next_pacific_midnight_ms(now_ms: i64) -> i64 {
 }
 
 /// The Pacific day `now_ms` falls in (days since 1970-01-01 in that zone), a number that
-/// changes at Pacific midnight.
+/// changes at Pacific midnight. The request path asks for it on every limited request:
+/// the day's bounds are kept per thread, so the time zone is consulted once a day.
 pub fn pacific_day_of(now_ms: i64) -> i64 {
+    thread_local! {
+        /// (start, end, day): `day` holds for `start <= now_ms < end`.
+        static TODAY: std::cell::Cell<(i64, i64, i64)> = const { std::cell::Cell::new((0, 0, 0)) };
+    }
+    let (start, end, day) = TODAY.get();
+    if start <= now_ms && now_ms < end {
+        return day;
+    }
+    let day = compute_pacific_day(now_ms);
+    // Held from now (earlier times are computed again) to the next midnight.
+    TODAY.set((now_ms, next_pacific_midnight_ms(now_ms), day));
+    day
+}
+
+fn compute_pacific_day(now_ms: i64) -> i64 {
     let Ok(ts) = Timestamp::from_millisecond(now_ms) else {
         return now_ms.div_euclid(86_400_000);
     };
@@ -118,6 +134,20 @@ mod tests {
             .unwrap()
             .get_days() as i64;
         assert_eq!(before, july15);
+    }
+
+    #[test]
+    fn the_kept_day_is_the_computed_day() {
+        for t in [
+            "2026-03-08T07:59:59Z",
+            "2026-03-08T08:00:00Z",
+            "2026-11-01T06:59:59Z",
+            "2026-11-01T07:00:00Z",
+            "2026-11-02T07:59:59Z",
+            "2026-11-02T08:00:00Z",
+        ] {
+            assert_eq!(pacific_day_of(ms(t)), compute_pacific_day(ms(t)), "{t}");
+        }
     }
 
     #[test]
