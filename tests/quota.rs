@@ -394,3 +394,45 @@ async fn a_declared_limit_is_never_sent_upstream() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn the_console_shows_each_cooldowns_reason_and_scope() {
+    let up = KeyUpstream::start(
+        false,
+        &[
+            ("AIza-a", Key::Limited { model: "gemini-2.5-flash", delay: "300s" }),
+            ("AIza-b", Key::Good),
+        ],
+    )
+    .await;
+    let t = relay(
+        "gemini",
+        &up.url,
+        r#"api_keys = [{ key = "AIza-a", id = "a", project = "p1" }, { key = "AIza-b", id = "b", project = "p1" }]"#,
+        "[pool]\nstrategy = \"fill_first\"",
+    )
+    .await;
+    // a is refused for its project's per-minute quota; b, of the same project, is not tried.
+    assert_eq!(call(&t, "gemini-2.5-flash").await.status(), 429);
+    let b = crate::webdriver::Browser::start().await;
+    b.goto(&format!("{}/ui", t.admin)).await;
+    b.wait_until(
+        "rows",
+        "document.querySelectorAll('#rows tr').length === 2",
+        Duration::from_secs(10),
+    )
+    .await;
+    let cell = b
+        .script("return document.querySelector('tr[data-id=b] [data-role=cooldowns]').textContent;")
+        .await;
+    let cell = cell.as_str().unwrap();
+    assert!(
+        cell.contains("gemini-2.5-flash") && cell.contains("per minute") && cell.contains("project p1"),
+        "{cell}"
+    );
+    assert_eq!(
+        b.script("return document.querySelector('tr[data-id=a] [data-role=cooldowns] [data-reason]').dataset.scope;")
+            .await,
+        "project"
+    );
+}
