@@ -1002,7 +1002,7 @@ async fn adopting_a_peers_token_after_redis_returns_clears_the_failures_it_fixes
 
 /// Three replicas with one declared limit, as configured on a real Redis.
 async fn limited_fleet(redis: &Redis, up: &crate::keys::KeyUpstream) -> Vec<TestApp> {
-    let store = key_store(redis);
+    let store = format!("{}\nlimit_timeout = \"2s\"", key_store(redis));
     let keys = r#"api_keys = [{ key = "AIza-a", id = "a", project = "p1" }, { key = "AIza-b", id = "b", project = "p1" }]
 [providers.gemini.limits]
 "gemini-2.5-pro" = { rpm = 5 }"#;
@@ -1019,6 +1019,15 @@ async fn three_replicas_hold_one_declared_limit_through_redis() {
     let redis = Redis::start();
     let up = KeyUpstream::start(false, &[("AIza-a", Key::Good), ("AIza-b", Key::Good)]).await;
     let apps = limited_fleet(&redis, &up).await;
+    for app in &apps {
+        // The counting connection opens in the background at start-up.
+        wait_for(
+            "limits counted in Redis",
+            Duration::from_secs(5),
+            || async { app.admin_json("/readyz").await.1["store"]["limits_shared"] == true },
+        )
+        .await;
+    }
     loop {
         // Start early in a minute, so that the window does not turn mid-burst.
         let second = (now_ms() / 1000) % 60;

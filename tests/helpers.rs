@@ -489,6 +489,23 @@ async fn upstream(State(s): State<Arc<UpstreamState>>, req: Request) -> Response
         );
         return (code, Body::from_stream(chunks)).into_response();
     }
+    if let Some((name, code)) = path
+        .strip_prefix("/fixture/")
+        .and_then(|r| r.split_once('/'))
+    {
+        // A fixture of tests/fixtures/responses with this status.
+        let file = format!(
+            "{}/tests/fixtures/responses/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let code = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+        return (
+            code,
+            [("content-type", "application/json")],
+            std::fs::read(file).unwrap_or_default(),
+        )
+            .into_response();
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         let code = code.parse().unwrap_or(500);
         return (

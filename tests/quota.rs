@@ -21,6 +21,14 @@ async fn call(t: &crate::helpers::TestApp, model: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// Waits until the clock minute has at least `margin` seconds left, so that a test's
+/// requests fall in one minute window.
+async fn early_in_a_minute(margin: i64) {
+    while 60 - (crate::helpers::now_ms() / 1000) % 60 < margin {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn cooldown<'a>(c: &'a Value, model: &str) -> &'a Value {
     c["cooldowns"]
         .as_array()
@@ -192,9 +200,9 @@ async fn exactly_one_probe_goes_when_a_cooldown_ends() {
     .await;
     assert_eq!(call(&t, "gemini-2.5-flash").await.status(), 200);
     assert_eq!(up.hits_for("AIza-a"), 1);
-    // The cool-down ends; a answers again, slowly, so the probe is still out while
+    // The cool-down ends; a answers again, slowly (3 s), so the probe is still out while
     // 20 more requests arrive at once.
-    up.set("AIza-a", Key::Slow(800));
+    up.set("AIza-a", Key::Slow(3000));
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let burst: Vec<_> = (0..20).map(|_| call(&t, "gemini-2.5-flash")).collect();
     let answers = futures_util::future::join_all(burst).await;
@@ -237,6 +245,8 @@ async fn a_rate_limit_without_a_hint_cools_until_the_next_minute_with_no_upstrea
             .json(&serde_json::json!({"model": "qwen-plus", "messages": []}))
             .send()
     };
+    // Until the next minute: start early enough that it has not come by the second call.
+    early_in_a_minute(10).await;
     assert_eq!(chat().await.unwrap().status(), 429);
     let c = t.credential("a").await;
     let first = cooldown(&c, "qwen-plus").clone();
@@ -350,14 +360,11 @@ async fn a_declared_limit_is_never_sent_upstream() {
     )
     .await;
     // Project p1 (a and b together) and c alone: 3 + 3 a minute for gemini-2.5-pro.
-    // (A minute may turn during the test: then the count starts again, never exceeds.)
+    early_in_a_minute(15).await;
     let started = tokenrelay::quota::window::minute_of(crate::helpers::now_ms());
     let mut statuses = Vec::new();
     for _ in 0..8 {
         statuses.push(call(&t, "gemini-2.5-pro").await.status().as_u16());
-    }
-    if tokenrelay::quota::window::minute_of(crate::helpers::now_ms()) != started {
-        return; // the window turned mid-test: the counts above are not comparable
     }
     assert_eq!(
         statuses.iter().filter(|s| **s == 200).count(),
@@ -393,6 +400,11 @@ async fn a_declared_limit_is_never_sent_upstream() {
         m.contains(r#"tokenrelay_limit_skips_total{provider="gemini",window="rpm"}"#),
         "{m}"
     );
+    assert_eq!(
+        tokenrelay::quota::window::minute_of(crate::helpers::now_ms()),
+        started,
+        "the test ran within one minute"
+    );
 }
 
 #[tokio::test]
@@ -400,7 +412,13 @@ async fn the_console_shows_each_cooldowns_reason_and_scope() {
     let up = KeyUpstream::start(
         false,
         &[
-            ("AIza-a", Key::Limited { model: "gemini-2.5-flash", delay: "300s" }),
+            (
+                "AIza-a",
+                Key::Limited {
+                    model: "gemini-2.5-flash",
+                    delay: "300s",
+                },
+            ),
             ("AIza-b", Key::Good),
         ],
     )
@@ -427,7 +445,9 @@ async fn the_console_shows_each_cooldowns_reason_and_scope() {
         .await;
     let cell = cell.as_str().unwrap();
     assert!(
-        cell.contains("gemini-2.5-flash") && cell.contains("per minute") && cell.contains("project p1"),
+        cell.contains("gemini-2.5-flash")
+            && cell.contains("per minute")
+            && cell.contains("project p1"),
         "{cell}"
     );
     assert_eq!(
@@ -435,4 +455,29 @@ async fn the_console_shows_each_cooldowns_reason_and_scope() {
             .await,
         "project"
     );
+}
+
+#[tokio::test]
+async fn an_oauth_token_of_a_kind_the_api_refuses_is_invalid_without_a_refresh() {
+    let t = crate::helpers::adc_app().await;
+    // The first request refreshes the ADC file (it carries no access token).
+    assert_eq!(
+        t.post("/gemini/v1/x", serde_json::json!({})).await.status(),
+        200
+    );
+    let calls = t.tokens.calls();
+    let resp = t
+        .post(
+            "/gemini/fixture/google_401_access_token_type_unsupported.json/401",
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(resp.status(), 503, "the only credential left the rotation");
+    assert_eq!(t.tokens.calls(), calls, "no refresh: it cannot help");
+    let c = t.credential("adc").await;
+    assert_eq!(c["state"], "invalid", "{c}");
+    assert!(c["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("ACCESS_TOKEN_TYPE_UNSUPPORTED"));
 }

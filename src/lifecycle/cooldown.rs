@@ -97,7 +97,16 @@ impl Credential {
         };
         match existing {
             Some(i) if st.cooldowns[i].until > entry.until => st.cooldowns[i].probe = None,
-            Some(i) => st.cooldowns[i] = entry,
+            Some(i) => {
+                // A running cool-down raised (a peer's copy of ours comes back a few ms
+                // later): its length, which a refused probe doubles, is kept.
+                let running = st.cooldowns[i].until > now;
+                let kept = st.cooldowns[i].length;
+                st.cooldowns[i] = entry;
+                if running {
+                    st.cooldowns[i].length = kept.max(length);
+                }
+            }
             None => st.cooldowns.push(entry),
         }
         length
@@ -164,6 +173,7 @@ impl Credential {
         Gate::Probe(Probe {
             cred: Arc::clone(self),
             model: model.map(str::to_string),
+            claimed: now,
             done: false,
         })
     }
@@ -176,12 +186,14 @@ impl Credential {
             .retain(|e| !(e.until <= now && applies(e, model)));
     }
 
-    fn release_probe(&self, model: Option<&str>) {
+    /// Frees the claims of the probe handed out at `claimed` (and only those: a later
+    /// probe, after this one timed out, keeps its own).
+    fn release_probe(&self, model: Option<&str>, claimed: Instant) {
         for e in self
             .lock_status()
             .cooldowns
             .iter_mut()
-            .filter(|e| applies(e, model))
+            .filter(|e| applies(e, model) && e.probe == Some(claimed))
         {
             e.probe = None;
         }
@@ -218,6 +230,7 @@ fn applies(e: &Cooldown, model: Option<&str>) -> bool {
 pub struct Probe {
     cred: Arc<Credential>,
     model: Option<String>,
+    claimed: Instant,
     done: bool,
 }
 
@@ -226,7 +239,11 @@ impl Probe {
     /// limited: the caller has started a new cool-down already.
     pub fn answered(mut self, rate_limited: bool) {
         self.done = true;
-        if !rate_limited {
+        if rate_limited {
+            // The entries the new cool-down replaced are unclaimed already; any other it
+            // claimed (the whole credential's, a model the answer did not name) is freed.
+            self.cred.release_probe(self.model.as_deref(), self.claimed);
+        } else {
             self.cred.lift_cooldown(self.model.as_deref());
             tracing::info!(target: "tokenrelay::proxy", provider = %self.cred.provider.name, credential = %self.cred.id,
                 model = self.model.as_deref().unwrap_or("*"), "the probe after a cool-down was served; back in rotation");
@@ -237,7 +254,7 @@ impl Probe {
 impl Drop for Probe {
     fn drop(&mut self) {
         if !self.done {
-            self.cred.release_probe(self.model.as_deref());
+            self.cred.release_probe(self.model.as_deref(), self.claimed);
         }
     }
 }

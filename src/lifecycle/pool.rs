@@ -131,7 +131,12 @@ impl Pool {
     /// parsed is an error naming it: a broken credential should be fixed, not ignored.
     pub fn load(config: &Config, refresher: &Arc<Refresher>) -> Result<Pool, LoadError> {
         let mut providers = Vec::new();
-        let shared_counts = refresher.fleet.as_ref().map(|f| Arc::new(f.counts()));
+        // One counting connection per process, opened only when a limit is declared.
+        let shared_counts = refresher
+            .fleet
+            .as_ref()
+            .filter(|_| config.providers.iter().any(|p| !p.limits.is_empty()))
+            .map(|f| f.counts());
         for p in &config.providers {
             let provider = Arc::new(p.clone());
             refresher.metrics.init_provider(&provider.name);

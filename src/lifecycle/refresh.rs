@@ -610,6 +610,12 @@ impl Credential {
         let file = match tokio::task::spawn_blocking(move || s.load()).await {
             Ok(Ok(f)) => {
                 self.source_problem(None);
+                // A file that names another project now (an edited quota_project_id).
+                if let Some(p) = super::credential::file_project(&f) {
+                    if self.project().as_deref() != Some(&p) {
+                        self.project.store(Some(Arc::new(p)));
+                    }
+                }
                 f
             }
             Ok(Err(e)) => {

@@ -259,12 +259,21 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
     };
     // Fleet mode: Redis being down does not stop serving (tokens are in memory), but it
     // stops rotating credentials from refreshing: say so.
-    let store = match &s.fleet {
+    let mut store = match &s.fleet {
         None => json!({"kind": "file", "up": true}),
         Some(f) if f.is_up() => json!({"kind": "redis", "up": true, "replica": f.replica}),
         Some(f) => json!({"kind": "redis", "up": false, "replica": f.replica,
             "message": "Redis is unreachable: rotating credentials do not refresh (they serve until expiry), cool-downs are local; nothing is lost when it is back"}),
     };
+    // Declared limits in fleet mode: counted fleet-wide only while their connection is up.
+    if let Some(counted) = s
+        .pool
+        .providers
+        .iter()
+        .find_map(|p| p.limits.shared_connected())
+    {
+        store["limits_shared"] = json!(counted);
+    }
     (
         status,
         Json(json!({ "ready": ready, "providers": providers, "store": store })),

@@ -174,6 +174,15 @@ impl Attempts<'_> {
                 )));
             }
             if status == StatusCode::UNAUTHORIZED && !static_key {
+                // A 401 that refuses the kind of credential (ACCESS_TOKEN_TYPE_UNSUPPORTED):
+                // no refresh can help. Read from the small error body, as any refusal.
+                if let Ok((_, Some(verdict))) = Box::pin(inspect(resp)).await {
+                    if let Judgement::Refused(Refusal::Dead { reason, action }) =
+                        verdict.judge(kind, static_key)
+                    {
+                        break invalid(s, provider, cred, reason, action);
+                    }
+                }
                 // An OAuth token: refresh it once and replay.
                 s.metrics
                     .upstream_retries
@@ -406,9 +415,8 @@ impl ErrorAnswer {
         let body = self.body.as_ref().unwrap_or(&null);
         if kind.is_quota_answer(self.status.as_u16(), body) {
             return Judgement::RateLimited {
-                hint: self
-                    .retry_after
-                    .or_else(|| retry_after::google_retry_delay_of(body)),
+                // `RetryInfo.retryDelay` (fractional) first, then `Retry-After`.
+                hint: retry_after::google_retry_delay_of(body).or(self.retry_after),
                 violations: kind.quota_violations(body),
             };
         }

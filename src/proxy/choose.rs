@@ -11,6 +11,7 @@ use crate::lifecycle::pool::ProviderPool;
 use crate::lifecycle::{Credential, Gate, Probe, State as CredState};
 use crate::oauth::RefreshError;
 use crate::providers;
+use crate::quota::limits::AtLimit;
 use crate::telemetry::metrics::Metrics;
 
 use super::rewrite;
@@ -88,6 +89,7 @@ pub(super) async fn skipped(
     cred: &Arc<Credential>,
     model: &mut LazyModel<'_>,
     tokens: u64,
+    full: &mut Vec<(String, AtLimit)>,
 ) -> Result<Option<Probe>, Miss> {
     let snap = cred.snapshot();
     if !snap.usable {
@@ -130,11 +132,17 @@ pub(super) async fn skipped(
     if !pool.limits.is_empty() {
         let project = cred.project();
         let scope = project.as_deref().map_or(cred.own_scope(), String::as_str);
-        if let Err(full) = pool
-            .limits
-            .take(scope, model.get(), tokens, clock::now_ms())
-            .await
-        {
+        // A project found full for this request is not asked again for its next key.
+        let known = full.iter().find(|(s, _)| s == scope).map(|(_, f)| *f);
+        let verdict = match known {
+            Some(f) => Err(f),
+            None => pool
+                .limits
+                .take(scope, model.get(), tokens, clock::now_ms())
+                .await
+                .inspect_err(|f| full.push((scope.to_string(), *f))),
+        };
+        if let Err(full) = verdict {
             metrics
                 .limit_skips
                 .with_label_values(&[pool.config.name.as_str(), full.window])

@@ -241,8 +241,18 @@ async fn serve(
     };
     let mut misses: Vec<(Arc<Credential>, Miss)> = Vec::new();
     let tokens = crate::quota::limits::estimate_tokens(model_bytes.len());
+    let mut full_scopes = Vec::new();
     for cred in candidates {
-        let probe = match choose::skipped(&s.metrics, pool, &cred, &mut model, tokens).await {
+        let probe = match choose::skipped(
+            &s.metrics,
+            pool,
+            &cred,
+            &mut model,
+            tokens,
+            &mut full_scopes,
+        )
+        .await
+        {
             Ok(p) => p,
             Err(miss) => {
                 misses.push((cred, miss));

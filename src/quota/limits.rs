@@ -75,9 +75,11 @@ struct Counts {
 /// One scope's counts, by model.
 type ByModel = HashMap<Arc<str>, Counts>;
 
-/// Past this many counted (scope, model) pairs, pairs whose windows have turned are
-/// dropped (a client can name any model).
-const PRUNE_AT: usize = 4096;
+/// Models counted per scope: past this, pairs whose windows have turned are dropped, then
+/// new models count together (a client can name any model).
+const MAX_MODELS: usize = 1024;
+/// Longer model names count as one.
+const MAX_MODEL_LEN: usize = 128;
 
 /// One provider's counts of its declared limits.
 pub struct Limits {
@@ -121,17 +123,27 @@ impl Limits {
         tokens: u64,
         now_ms: i64,
     ) -> Result<(), AtLimit> {
-        let Some(limit) = self.declared.for_model(model) else {
+        // A request that names no model (a model list, an upload leg, the files API) is
+        // not what per-model quotas count.
+        let Some(model) = model else {
             return Ok(());
         };
-        let model = model.unwrap_or("*");
+        let Some(limit) = self.declared.for_model(Some(model)) else {
+            return Ok(());
+        };
+        // A client can name any model: long names count as one.
+        let model = if model.len() > MAX_MODEL_LEN {
+            "*long*"
+        } else {
+            model
+        };
         let minute = window::minute_of(now_ms);
-        let day = window::pacific_day_of(now_ms);
+        let (day, midnight) = window::pacific_day_and_end(now_ms);
         self.take_locally(scope, model, limit, tokens, minute, day, now_ms)?;
         let Some(shared) = &self.shared else {
             return Ok(());
         };
-        let to_midnight = window::next_pacific_midnight_ms(now_ms) - now_ms;
+        let to_midnight = midnight - now_ms;
         let take = Take {
             minute,
             day,
@@ -142,15 +154,20 @@ impl Limits {
             day_ttl: Duration::from_millis(to_midnight.max(0) as u64 + 3_600_000),
         };
         let name = format!("{}/{scope}/{model}", self.provider);
-        match shared.take(&name, take).await {
-            Ok(Some(full)) => Err(at_limit(
-                match full {
-                    Full::Rpm => "rpm",
-                    Full::Tpm => "tpm",
-                    Full::Rpd => "rpd",
-                },
-                now_ms,
-            )),
+        // Boxed: only limited requests in fleet mode carry this future's state.
+        match Box::pin(shared.take(&name, take)).await {
+            Ok(Some(full)) => {
+                // The fleet's count is full: what this replica counted above was not sent.
+                self.untake_locally(scope, model, tokens, minute, day);
+                Err(at_limit(
+                    match full {
+                        Full::Rpm => "rpm",
+                        Full::Tpm => "tpm",
+                        Full::Rpd => "rpd",
+                    },
+                    now_ms,
+                ))
+            }
             // Taken, or Redis did not answer: the local count (taken above) decides.
             Ok(None) | Err(()) => Ok(()),
         }
@@ -168,21 +185,27 @@ impl Limits {
         now_ms: i64,
     ) -> Result<(), AtLimit> {
         let mut map = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= PRUNE_AT {
-            map.retain(|_, models| {
-                models.retain(|_, c| c.minute == minute || c.day == day);
-                !models.is_empty()
-            });
-        }
         if !map.contains_key(scope) {
+            // Scopes are credentials and projects: configuration, not clients.
             map.insert(Arc::from(scope), HashMap::new());
         }
         let models = map.get_mut(scope).expect("inserted above");
-        if models.len() >= PRUNE_AT {
-            models.retain(|_, c| c.minute == minute || c.day == day);
-        }
+        let mut model = model;
         if !models.contains_key(model) {
-            models.insert(Arc::from(model), Counts::default());
+            if models.len() >= MAX_MODELS {
+                // Pairs whose windows have turned go first (a day counts only with rpd).
+                models.retain(|_, c| {
+                    c.minute == minute
+                        || (c.requests_in_day > 0 && c.day == day && limit.rpd.is_some())
+                });
+            }
+            if models.len() >= MAX_MODELS {
+                // Still full (a client naming model after model): the rest count as one.
+                model = "*other*";
+            }
+            if !models.contains_key(model) {
+                models.insert(Arc::from(model), Counts::default());
+            }
         }
         let c = models.get_mut(model).expect("inserted above");
         if c.minute != minute {
@@ -210,6 +233,29 @@ impl Limits {
         c.tokens_in_minute += tokens;
         c.requests_in_day += 1;
         Ok(())
+    }
+
+    /// Gives back what `take_locally` took (the fleet refused the request).
+    fn untake_locally(&self, scope: &str, model: &str, tokens: u64, minute: i64, day: i64) {
+        let mut map = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get_mut(scope).and_then(|m| m.get_mut(model)) {
+            if c.minute == minute {
+                c.requests_in_minute = c.requests_in_minute.saturating_sub(1);
+                c.tokens_in_minute = c.tokens_in_minute.saturating_sub(tokens);
+            }
+            if c.day == day {
+                c.requests_in_day = c.requests_in_day.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Whether the fleet's counts have a connection (`None`: not in fleet mode or no limit
+    /// declared), for `/readyz`.
+    pub fn shared_connected(&self) -> Option<bool> {
+        if self.declared.is_empty() {
+            return None;
+        }
+        self.shared.as_ref().map(|s| s.connected())
     }
 
     /// This replica's use of each declared entry: the highest among its scopes.

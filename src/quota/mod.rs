@@ -96,8 +96,14 @@ pub fn decide(
         };
         // One cool-down per model: the longest wins (a spent day outlasts a minute).
         match out.iter_mut().find(|o| o.model == d.model) {
-            Some(o) if o.length < d.length => *o = d,
-            Some(_) => {}
+            Some(o) => {
+                // A project's quota stays the project's whichever window is longer.
+                let per_project = o.per_project || d.per_project;
+                if o.length < d.length {
+                    *o = d;
+                }
+                o.per_project = per_project;
+            }
             None => out.push(d),
         }
     }

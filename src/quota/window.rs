@@ -55,18 +55,24 @@ pub fn next_pacific_midnight_ms(now_ms: i64) -> i64 {
 /// changes at Pacific midnight. The request path asks for it on every limited request:
 /// the day's bounds are kept per thread, so the time zone is consulted once a day.
 pub fn pacific_day_of(now_ms: i64) -> i64 {
+    pacific_day_and_end(now_ms).0
+}
+
+/// The Pacific day `now_ms` falls in and when it ends (the next Pacific midnight).
+pub fn pacific_day_and_end(now_ms: i64) -> (i64, i64) {
     thread_local! {
         /// (start, end, day): `day` holds for `start <= now_ms < end`.
         static TODAY: std::cell::Cell<(i64, i64, i64)> = const { std::cell::Cell::new((0, 0, 0)) };
     }
     let (start, end, day) = TODAY.get();
     if start <= now_ms && now_ms < end {
-        return day;
+        return (day, end);
     }
     let day = compute_pacific_day(now_ms);
+    let end = next_pacific_midnight_ms(now_ms);
     // Held from now (earlier times are computed again) to the next midnight.
-    TODAY.set((now_ms, next_pacific_midnight_ms(now_ms), day));
-    day
+    TODAY.set((now_ms, end, day));
+    (day, end)
 }
 
 fn compute_pacific_day(now_ms: i64) -> i64 {

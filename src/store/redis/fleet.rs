@@ -94,11 +94,12 @@ impl Fleet {
     }
 
     /// Fleet-wide counts of declared limits, on a connection of their own.
-    pub fn counts(&self) -> super::SharedCounts {
+    pub fn counts(&self) -> Arc<super::SharedCounts> {
         super::SharedCounts::new(
             self.client.clone(),
             format!("{}:lim", self.cfg.key_prefix),
             self.cfg.limit_timeout,
+            self.cfg.op_timeout,
         )
     }
 
@@ -139,15 +140,16 @@ impl Fleet {
     }
 
     /// Raises the fleet-wide cool-down of `name` (only if later) and tells the peers.
-    fn share_cooldown(&self, name: &str, model: Option<&str>, until_ms: i64, why: &str) {
+    fn share_cooldown(&self, name: &str, model: Option<&str>, until_ms: i64, why: i64) {
         let key = self.key(name, "cool");
         let _: Result<i64, _> = self.run("cooldown", |c| {
             Script::new(COOL)
                 .key(&key)
                 .arg(model.unwrap_or("*"))
-                .arg(format!("{until_ms}|{why}"))
+                .arg(until_ms)
                 .arg(self.channel())
                 .arg(name)
+                .arg(why)
                 .invoke(c)
         });
     }
@@ -271,8 +273,8 @@ impl Shares for SharedKey {
         reason: CoolReason,
         scope: CoolScope,
     ) {
-        let why = format!("{}|{}", reason.as_str(), scope.as_str());
-        self.fleet.share_cooldown(&self.name, model, until_ms, &why);
+        self.fleet
+            .share_cooldown(&self.name, model, until_ms, why_code(reason, scope));
     }
 
     fn share_invalid(&self, message: Option<&str>) {
@@ -467,9 +469,8 @@ impl Shares for RedisStore {
         reason: CoolReason,
         scope: CoolScope,
     ) {
-        let why = format!("{}|{}", reason.as_str(), scope.as_str());
         self.fleet
-            .share_cooldown(&self.name(), model, until_ms, &why);
+            .share_cooldown(&self.name(), model, until_ms, why_code(reason, scope));
     }
 
     fn share_needs_reauth(&self, message: &str) {
@@ -491,5 +492,46 @@ impl Shares for RedisStore {
     fn share_invalid(&self, message: Option<&str>) {
         let tag = format!("v{}", self.seen.load(Ordering::Acquire));
         self.fleet.share_invalid(&self.name(), &tag, message);
+    }
+}
+
+/// A cool-down's reason and scope as one small number (the `~model` field).
+pub(super) fn why_code(reason: CoolReason, scope: CoolScope) -> i64 {
+    let r = CoolReason::ALL
+        .iter()
+        .position(|x| *x == reason)
+        .unwrap_or(0);
+    let s = CoolScope::ALL.iter().position(|x| *x == scope).unwrap_or(0);
+    (r * CoolScope::ALL.len() + s) as i64
+}
+
+/// The reason and scope of a `~model` field (a bare or unknown one: `retry_after`,
+/// `credential`).
+pub(super) fn why_of(code: Option<i64>) -> (CoolReason, CoolScope) {
+    let n = CoolScope::ALL.len();
+    code.and_then(|c| usize::try_from(c).ok())
+        .and_then(|c| Some((*CoolReason::ALL.get(c / n)?, CoolScope::ALL[c % n])))
+        .unwrap_or((CoolReason::RetryAfter, CoolScope::Credential))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_and_scopes_survive_their_code() {
+        for r in CoolReason::ALL {
+            for s in CoolScope::ALL {
+                assert_eq!(why_of(Some(why_code(r, s))), (r, s));
+            }
+        }
+        assert_eq!(
+            why_of(None),
+            (CoolReason::RetryAfter, CoolScope::Credential)
+        );
+        assert_eq!(
+            why_of(Some(99)),
+            (CoolReason::RetryAfter, CoolScope::Credential)
+        );
     }
 }

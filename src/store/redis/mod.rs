@@ -9,8 +9,8 @@
 //!   `attempt` (`fence:v` of the last holder that went to the token endpoint).
 //! - `…:lease` — `fence:replica:nonce`, `SET NX PX`, renewed by compare-and-`PEXPIRE`,
 //!   released by compare-and-delete; `…:fence` — the `INCR` counter fences come from.
-//! - `…:cool` — shared cool-downs: field = model (or `*`), value = `until|reason|scope`
-//!   (until in Unix ms), raised only if later.
+//! - `…:cool` — shared cool-downs: field = model (or `*`), value = until (Unix ms), raised
+//!   only if later; field `~model` = its reason and scope as a small number.
 //! - `…:state` — verdicts: `needs_reauth` = `v|message` (the record at version `v` has a
 //!   dead refresh token), `invalid` = `tag|message` (the upstream refused the credential;
 //!   an empty message: an operator brought it back). The tag is `v<version>` for a record

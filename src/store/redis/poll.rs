@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use redis::Commands;
 
-use super::fleet::{Fleet, Live};
+use super::fleet::{why_of, Fleet, Live};
 use super::FleetEvent;
 use crate::clock;
-use crate::common::state::{CoolReason, CoolScope};
 use crate::store::StoreError;
 
 impl Fleet {
@@ -123,7 +122,7 @@ impl Fleet {
     fn read_shared(&self, name: &str, member: &Live) -> Result<(), StoreError> {
         let (provider, id) = name.split_once('/').unwrap_or((name, ""));
         let (cool_key, state_key) = (self.key(name, "cool"), self.key(name, "state"));
-        let (cools, (dead, verdict)): (HashMap<String, String>, (Option<String>, Option<String>)) =
+        let (cools, (dead, verdict)): (HashMap<String, i64>, (Option<String>, Option<String>)) =
             self.run("shared", |c| {
                 redis::pipe()
                     .hgetall(&cool_key)
@@ -134,27 +133,15 @@ impl Fleet {
                     .query(c)
             })?;
         let now = clock::now_ms();
-        for (model, value) in cools {
-            let mut parts = value.split('|');
-            let until_ms = parts
-                .next()
-                .and_then(|u| u.parse::<i64>().ok())
-                .unwrap_or(0);
+        for (model, &until_ms) in cools.iter().filter(|(m, _)| !m.starts_with('~')) {
             if until_ms <= now {
                 continue;
             }
-            let reason = parts
-                .next()
-                .and_then(CoolReason::parse)
-                .unwrap_or(CoolReason::RetryAfter);
-            let scope = parts
-                .next()
-                .and_then(CoolScope::parse)
-                .unwrap_or(CoolScope::Credential);
+            let (reason, scope) = why_of(cools.get(&format!("~{model}")).copied());
             let _ = self.events.send(FleetEvent::Cooldown {
                 provider: provider.into(),
                 id: id.into(),
-                model: (model != "*").then_some(model),
+                model: (model != "*").then(|| model.clone()),
                 until_ms,
                 reason,
                 scope,

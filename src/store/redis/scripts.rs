@@ -28,14 +28,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
-/// A cool-down's value is `until|reason|scope` (until in Unix ms; older replicas wrote
-/// the bare number): raised only if later.
+/// A cool-down: field = model (or `*`), value = until (Unix ms), raised only if later;
+/// field `~model` = why (a small number: reason and scope), beside it. Replicas that
+/// predate `~` fields read them as cool-downs long over.
 pub(super) const COOL: &str = r#"
-local function until_of(v) return tonumber(string.match(v or '0', '^%d+') or '0') end
-local new = until_of(ARGV[2])
-if new <= until_of(redis.call('HGET', KEYS[1], ARGV[1])) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIREAT', KEYS[1], math.max(new, tonumber(redis.call('PEXPIRETIME', KEYS[1]))))
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) <= cur then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], '~' .. ARGV[1], ARGV[5])
+redis.call('PEXPIREAT', KEYS[1], math.max(tonumber(ARGV[2]), tonumber(redis.call('PEXPIRETIME', KEYS[1]))))
 redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' cool')
 return 1
 "#;
