@@ -29,6 +29,23 @@ async fn early_in_a_minute(margin: i64) {
     }
 }
 
+/// Key a (answering as `a`) and key b (good), tried in that order; both of `project`
+/// when given.
+async fn a_then_b(a: Key, project: Option<&str>) -> (KeyUpstream, crate::helpers::TestApp) {
+    let up = KeyUpstream::start(false, &[("AIza-a", a), ("AIza-b", Key::Good)]).await;
+    let p = project.map_or(String::new(), |p| format!(", project = \"{p}\""));
+    let t = relay(
+        "gemini",
+        &up.url,
+        &format!(
+            r#"api_keys = [{{ key = "AIza-a", id = "a"{p} }}, {{ key = "AIza-b", id = "b"{p} }}]"#
+        ),
+        "[pool]\nstrategy = \"fill_first\"",
+    )
+    .await;
+    (up, t)
+}
+
 fn cooldown<'a>(c: &'a Value, model: &str) -> &'a Value {
     c["cooldowns"]
         .as_array()
@@ -177,25 +194,12 @@ async fn a_spent_day_cools_down_until_pacific_midnight_not_for_the_retry_hint() 
 
 #[tokio::test]
 async fn exactly_one_probe_goes_when_a_cooldown_ends() {
-    let up = KeyUpstream::start(
-        false,
-        &[
-            (
-                "AIza-a",
-                Key::Limited {
-                    model: "gemini-2.5-flash",
-                    delay: "1s",
-                },
-            ),
-            ("AIza-b", Key::Good),
-        ],
-    )
-    .await;
-    let t = relay(
-        "gemini",
-        &up.url,
-        r#"api_keys = [{ key = "AIza-a", id = "a" }, { key = "AIza-b", id = "b" }]"#,
-        "[pool]\nstrategy = \"fill_first\"",
+    let (up, t) = a_then_b(
+        Key::Limited {
+            model: "gemini-2.5-flash",
+            delay: "1s",
+        },
+        None,
     )
     .await;
     assert_eq!(call(&t, "gemini-2.5-flash").await.status(), 200);
@@ -306,26 +310,13 @@ async fn dashscope_spent_quota_is_no_access_and_arrears_take_the_key_out() {
 
 #[tokio::test]
 async fn credential_level_refusals_are_invalid_never_a_cooldown() {
-    let up = KeyUpstream::start(
-        false,
-        &[
-            (
-                "AIza-a",
-                Key::Fixture {
-                    model: "",
-                    status: 401,
-                    file: "google_401_access_token_type_unsupported.json",
-                },
-            ),
-            ("AIza-b", Key::Good),
-        ],
-    )
-    .await;
-    let t = relay(
-        "gemini",
-        &up.url,
-        r#"api_keys = [{ key = "AIza-a", id = "a" }, { key = "AIza-b", id = "b" }]"#,
-        "[pool]\nstrategy = \"fill_first\"",
+    let (_up, t) = a_then_b(
+        Key::Fixture {
+            model: "",
+            status: 401,
+            file: "google_401_access_token_type_unsupported.json",
+        },
+        None,
     )
     .await;
     assert_eq!(call(&t, "gemini-2.5-flash").await.status(), 200);
@@ -409,25 +400,12 @@ async fn a_declared_limit_is_never_sent_upstream() {
 
 #[tokio::test]
 async fn the_console_shows_each_cooldowns_reason_and_scope() {
-    let up = KeyUpstream::start(
-        false,
-        &[
-            (
-                "AIza-a",
-                Key::Limited {
-                    model: "gemini-2.5-flash",
-                    delay: "300s",
-                },
-            ),
-            ("AIza-b", Key::Good),
-        ],
-    )
-    .await;
-    let t = relay(
-        "gemini",
-        &up.url,
-        r#"api_keys = [{ key = "AIza-a", id = "a", project = "p1" }, { key = "AIza-b", id = "b", project = "p1" }]"#,
-        "[pool]\nstrategy = \"fill_first\"",
+    let (_up, t) = a_then_b(
+        Key::Limited {
+            model: "gemini-2.5-flash",
+            delay: "300s",
+        },
+        Some("p1"),
     )
     .await;
     // a is refused for its project's per-minute quota; b, of the same project, is not tried.

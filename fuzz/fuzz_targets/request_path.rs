@@ -38,7 +38,10 @@ fuzz_target!(|data: &[u8]| {
                     % 8_000_000_000_000;
                 let decided = quota::decide(
                     &violations,
-                    hint,
+                    quota::Hints {
+                        retry_info: hint,
+                        retry_after: retry_after::parse(&text),
+                    },
                     Some("m"),
                     kind.quota_per_model(),
                     now_ms,

@@ -465,16 +465,8 @@ impl Credential {
         self.wake.notify_one();
         let recovered = {
             let mut st = self.lock_status();
-            st.needs_reauth = false;
-            st.consecutive_failures = 0;
-            st.last_error = None;
-            st.last_error_transient = false;
-            st.retry_at = None;
             st.last_refresh_at_ms = Some(now);
-            let a = &mut st.alerted;
-            let was_alerting = a.reauth || a.failing || a.expiring;
-            (a.reauth, a.failing, a.expiring) = (false, false, false);
-            was_alerting
+            st.recovered()
         };
         if recovered {
             self.alert(
@@ -580,15 +572,7 @@ impl Credential {
             if !transient && !reauth {
                 return;
             }
-            st.needs_reauth = false;
-            st.consecutive_failures = 0;
-            st.last_error = None;
-            st.last_error_transient = false;
-            st.retry_at = None;
-            let a = &mut st.alerted;
-            let was_alerting = a.reauth || a.failing || a.expiring;
-            (a.reauth, a.failing, a.expiring) = (false, false, false);
-            was_alerting
+            st.recovered()
         };
         if recovered {
             self.alert(

@@ -28,6 +28,23 @@ pub(super) struct Status {
     pub(super) alerted: Alerted,
 }
 
+impl Status {
+    /// A good token is in hand again (refreshed, or adopted from another writer): the
+    /// failure, its count, its backoff and its alerts are over. Whether an alert had gone
+    /// (a `recovered` message is then due).
+    pub(super) fn recovered(&mut self) -> bool {
+        self.needs_reauth = false;
+        self.consecutive_failures = 0;
+        self.last_error = None;
+        self.last_error_transient = false;
+        self.retry_at = None;
+        let a = &mut self.alerted;
+        let was_alerting = a.reauth || a.failing || a.expiring;
+        (a.reauth, a.failing, a.expiring) = (false, false, false);
+        was_alerting
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Alerted {
     pub(super) reauth: bool,

@@ -105,14 +105,7 @@ pub fn key_hint() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixture(name: &str) -> Value {
-        let path = format!(
-            "{}/tests/fixtures/responses/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-    }
+    use crate::providers::fixture;
 
     #[test]
     fn rate_limits_spent_quotas_and_arrears_are_told_by_their_codes() {

@@ -179,14 +179,7 @@ pub fn consumer_project(body: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixture(name: &str) -> Value {
-        let path = format!(
-            "{}/tests/fixtures/responses/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-    }
+    use crate::providers::fixture;
 
     #[test]
     fn dead_keys_and_disabled_projects_are_told_by_error_info() {

@@ -341,3 +341,13 @@ pub fn upstream_headers(file: &CredentialFile) -> Result<Vec<(HeaderName, Header
     }
     Ok(headers)
 }
+
+/// A response fixture (`tests/fixtures/responses/`), for the providers' unit tests.
+#[cfg(test)]
+pub(crate) fn fixture(name: &str) -> Value {
+    let path = format!(
+        "{}/tests/fixtures/responses/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_slice(&std::fs::read(path).expect("fixture")).expect("fixture JSON")
+}

@@ -224,8 +224,8 @@ impl Attempts<'_> {
             }
             match verdict.judge(kind, static_key) {
                 Judgement::Pass => {}
-                Judgement::RateLimited { hint, violations } => {
-                    let miss = rate_limited(s, pool, cred, hint, &violations, model, status);
+                Judgement::RateLimited { hints, violations } => {
+                    let miss = rate_limited(s, pool, cred, hints, &violations, model, status);
                     settle(&mut half_open, true);
                     break miss;
                 }
@@ -264,7 +264,7 @@ fn rate_limited(
     s: &ProxyState,
     pool: &ProviderPool,
     cred: &Arc<Credential>,
-    hint: Option<Duration>,
+    hints: quota::Hints,
     violations: &[Violation],
     model: &mut LazyModel<'_>,
     status: StatusCode,
@@ -280,7 +280,7 @@ fn rate_limited(
     };
     let decisions = quota::decide(
         violations,
-        hint,
+        hints,
         model.get(),
         pool.config.kind.quota_per_model(),
         clock::now_ms(),
@@ -401,7 +401,7 @@ struct ErrorAnswer {
 enum Judgement {
     Pass,
     RateLimited {
-        hint: Option<Duration>,
+        hints: quota::Hints,
         violations: Vec<Violation>,
     },
     Refused(Refusal),
@@ -415,8 +415,10 @@ impl ErrorAnswer {
         let body = self.body.as_ref().unwrap_or(&null);
         if kind.is_quota_answer(self.status.as_u16(), body) {
             return Judgement::RateLimited {
-                // `RetryInfo.retryDelay` (fractional) first, then `Retry-After`.
-                hint: retry_after::google_retry_delay_of(body).or(self.retry_after),
+                hints: quota::Hints {
+                    retry_info: retry_after::google_retry_delay_of(body),
+                    retry_after: self.retry_after,
+                },
                 violations: kind.quota_violations(body),
             };
         }

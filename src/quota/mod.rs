@@ -27,6 +27,26 @@ pub struct Decision {
     pub doubling: bool,
 }
 
+/// The retry hints of an answer: Google's `RetryInfo.retryDelay` (fractional seconds)
+/// and the `Retry-After` header.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hints {
+    pub retry_info: Option<Duration>,
+    pub retry_after: Option<Duration>,
+}
+
+impl Hints {
+    /// A per-minute quota's: `retryDelay` first (the quota's own), then `Retry-After`.
+    fn for_quota(self) -> Option<Duration> {
+        self.retry_info.or(self.retry_after)
+    }
+
+    /// An unclassified rate limit's: `Retry-After` as given, then `retryDelay`.
+    fn for_answer(self) -> Option<Duration> {
+        self.retry_after.or(self.retry_info)
+    }
+}
+
 /// The pool's bounds on cool-downs.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
@@ -41,7 +61,7 @@ pub struct Bounds {
 /// An answer without violations cools down for its hint, else `default_cooldown`.
 pub fn decide(
     violations: &[Violation],
-    hint: Option<Duration>,
+    hints: Hints,
     request_model: Option<&str>,
     per_model: bool,
     now_ms: i64,
@@ -49,9 +69,9 @@ pub fn decide(
 ) -> Vec<Decision> {
     let cap = bounds.max_cooldown;
     let fallback_model = || request_model.filter(|_| per_model).map(str::to_string);
-    let hinted = |d: Duration| (hint.unwrap_or(d).min(cap), hint.is_none());
+    let hinted = |hint: Option<Duration>, d: Duration| (hint.unwrap_or(d).min(cap), hint.is_none());
     if violations.is_empty() {
-        let (length, doubling) = hinted(bounds.default_cooldown);
+        let (length, doubling) = hinted(hints.for_answer(), bounds.default_cooldown);
         return vec![Decision {
             model: fallback_model(),
             length,
@@ -78,11 +98,11 @@ pub fn decide(
                     let to_next = Duration::from_millis(
                         (window::next_minute_ms(now_ms) - now_ms).max(1) as u64,
                     );
-                    let (l, d) = hinted(to_next);
+                    let (l, d) = hinted(hints.for_quota(), to_next);
                     (l, CoolReason::PerMinute, d)
                 }
                 QuotaWindow::Other => {
-                    let (l, d) = hinted(bounds.default_cooldown);
+                    let (l, d) = hinted(hints.for_answer(), bounds.default_cooldown);
                     (l, CoolReason::RetryAfter, d)
                 }
             }
@@ -123,6 +143,34 @@ mod tests {
         rfc3339.parse::<jiff::Timestamp>().unwrap().as_millisecond()
     }
 
+    fn info(secs: u64) -> Hints {
+        Hints {
+            retry_info: Some(Duration::from_secs(secs)),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn an_unclassified_limit_takes_retry_after_first_a_quota_retry_info_first() {
+        let hints = Hints {
+            retry_info: Some(Duration::from_secs(45)),
+            retry_after: Some(Duration::from_secs(120)),
+        };
+        assert_eq!(
+            decide(&[], hints, None, false, 0, BOUNDS)[0].length,
+            Duration::from_secs(120)
+        );
+        let quota = decide(
+            &[v("m", QuotaWindow::Minute, false, false)],
+            hints,
+            None,
+            true,
+            0,
+            BOUNDS,
+        );
+        assert_eq!(quota[0].length, Duration::from_secs(45));
+    }
+
     fn v(model: &str, window: QuotaWindow, per_project: bool, zero: bool) -> Violation {
         Violation {
             model: Some(model.into()),
@@ -138,7 +186,7 @@ mod tests {
         let now = ms("2026-07-16T06:00:00Z");
         let d = decide(
             &[v("gemini-2.5-pro", QuotaWindow::Day, true, false)],
-            Some(Duration::from_secs(36)),
+            info(36),
             Some("other"),
             true,
             now,
@@ -152,7 +200,7 @@ mod tests {
         // Not capped by max_cooldown: 18 hours before midnight in winter.
         let d = decide(
             &[v("m", QuotaWindow::Day, false, false)],
-            None,
+            Hints::default(),
             None,
             true,
             ms("2026-01-15T14:00:00Z"),
@@ -166,7 +214,10 @@ mod tests {
         let now = ms("2026-07-16T06:00:45Z");
         let hinted = decide(
             &[v("m", QuotaWindow::Minute, false, false)],
-            Some(Duration::from_millis(11_500)),
+            Hints {
+                retry_info: Some(Duration::from_millis(11_500)),
+                retry_after: Some(Duration::from_secs(30)),
+            },
             None,
             true,
             now,
@@ -178,7 +229,7 @@ mod tests {
         );
         let bare = decide(
             &[v("m", QuotaWindow::Minute, false, false)],
-            None,
+            Hints::default(),
             None,
             true,
             now,
@@ -194,7 +245,7 @@ mod tests {
     fn a_zero_quota_is_no_access_and_unnamed_answers_use_the_request_model() {
         let d = decide(
             &[v("gemini-3.1-pro", QuotaWindow::Minute, true, true)],
-            Some(Duration::from_secs(11)),
+            info(11),
             None,
             true,
             0,
@@ -204,7 +255,7 @@ mod tests {
             (d[0].reason, d[0].length),
             (CoolReason::NoAccess, BOUNDS.max_cooldown)
         );
-        let plain = decide(&[], None, Some("qwen-max"), true, 0, BOUNDS);
+        let plain = decide(&[], Hints::default(), Some("qwen-max"), true, 0, BOUNDS);
         assert_eq!(plain[0].model.as_deref(), Some("qwen-max"));
         assert_eq!(
             (plain[0].reason, plain[0].length),
@@ -212,12 +263,12 @@ mod tests {
         );
         // A provider whose quotas are not per model cools the whole credential.
         assert_eq!(
-            decide(&[], None, Some("x"), false, 0, BOUNDS)[0].model,
+            decide(&[], Hints::default(), Some("x"), false, 0, BOUNDS)[0].model,
             None
         );
         // Hints are capped.
         assert_eq!(
-            decide(&[], Some(Duration::from_secs(9999)), None, false, 0, BOUNDS)[0].length,
+            decide(&[], info(9999), None, false, 0, BOUNDS)[0].length,
             BOUNDS.max_cooldown
         );
     }
@@ -230,7 +281,7 @@ mod tests {
                 v("m", QuotaWindow::Minute, true, false),
                 v("m", QuotaWindow::Day, true, false),
             ],
-            Some(Duration::from_secs(5)),
+            info(5),
             None,
             true,
             now,

@@ -94,40 +94,51 @@ mod tests {
 
     #[test]
     fn per_day_quotas_reset_at_pacific_midnight_on_both_sides_of_dst() {
-        // Winter (PST, UTC−8): midnight is 08:00Z.
-        assert_eq!(
-            next_pacific_midnight_ms(ms("2026-01-15T20:00:00Z")),
-            ms("2026-01-16T08:00:00Z")
-        );
-        // Summer (PDT, UTC−7): midnight is 07:00Z.
-        assert_eq!(
-            next_pacific_midnight_ms(ms("2026-07-15T20:00:00Z")),
-            ms("2026-07-16T07:00:00Z")
-        );
-        // Spring forward: Sunday 2026-03-08 02:00 PST → 03:00 PDT. The Saturday evening
-        // before, midnight is still in PST; that Sunday's own day is 23 hours long.
-        assert_eq!(
-            next_pacific_midnight_ms(ms("2026-03-07T20:00:00Z")),
-            ms("2026-03-08T08:00:00Z")
-        );
-        assert_eq!(
-            next_pacific_midnight_ms(ms("2026-03-08T08:00:00Z")),
-            ms("2026-03-09T07:00:00Z")
-        );
-        // Fall back: Sunday 2026-11-01 02:00 PDT → 01:00 PST, a 25-hour day.
-        assert_eq!(
-            next_pacific_midnight_ms(ms("2026-10-31T20:00:00Z")),
-            ms("2026-11-01T07:00:00Z")
-        );
-        assert_eq!(
-            next_pacific_midnight_ms(ms("2026-11-01T07:00:00Z")),
-            ms("2026-11-02T08:00:00Z")
-        );
-        // One millisecond before midnight: the very next one.
-        assert_eq!(
-            next_pacific_midnight_ms(ms("2026-11-02T07:59:59.999Z")),
-            ms("2026-11-02T08:00:00Z")
-        );
+        for (now, midnight, why) in [
+            (
+                "2026-01-15T20:00:00Z",
+                "2026-01-16T08:00:00Z",
+                "winter, PST (UTC−8)",
+            ),
+            (
+                "2026-07-15T20:00:00Z",
+                "2026-07-16T07:00:00Z",
+                "summer, PDT (UTC−7)",
+            ),
+            // Spring forward: Sunday 2026-03-08 02:00 PST → 03:00 PDT.
+            (
+                "2026-03-07T20:00:00Z",
+                "2026-03-08T08:00:00Z",
+                "the evening before: still PST",
+            ),
+            (
+                "2026-03-08T08:00:00Z",
+                "2026-03-09T07:00:00Z",
+                "that Sunday: a 23-hour day",
+            ),
+            // Fall back: Sunday 2026-11-01 02:00 PDT → 01:00 PST.
+            (
+                "2026-10-31T20:00:00Z",
+                "2026-11-01T07:00:00Z",
+                "the evening before: still PDT",
+            ),
+            (
+                "2026-11-01T07:00:00Z",
+                "2026-11-02T08:00:00Z",
+                "that Sunday: a 25-hour day",
+            ),
+            (
+                "2026-11-02T07:59:59.999Z",
+                "2026-11-02T08:00:00Z",
+                "a millisecond before",
+            ),
+        ] {
+            assert_eq!(
+                next_pacific_midnight_ms(ms(now)),
+                ms(midnight),
+                "{why}: {now}"
+            );
+        }
     }
 
     #[test]
