@@ -15,6 +15,7 @@ pub mod proxy;
 pub mod quota;
 pub mod store;
 pub mod telemetry;
+pub mod usage;
 
 mod app;
 

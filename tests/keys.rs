@@ -3,6 +3,7 @@
 //! `Authorization: Bearer` under `/compatible-mode/v1`. Dead keys leave the rotation,
 //! quotas are per key and per model, and key files reload.
 
+use futures_util::StreamExt as _;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,6 +46,12 @@ pub enum Key {
     },
     /// Good, after this many milliseconds.
     Slow(u64),
+    /// This fixture's bytes as they are (an SSE stream too), 200, in pieces of 7 bytes
+    /// 5 ms apart, with this content type.
+    Stream {
+        file: &'static str,
+        content_type: &'static str,
+    },
     /// (Internal) the key that started an upload session.
     StartedBy(String),
 }
@@ -208,6 +215,22 @@ async fn answer(State(s): State<Arc<KeyState>>, req: Request) -> Response {
             return status_json(429, serde_json::from_str(&text).unwrap());
         }
         Some(Key::Slow(ms)) => tokio::time::sleep(Duration::from_millis(ms)).await,
+        Some(Key::Stream { file, content_type }) => {
+            let path = format!(
+                "{}/tests/fixtures/responses/{file}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let bytes = std::fs::read(path).unwrap();
+            let pieces: Vec<Vec<u8>> = bytes.chunks(7).map(<[u8]>::to_vec).collect();
+            let stream = futures_util::stream::iter(pieces).then(|p| async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok::<_, std::io::Error>(p)
+            });
+            return Response::builder()
+                .header("content-type", content_type)
+                .body(Body::from_stream(stream))
+                .unwrap();
+        }
         Some(_) => {}
     }
     // Google's resumable upload: `start` gives a session URL on this host; the upload leg

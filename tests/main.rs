@@ -24,5 +24,6 @@ mod refresh;
 mod robustness;
 mod security;
 mod tls;
+mod usage;
 mod webdriver;
 mod wire;

@@ -48,6 +48,7 @@ use crate::lifecycle::pool::{Pool, ProviderPool};
 use crate::lifecycle::Credential;
 use crate::proxy::error::{ProxyError, Reason};
 use crate::telemetry::metrics::Metrics;
+use crate::usage::meter::{Metered, Tally};
 use admit::{provider_names, split_path, Admitted, RequestBody};
 use attempt::{Attempts, Outcome};
 use browser::{BrowserGuard, Verdict};
@@ -281,7 +282,7 @@ async fn serve(
             .with(&cred, token, &mut model, trail, probe)
             .await?
         {
-            Outcome::Served(resp) => return Ok(resp),
+            Outcome::Served(resp) => return Ok(metered(s, cred, &mut model, resp)),
             Outcome::Missed(miss) => misses.push((cred, miss)),
         }
         if attempts.body.is_none() {
@@ -298,6 +299,32 @@ async fn serve(
     }
     Err(answer::exhausted(pool, &misses, model.get()))
 }
+
+/// A successful answer to a request for a model, wrapped so that its usage is counted as
+/// it streams past (`usage::meter`); any other answer as it is.
+fn metered(
+    s: &ProxyState,
+    cred: Arc<Credential>,
+    model: &mut LazyModel<'_>,
+    resp: Response,
+) -> Response {
+    if !resp.status().is_success() {
+        return resp;
+    }
+    let Some(model) = model.get() else {
+        return resp;
+    };
+    let tally = Tally {
+        metrics: Arc::clone(&s.metrics),
+        credential: cred,
+        model: model.to_string(),
+        client: Arc::clone(&UNNAMED_CLIENT),
+    };
+    resp.map(|body| Body::new(Metered::new(body, tally)))
+}
+
+/// The client label of requests that no named client made.
+static UNNAMED_CLIENT: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("-"));
 
 /// A WebSocket handshake with `cred`: the splice once the upstream switched protocols, its
 /// answer otherwise, or the client's upgrade back when the upstream could not be reached.

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub limit_used: IntGaugeVec,
     pub limit_skips: IntCounterVec,
     pub source_error: IntGaugeVec,
+    pub tokens: IntCounterVec,
+    pub credential_tokens: IntCounterVec,
+    pub usage_unknown: IntCounterVec,
     pub upgrades_open: IntGaugeVec,
     pub store_up: prometheus::IntGauge,
     pub store_operations: IntCounterVec,
@@ -43,6 +46,8 @@ pub struct Metrics {
 
 /// A bound on the `model` label's values.
 const MAX_MODEL_LABELS: usize = 64;
+
+pub const TOKEN_KINDS: [&str; 4] = ["prompt", "completion", "cached", "thoughts"];
 
 pub const LIMIT_WINDOWS: [&str; 3] = ["rpm", "rpd", "tpm"];
 
@@ -185,6 +190,21 @@ impl Metrics {
                 "1 while the credential's file cannot be read or parsed (it keeps serving from memory).",
                 &["provider", "credential"],
             )?,
+            tokens: counter(
+                "tokenrelay_tokens_total",
+                "Tokens the upstream reported in answers (usageMetadata, usage), by the request's model, the client and kind (prompt, completion, cached, thoughts; as reported, nothing subtracted).",
+                &["provider", "model", "client", "kind"],
+            )?,
+            credential_tokens: counter(
+                "tokenrelay_credential_tokens_total",
+                "Tokens the upstream reported, by the credential that served the answer and kind.",
+                &["provider", "credential", "kind"],
+            )?,
+            usage_unknown: counter(
+                "tokenrelay_usage_unknown_total",
+                "Successful answers to requests for a model that carried no usage (an OpenAI-compatible stream without stream_options.include_usage, a client that left early).",
+                &["provider"],
+            )?,
             upgrades_open: int_gauge(
                 "tokenrelay_upgrades_open",
                 "WebSocket connections spliced through now.",
@@ -238,6 +258,7 @@ impl Metrics {
         for w in LIMIT_WINDOWS {
             self.limit_skips.with_label_values(&[provider, w]);
         }
+        self.usage_unknown.with_label_values(&[provider]);
         self.upgrade_duration.with_label_values(&[provider]);
     }
 
@@ -293,23 +314,59 @@ impl Metrics {
 
     /// Counts a per-model cool-down; the label set stays bounded.
     pub fn count_model_cooldown(&self, provider: &str, model: &str) {
+        let label = self.model_label(model);
+        self.model_cooldowns
+            .with_label_values(&[provider, label])
+            .inc();
+    }
+
+    /// A model name as a label: the first `MAX_MODEL_LABELS` sane names, then `other`
+    /// (model names come from requests).
+    fn model_label<'a>(&self, model: &'a str) -> &'a str {
         let sane = !model.is_empty()
             && model.len() <= 80
             && model
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'@'));
-        let label = {
-            let mut seen = self.model_labels.lock().unwrap_or_else(|p| p.into_inner());
-            if sane && (seen.contains(model) || seen.len() < MAX_MODEL_LABELS) {
+        let mut seen = self.model_labels.lock().unwrap_or_else(|p| p.into_inner());
+        if sane && (seen.contains(model) || seen.len() < MAX_MODEL_LABELS) {
+            if !seen.contains(model) {
                 seen.insert(model.to_string());
-                model
-            } else {
-                "other"
             }
-        };
-        self.model_cooldowns
-            .with_label_values(&[provider, label])
-            .inc();
+            model
+        } else {
+            "other"
+        }
+    }
+
+    /// Counts an answer's usage by model and client, and by credential.
+    pub fn count_usage(
+        &self,
+        provider: &str,
+        model: &str,
+        client: &str,
+        credential: &str,
+        u: &crate::usage::Usage,
+    ) {
+        let model = self.model_label(model);
+        for (kind, n) in [
+            ("prompt", u.prompt),
+            ("completion", u.completion),
+            ("cached", u.cached),
+            ("thoughts", u.thoughts),
+        ] {
+            self.tokens
+                .with_label_values(&[provider, model, client, kind])
+                .inc_by(n);
+            self.credential_tokens
+                .with_label_values(&[provider, credential, kind])
+                .inc_by(n);
+        }
+    }
+
+    /// Counts an answer that carried no usage.
+    pub fn count_unknown_usage(&self, provider: &str) {
+        self.usage_unknown.with_label_values(&[provider]).inc();
     }
 
     /// Creates every series of a credential at zero.
@@ -327,6 +384,10 @@ impl Metrics {
         self.last_success_ts
             .with_label_values(&[provider, credential]);
         self.source_error.with_label_values(&[provider, credential]);
+        for kind in TOKEN_KINDS {
+            self.credential_tokens
+                .with_label_values(&[provider, credential, kind]);
+        }
     }
 
     /// Removes a credential's series (it left the pool).

@@ -1,0 +1,109 @@
+//! Counting what an answer cost: its body is wrapped in `Metered`, which hands every frame
+//! on at once (nothing is held back: an SSE event reaches the client as it arrives) after
+//! showing it to a `Scanner`; when the body ends (or the client leaves), the usage found
+//! is counted for the provider, model, client and credential, or the answer is counted as
+//! one without usage.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use super::scan::{Scanner, Usage};
+use crate::lifecycle::Credential;
+use crate::telemetry::metrics::Metrics;
+
+/// Who and what an answer is counted for.
+pub struct Tally {
+    pub metrics: Arc<Metrics>,
+    /// The credential that served the answer (and its provider).
+    pub credential: Arc<Credential>,
+    /// The request's model.
+    pub model: String,
+    /// The client's name (`-` for a request of no named client).
+    pub client: Arc<str>,
+}
+
+impl Tally {
+    fn count(&self, usage: Option<Usage>) {
+        match usage {
+            Some(u) => self.metrics.count_usage(
+                &self.credential.provider.name,
+                &self.model,
+                &self.client,
+                &self.credential.id,
+                &u,
+            ),
+            None => self
+                .metrics
+                .count_unknown_usage(&self.credential.provider.name),
+        }
+    }
+}
+
+/// An answer's body, scanned for usage as it passes.
+pub struct Metered<B> {
+    inner: B,
+    scanner: Scanner,
+    /// Taken when counted (at the end, or on drop).
+    tally: Option<Tally>,
+}
+
+impl<B> Metered<B> {
+    pub fn new(inner: B, tally: Tally) -> Metered<B> {
+        Metered {
+            inner,
+            scanner: Scanner::default(),
+            tally: Some(tally),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(t) = self.tally.take() {
+            t.count(self.scanner.last());
+        }
+    }
+}
+
+impl<B> Drop for Metered<B> {
+    fn drop(&mut self) {
+        // A client that left mid-answer: what was seen is what is counted.
+        self.finish();
+    }
+}
+
+impl<B> Body for Metered<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.scanner.feed(data);
+                }
+            }
+            Poll::Ready(None) => this.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

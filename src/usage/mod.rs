@@ -1,0 +1,7 @@
+//! Usage: the tokens each answer cost, read as the answer streams past (`scan`), and
+//! counted per client, model and credential (`meter`).
+
+pub mod meter;
+pub mod scan;
+
+pub use scan::{Scanner, Usage};
