@@ -140,6 +140,10 @@ impl App {
             .iter()
             .flat_map(|p| p.resolve.iter().cloned())
             .collect();
+        let clients = Arc::new(crate::usage::clients::Clients::new(
+            &config.clients,
+            &config.server.client_keys,
+        ));
         let upgrades = Arc::new(tokio::sync::Semaphore::new(config.server.max_connections));
         let apps = (0..config.server.proxy_threads)
             .map(|_| {
@@ -156,7 +160,7 @@ impl App {
                     max_request_body: config.server.max_request_body,
                     max_upload_body: config.server.max_upload_body,
                     upgrades: Arc::clone(&upgrades),
-                    client_keys: config.server.client_keys.clone(),
+                    clients: Arc::clone(&clients),
                     pool_config: config.pool.clone(),
                     browser: proxy_guard.clone(),
                 });

@@ -141,3 +141,137 @@ async fn a_stream_without_usage_is_counted_as_such_and_one_with_a_final_usage_ch
         .assert_metric(r#"tokenrelay_usage_unknown_total{provider="dashscope"} 1"#)
         .await;
 }
+
+/// A whole request: the answer's status, once its body has been read to its end (usage
+/// is counted when an answer ends).
+async fn generate_as(t: &crate::helpers::TestApp, key: &str, model: &str) -> Answer {
+    let r = t
+        .http
+        .post(format!(
+            "{}/gemini/v1beta/models/{model}:generateContent",
+            t.proxy
+        ))
+        .header("x-goog-api-key", key)
+        .json(&gemini_body())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry_after = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let body = r.bytes().await.unwrap();
+    Answer {
+        status,
+        retry_after,
+        body: serde_json::from_slice(&body).unwrap_or_default(),
+    }
+}
+
+struct Answer {
+    status: u16,
+    retry_after: Option<i64>,
+    body: serde_json::Value,
+}
+
+#[tokio::test]
+async fn clients_are_held_to_their_scopes_limits_and_budgets() {
+    let up = KeyUpstream::start(
+        false,
+        &[(
+            "AIza-a",
+            Key::Stream {
+                file: "gemini_generate_content_usage.json",
+                content_type: "application/json",
+            },
+        )],
+    )
+    .await;
+    let t = relay(
+        "gemini",
+        &up.url,
+        r#"api_keys = [{ key = "AIza-a", id = "a" }]"#,
+        r#"client_keys = ["old-shared-key"]
+[[clients]]
+name = "bot"
+key = "ck-bot"
+providers = ["gemini"]
+models = ["gemini-2.5-*"]
+tokens_per_day = 50
+[[clients]]
+name = "agent"
+key = "ck-agent"
+rpm = 2"#,
+    )
+    .await;
+    // No key, or a wrong one: 401. The unnamed server.client_keys still work.
+    assert_eq!(
+        generate_as(&t, "nope", "gemini-2.5-flash").await.status,
+        401
+    );
+    assert_eq!(
+        generate_as(&t, "old-shared-key", "gemini-2.5-flash")
+            .await
+            .status,
+        200
+    );
+    // Scopes.
+    let r = generate_as(&t, "ck-bot", "gemini-3.1-pro").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.body["error"]["reason"], "client_forbidden");
+    assert!(
+        !r.body.to_string().contains("ck-bot"),
+        "the key never appears"
+    );
+    assert_eq!(up.hits().len(), 1, "refused without an upstream call");
+    // Budget: each answer reports 12 + 34 = 46 billed tokens. The one that crosses 50 is
+    // served, the next refused until midnight UTC.
+    assert_eq!(
+        generate_as(&t, "ck-bot", "gemini-2.5-flash").await.status,
+        200
+    );
+    assert_eq!(
+        generate_as(&t, "ck-bot", "gemini-2.5-flash").await.status,
+        200
+    );
+    let r = generate_as(&t, "ck-bot", "gemini-2.5-flash").await;
+    assert_eq!(r.status, 429);
+    let retry = r.retry_after.unwrap();
+    let now = crate::helpers::now_ms();
+    let to_midnight = ((now / 86_400_000 + 1) * 86_400_000 - now) / 1000;
+    assert!((retry - to_midnight).abs() <= 2, "{retry} vs {to_midnight}");
+    assert_eq!(r.body["error"]["reason"], "client_budget_exhausted");
+    // rpm: the third request of the minute is refused (unless the minute turned).
+    let minute = now / 60_000;
+    let statuses: Vec<u16> = futures_util::future::join_all(
+        (0..3).map(|_| generate_as(&t, "ck-agent", "gemini-2.5-flash")),
+    )
+    .await
+    .iter()
+    .map(|r| r.status)
+    .collect();
+    if crate::helpers::now_ms() / 60_000 == minute {
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 429).count(),
+            1,
+            "{statuses:?}"
+        );
+    }
+    t.assert_metric(r#"tokenrelay_tokens_total{client="bot",kind="prompt",model="gemini-2.5-flash",provider="gemini"} 24"#).await;
+    t.assert_metric(r#"tokenrelay_tokens_total{client="-",kind="prompt",model="gemini-2.5-flash",provider="gemini"} 12"#).await;
+    t.assert_metric(
+        r#"tokenrelay_client_requests_total{client="bot",provider="gemini",status="200"} 2"#,
+    )
+    .await;
+    t.assert_metric(
+        r#"tokenrelay_client_requests_total{client="bot",provider="gemini",status="403"} 1"#,
+    )
+    .await;
+    t.assert_metric(
+        r#"tokenrelay_client_requests_total{client="bot",provider="gemini",status="429"} 1"#,
+    )
+    .await;
+    assert!(!t.metrics().await.contains("ck-"), "no key in the metrics");
+}

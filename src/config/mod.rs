@@ -9,6 +9,7 @@
 //! (presets) and `store::redis::RedisConfig`.
 
 mod alerts;
+mod clients;
 mod provider;
 mod raw;
 mod server;
@@ -23,6 +24,7 @@ use secrecy::SecretString;
 use url::Url;
 
 pub use self::alerts::{AlertsConfig, WebhookConfig, WebhookFormat};
+pub use self::clients::ClientConfig;
 pub use self::provider::{
     read_key_file, validate_id, ApiKey, CredentialEntry, CredentialPath, ProviderConfig,
 };
@@ -63,6 +65,8 @@ pub struct Config {
     pub alerts: AlertsConfig,
     pub store: StoreConfig,
     pub providers: Vec<ProviderConfig>,
+    /// `[[clients]]`: named clients with their keys, scopes and limits.
+    pub clients: Vec<ClientConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -209,6 +213,8 @@ impl Validator<'_> {
         }
         let alerts = self.alerts(raw.alerts)?;
         let store = self.store(raw.store, &refresh)?;
+        let names: Vec<String> = providers.iter().map(|p| p.name.clone()).collect();
+        let clients = self.clients(raw.clients, &names)?;
         Ok(Config {
             source: self.file.to_string(),
             server,
@@ -217,6 +223,7 @@ impl Validator<'_> {
             alerts,
             store,
             providers,
+            clients,
         })
     }
 

@@ -15,6 +15,21 @@ pub(super) struct RawConfig {
     pub(super) alerts: RawAlerts,
     pub(super) store: RawStore,
     pub(super) providers: Option<BTreeMap<String, RawProvider>>,
+    pub(super) clients: Vec<RawClient>,
+}
+
+/// One `[[clients]]` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClient {
+    pub(super) name: String,
+    pub(super) key: String,
+    pub(super) providers: Option<Vec<String>>,
+    pub(super) models: Option<Vec<String>>,
+    pub(super) rpm: Option<u64>,
+    pub(super) tpm: Option<u64>,
+    pub(super) tokens_per_day: Option<u64>,
+    pub(super) tokens_per_month: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,13 +12,12 @@ use futures_util::StreamExt as _;
 use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
 use http_body_util::{BodyExt, Limited};
-use secrecy::{ExposeSecret, SecretString};
 
 use super::error::{ProxyError, Reason};
 use super::ProxyState;
-use crate::common::constant_time_eq;
 use crate::lifecycle::pool::{Pool, ProviderPool};
 use crate::providers;
+use crate::usage::clients::{Clients, Who};
 
 static GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -43,6 +42,8 @@ pub(super) struct Admitted {
     /// upstream depends on it.
     pub location_base: Option<String>,
     pub body: RequestBody,
+    /// Who sent it.
+    pub who: Who,
 }
 
 /// Admits a request to `pool`: its client key, its path (no dot segments, an allowed
@@ -56,15 +57,16 @@ pub(super) async fn admit(
     body: Body,
     upgrade: bool,
 ) -> Result<Admitted, ProxyError> {
-    let query_key = match client_key(&s.client_keys, &parts.headers, parts.uri.query()) {
+    let (who, query_key) = match client_key(&s.clients, &parts.headers, parts.uri.query()) {
         ClientKey::Missing => {
             return Err(ProxyError::new(
                 Reason::Unauthorized,
-                "missing or wrong client key: send one of server.client_keys as `Authorization: Bearer <key>`, `x-api-key`, `x-goog-api-key` or `?key=`",
+                "missing or wrong client key: send your [[clients]] key or one of server.client_keys as `Authorization: Bearer <key>`, `x-api-key`, `x-goog-api-key` or `?key=`",
             ))
         }
-        ClientKey::InQuery => true,
-        ClientKey::NotNeeded | ClientKey::InHeader => false,
+        ClientKey::InQuery(who) => (who, true),
+        ClientKey::NotNeeded => (Who::Anyone, false),
+        ClientKey::InHeader(who) => (who, false),
     };
     check_path(rest)?;
     let location_base = location_base(&pool.config, rest)?;
@@ -86,6 +88,7 @@ pub(super) async fn admit(
         path_and_query,
         location_base,
         body,
+        who,
     })
 }
 
@@ -143,24 +146,19 @@ fn percent_decode_lower(seg: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Whether and where the client presented one of `server.client_keys`.
+/// Whether and where the client presented a known key, and whose.
 enum ClientKey {
     NotNeeded,
-    InHeader,
+    InHeader(Who),
     /// In `?key=` (Google's convention): removed before the request goes upstream.
-    InQuery,
+    InQuery(Who),
     Missing,
 }
 
-fn client_key(keys: &[SecretString], headers: &HeaderMap, query: Option<&str>) -> ClientKey {
-    if keys.is_empty() {
+fn client_key(clients: &Clients, headers: &HeaderMap, query: Option<&str>) -> ClientKey {
+    if !clients.required() {
         return ClientKey::NotNeeded;
     }
-    let matches = |p: &str| {
-        keys.iter().fold(false, |ok, k| {
-            ok | constant_time_eq(p.trim().as_bytes(), k.expose_secret().as_bytes())
-        })
-    };
     let presented = [
         headers
             .get(header::AUTHORIZATION)
@@ -172,16 +170,21 @@ fn client_key(keys: &[SecretString], headers: &HeaderMap, query: Option<&str>) -
         headers.get(&X_API_KEY).and_then(|v| v.to_str().ok()),
         headers.get(&GOOG_API_KEY).and_then(|v| v.to_str().ok()),
     ];
-    if presented.into_iter().flatten().any(matches) {
-        return ClientKey::InHeader;
+    if let Some(who) = presented
+        .into_iter()
+        .flatten()
+        .find_map(|p| clients.identify(p))
+    {
+        return ClientKey::InHeader(who);
     }
-    let in_query = query.is_some_and(|q| {
-        url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "key" && matches(&v))
+    let in_query = query.and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .filter(|(k, _)| k == "key")
+            .find_map(|(_, v)| clients.identify(&v))
     });
-    if in_query {
-        ClientKey::InQuery
-    } else {
-        ClientKey::Missing
+    match in_query {
+        Some(who) => ClientKey::InQuery(who),
+        None => ClientKey::Missing,
     }
 }
 
@@ -433,16 +436,19 @@ mod tests {
 
     #[test]
     fn a_query_key_is_a_client_key() {
-        let keys = [SecretString::from("ck-secret".to_string())];
+        let keys = Clients::new(&[], &[secrecy::SecretString::from("ck-secret".to_string())]);
         let none = HeaderMap::new();
         assert!(matches!(
             client_key(&keys, &none, Some("key=ck-secret")),
-            ClientKey::InQuery
+            ClientKey::InQuery(Who::Unnamed)
         ));
         assert!(matches!(
             client_key(&keys, &none, Some("key=wrong")),
             ClientKey::Missing
         ));
-        assert!(matches!(client_key(&[], &none, None), ClientKey::NotNeeded));
+        assert!(matches!(
+            client_key(&Clients::default(), &none, None),
+            ClientKey::NotNeeded
+        ));
     }
 }

@@ -23,6 +23,9 @@ pub enum Reason {
     DeadlineExceeded,
     ForbiddenHost,
     ForbiddenOrigin,
+    ClientForbidden,
+    ClientRateLimited,
+    ClientBudgetExhausted,
 }
 
 impl Reason {
@@ -40,6 +43,9 @@ impl Reason {
             Reason::DeadlineExceeded => "deadline_exceeded",
             Reason::ForbiddenHost => "forbidden_host",
             Reason::ForbiddenOrigin => "forbidden_origin",
+            Reason::ClientForbidden => "client_forbidden",
+            Reason::ClientRateLimited => "client_rate_limited",
+            Reason::ClientBudgetExhausted => "client_budget_exhausted",
         }
     }
 
@@ -56,7 +62,10 @@ impl Reason {
             Reason::BadRequest => StatusCode::BAD_REQUEST,
             Reason::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Reason::ForbiddenHost => StatusCode::MISDIRECTED_REQUEST,
-            Reason::ForbiddenOrigin => StatusCode::FORBIDDEN,
+            Reason::ForbiddenOrigin | Reason::ClientForbidden => StatusCode::FORBIDDEN,
+            Reason::ClientRateLimited | Reason::ClientBudgetExhausted => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
         }
     }
 
@@ -66,12 +75,16 @@ impl Reason {
             Reason::NoUsableCredential
             | Reason::TokenEndpointUnreachable
             | Reason::UpstreamUnreachable => "UNAVAILABLE",
-            Reason::AllCredentialsRateLimited => "RESOURCE_EXHAUSTED",
+            Reason::AllCredentialsRateLimited
+            | Reason::ClientRateLimited
+            | Reason::ClientBudgetExhausted => "RESOURCE_EXHAUSTED",
             Reason::UnknownProvider | Reason::NotFound => "NOT_FOUND",
             Reason::Unauthorized => "UNAUTHENTICATED",
             Reason::RequestTooLarge | Reason::BadRequest => "INVALID_ARGUMENT",
             Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            Reason::ForbiddenHost | Reason::ForbiddenOrigin => "PERMISSION_DENIED",
+            Reason::ForbiddenHost | Reason::ForbiddenOrigin | Reason::ClientForbidden => {
+                "PERMISSION_DENIED"
+            }
         }
     }
 }

@@ -39,7 +39,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::request::Parts;
 use http::StatusCode;
-use secrecy::SecretString;
 use tokio::time::Instant;
 
 use crate::common::error_chain;
@@ -48,6 +47,7 @@ use crate::lifecycle::pool::{Pool, ProviderPool};
 use crate::lifecycle::Credential;
 use crate::proxy::error::{ProxyError, Reason};
 use crate::telemetry::metrics::Metrics;
+use crate::usage::clients::{Client, Clients, Refused, Who};
 use crate::usage::meter::{Metered, Tally};
 use admit::{provider_names, split_path, Admitted, RequestBody};
 use attempt::{Attempts, Outcome};
@@ -61,7 +61,8 @@ pub struct ProxyState {
     pub metrics: Arc<Metrics>,
     pub max_request_body: usize,
     pub max_upload_body: u64,
-    pub client_keys: Vec<SecretString>,
+    /// Named clients (`[[clients]]`) and `server.client_keys` (unnamed ones).
+    pub clients: Arc<Clients>,
     pub pool_config: PoolConfig,
     pub browser: BrowserGuard,
     /// Open WebSocket splices, shared by every proxy thread (`server.max_connections`).
@@ -159,7 +160,17 @@ pub async fn handle(s: &ProxyState, req: Request) -> Response {
         .duration
         .get_or_init(|| s.metrics.request_duration.with_label_values(&[provider]))
         .observe(elapsed.as_secs_f64());
-    tracing::info!(target: "tokenrelay::proxy", provider, credential = trail.served.as_ref().map_or("-", |c| c.id.as_str()),
+    if s.clients.required() {
+        s.metrics
+            .client_requests
+            .with_label_values(&[
+                trail.client.as_deref().unwrap_or("-"),
+                provider,
+                status.as_str(),
+            ])
+            .inc();
+    }
+    tracing::info!(target: "tokenrelay::proxy", provider, client = trail.client.as_deref().unwrap_or("-"), credential = trail.served.as_ref().map_or("-", |c| c.id.as_str()),
         tried = %Tried(&trail), method = %parts.method, path = parts.uri.path(), status = status.as_u16(),
         attempts = trail.attempts, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
     let mut response = response;
@@ -178,6 +189,8 @@ pub(super) struct Trail {
     first: Option<Arc<Credential>>,
     more: Vec<Arc<Credential>>,
     served: Option<Arc<Credential>>,
+    /// The named client that sent it.
+    pub(super) client: Option<Arc<str>>,
     pub(super) attempts: u32,
 }
 
@@ -223,6 +236,7 @@ async fn serve(
         path_and_query,
         location_base,
         body,
+        who,
     } = admit::admit(s, pool, parts, rest, body, upgrade.is_some()).await?;
     // A cheap handle on the buffered bytes (reference counted), for the model lookup.
     let model_bytes = match &body {
@@ -230,6 +244,19 @@ async fn serve(
         RequestBody::Streamed(..) => Bytes::new(),
     };
     let mut model = LazyModel::new(rest, &model_bytes);
+    let client = match who {
+        Who::Named(c) => {
+            trail.client = Some(Arc::clone(&c.name));
+            let admitted = c
+                .may_use(&pool.config.name, model.get())
+                .and_then(|()| c.admit(crate::clock::now_ms()));
+            if let Err(refused) = admitted {
+                return Err(refusal(refused));
+            }
+            Some(c)
+        }
+        Who::Unnamed | Who::Anyone => None,
+    };
     let (pinned, candidates) = choose::candidates(pool, &path_and_query);
     let mut attempts = Attempts {
         s,
@@ -282,7 +309,7 @@ async fn serve(
             .with(&cred, token, &mut model, trail, probe)
             .await?
         {
-            Outcome::Served(resp) => return Ok(metered(s, cred, &mut model, resp)),
+            Outcome::Served(resp) => return Ok(metered(s, cred, &mut model, client, resp)),
             Outcome::Missed(miss) => misses.push((cred, miss)),
         }
         if attempts.body.is_none() {
@@ -306,6 +333,7 @@ fn metered(
     s: &ProxyState,
     cred: Arc<Credential>,
     model: &mut LazyModel<'_>,
+    client: Option<Arc<Client>>,
     resp: Response,
 ) -> Response {
     if !resp.status().is_success() {
@@ -318,13 +346,25 @@ fn metered(
         metrics: Arc::clone(&s.metrics),
         credential: cred,
         model: model.to_string(),
-        client: Arc::clone(&UNNAMED_CLIENT),
+        client,
     };
     resp.map(|body| Body::new(Metered::new(body, tally)))
 }
 
-/// The client label of requests that no named client made.
-static UNNAMED_CLIENT: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("-"));
+/// A client's refusal as tokenrelay's error.
+fn refusal(refused: Refused) -> ProxyError {
+    match refused {
+        Refused::Forbidden(m) => ProxyError::new(Reason::ClientForbidden, m),
+        Refused::RateLimited(m, wait) => ProxyError {
+            retry_after: Some(wait),
+            ..ProxyError::new(Reason::ClientRateLimited, m)
+        },
+        Refused::BudgetExhausted(m, wait) => ProxyError {
+            retry_after: Some(wait),
+            ..ProxyError::new(Reason::ClientBudgetExhausted, m)
+        },
+    }
+}
 
 /// A WebSocket handshake with `cred`: the splice once the upstream switched protocols, its
 /// answer otherwise, or the client's upgrade back when the upstream could not be reached.

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     pub credential_tokens: IntCounterVec,
     pub usage_unknown: IntCounterVec,
+    pub client_requests: IntCounterVec,
     pub upgrades_open: IntGaugeVec,
     pub store_up: prometheus::IntGauge,
     pub store_operations: IntCounterVec,
@@ -204,6 +205,11 @@ impl Metrics {
                 "tokenrelay_usage_unknown_total",
                 "Successful answers to requests for a model that carried no usage (an OpenAI-compatible stream without stream_options.include_usage, a client that left early).",
                 &["provider"],
+            )?,
+            client_requests: counter(
+                "tokenrelay_client_requests_total",
+                "Requests by client (its [[clients]] name, - for unnamed server.client_keys), provider and the status answered (only when client keys are configured).",
+                &["client", "provider", "status"],
             )?,
             upgrades_open: int_gauge(
                 "tokenrelay_upgrades_open",

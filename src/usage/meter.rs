@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use super::clients::Client;
 use super::scan::{Scanner, Usage};
 use crate::lifecycle::Credential;
 use crate::telemetry::metrics::Metrics;
@@ -22,20 +23,26 @@ pub struct Tally {
     pub credential: Arc<Credential>,
     /// The request's model.
     pub model: String,
-    /// The client's name (`-` for a request of no named client).
-    pub client: Arc<str>,
+    /// The named client that sent the request (its name labels the tokens, `-` for
+    /// none); its token limits are spent when the answer ends.
+    pub client: Option<Arc<Client>>,
 }
 
 impl Tally {
     fn count(&self, usage: Option<Usage>) {
         match usage {
-            Some(u) => self.metrics.count_usage(
-                &self.credential.provider.name,
-                &self.model,
-                &self.client,
-                &self.credential.id,
-                &u,
-            ),
+            Some(u) => {
+                self.metrics.count_usage(
+                    &self.credential.provider.name,
+                    &self.model,
+                    self.client.as_ref().map_or("-", |c| &*c.name),
+                    &self.credential.id,
+                    &u,
+                );
+                if let Some(c) = &self.client {
+                    c.spend(u.billed(), crate::clock::now_ms());
+                }
+            }
             None => self
                 .metrics
                 .count_unknown_usage(&self.credential.provider.name),
