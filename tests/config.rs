@@ -149,3 +149,30 @@ fn environment_variables_add_credentials_and_override_listeners() {
         "{e}"
     );
 }
+
+#[test]
+fn clients_are_checked_and_name_what_is_wrong() {
+    let c = load("[[clients]]\nname = \"bot\"\nkey = \"env:TEAM_KEY\"\nproviders = [\"gemini\"]\nmodels = [\"gemini-2.5-*\"]\nrpm = 5").unwrap();
+    assert_eq!(c.clients.len(), 1);
+    assert_eq!(c.clients[0].name, "bot");
+    assert_err(
+        "[[clients]]\nname = \"bot\"\nkey = \"k\"\nproviders = [\"nope\"]",
+        &["clients[0].providers", "nope", "configured"],
+    );
+    assert_err(
+        "[[clients]]\nname = \"bot\"\nkey = \"k1\"\n[[clients]]\nname = \"bot\"\nkey = \"k2\"",
+        &["clients[1].name", "taken"],
+    );
+    assert_err(
+        "[[clients]]\nname = \"bot\"\nkey = \"k\"\ntokens_per_day = 0",
+        &["clients[0].tokens_per_day", "above 0"],
+    );
+    assert_err(
+        "[[clients]]\nname = \"bot\"\nkey = \"env:NOPE\"",
+        &["clients[0].key", "NOPE"],
+    );
+    assert_err(
+        "[providers.gemini.limits]\n\"gemini-2.5-pro\" = { rpm = 0 }",
+        &["providers.gemini.limits", "above 0"],
+    );
+}
