@@ -43,6 +43,8 @@ pub struct ProviderPool {
 #[derive(Default)]
 pub struct HotMetrics {
     pub ok: std::sync::OnceLock<prometheus::IntCounter>,
+    /// Answers without usage (`tokenrelay_usage_unknown_total`).
+    pub usage_unknown: std::sync::OnceLock<prometheus::IntCounter>,
     pub duration: std::sync::OnceLock<prometheus::Histogram>,
 }
 

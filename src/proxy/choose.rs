@@ -57,6 +57,26 @@ impl<'a> LazyModel<'a> {
         }
     }
 
+    /// What the answer's meter needs to name the model: the model if it was worked out
+    /// already (taken, no copy), else, when the request may name one (`/models/` in the
+    /// path, `"model"` in the body), the way to work it out later — only if the answer
+    /// carries usage. `None`: the request names no model.
+    pub(super) fn for_meter(
+        &mut self,
+        body: &bytes::Bytes,
+    ) -> Option<crate::usage::meter::ModelOf> {
+        use crate::usage::meter::ModelOf;
+        if let Some(known) = self.model.take() {
+            return known.map(ModelOf::Known);
+        }
+        if self.path.contains("/models/") {
+            return providers::request_model(self.path, b"").map(ModelOf::Known);
+        }
+        static MODEL: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"model\""));
+        MODEL.find(body).map(|_| ModelOf::InBody(body.clone()))
+    }
+
     pub(super) fn get(&mut self) -> Option<&str> {
         let (path, body) = (self.path, self.body);
         self.model

@@ -309,7 +309,17 @@ async fn serve(
             .with(&cred, token, &mut model, trail, probe)
             .await?
         {
-            Outcome::Served(resp) => return Ok(metered(s, cred, &mut model, client, resp)),
+            Outcome::Served(resp) => {
+                return Ok(metered(
+                    s,
+                    pool,
+                    cred,
+                    &mut model,
+                    &model_bytes,
+                    client,
+                    resp,
+                ))
+            }
             Outcome::Missed(miss) => misses.push((cred, miss)),
         }
         if attempts.body.is_none() {
@@ -331,22 +341,34 @@ async fn serve(
 /// it streams past (`usage::meter`); any other answer as it is.
 fn metered(
     s: &ProxyState,
+    pool: &ProviderPool,
     cred: Arc<Credential>,
     model: &mut LazyModel<'_>,
+    body: &Bytes,
     client: Option<Arc<Client>>,
     resp: Response,
 ) -> Response {
     if !resp.status().is_success() {
         return resp;
     }
-    let Some(model) = model.get() else {
+    let Some(model) = model.for_meter(body) else {
         return resp;
     };
+    let unknown = pool
+        .hot
+        .usage_unknown
+        .get_or_init(|| {
+            s.metrics
+                .usage_unknown
+                .with_label_values(&[&pool.config.name])
+        })
+        .clone();
     let tally = Tally {
         metrics: Arc::clone(&s.metrics),
         credential: cred,
-        model: model.to_string(),
+        model,
         client,
+        unknown,
     };
     resp.map(|body| Body::new(Metered::new(body, tally)))
 }

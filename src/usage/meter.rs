@@ -16,16 +16,36 @@ use super::scan::{Scanner, Usage};
 use crate::lifecycle::Credential;
 use crate::telemetry::metrics::Metrics;
 
+/// The request's model, or the body to read it from when the answer turns out to carry
+/// usage (most answers without usage never need it).
+pub enum ModelOf {
+    Known(String),
+    InBody(Bytes),
+}
+
+impl ModelOf {
+    fn name(&self) -> String {
+        match self {
+            ModelOf::Known(m) => m.clone(),
+            ModelOf::InBody(b) => {
+                crate::providers::request_model("", b).unwrap_or_else(|| "other".to_string())
+            }
+        }
+    }
+}
+
 /// Who and what an answer is counted for.
 pub struct Tally {
     pub metrics: Arc<Metrics>,
     /// The credential that served the answer (and its provider).
     pub credential: Arc<Credential>,
     /// The request's model.
-    pub model: String,
+    pub model: ModelOf,
     /// The named client that sent the request (its name labels the tokens, `-` for
     /// none); its token limits are spent when the answer ends.
     pub client: Option<Arc<Client>>,
+    /// The provider's counter of answers without usage, resolved once.
+    pub unknown: prometheus::IntCounter,
 }
 
 impl Tally {
@@ -34,7 +54,7 @@ impl Tally {
             Some(u) => {
                 self.metrics.count_usage(
                     &self.credential.provider.name,
-                    &self.model,
+                    &self.model.name(),
                     self.client.as_ref().map_or("-", |c| &*c.name),
                     &self.credential.id,
                     &u,
@@ -43,9 +63,7 @@ impl Tally {
                     c.spend(u.billed(), crate::clock::now_ms());
                 }
             }
-            None => self
-                .metrics
-                .count_unknown_usage(&self.credential.provider.name),
+            None => self.unknown.inc(),
         }
     }
 }

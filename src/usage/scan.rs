@@ -61,6 +61,10 @@ enum Key {
     Usage,
 }
 
+/// `usage`, searched once per chunk (built once: a searcher costs more than a search).
+static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"usage"));
+
 /// The longest usage object captured; longer ones are not usage.
 const MAX_OBJECT: usize = 4096;
 /// Bytes kept from one chunk to the next, so that a key split across chunks is found.
@@ -143,6 +147,14 @@ impl Scanner {
                     }
                 }
             }
+        }
+        // Most chunks hold no key at all: one vectorised pass says so.
+        if USAGE.find(chunk).is_none() {
+            self.carry
+                .extend_from_slice(&chunk[chunk.len().saturating_sub(CARRY)..]);
+            let cut = self.carry.len().saturating_sub(CARRY);
+            self.carry.drain(..cut);
+            return &[];
         }
         let prev = self.carry.last().copied();
         let mut at = 0;
