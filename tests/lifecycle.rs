@@ -299,7 +299,15 @@ async fn reload_adds_removes_and_revives_credentials() {
     )
     .await;
     assert!(t.credential("gone").await.is_null());
-    assert!(!t.metrics().await.contains("credential=\"gone\""));
+    let m = t.metrics().await;
+    assert!(
+        !m.contains("credential=\"gone\""),
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("gone"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 #[tokio::test]

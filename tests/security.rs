@@ -257,7 +257,15 @@ async fn requests_cannot_steer_the_proxy_to_another_host() {
         404,
         "an encoded slash does not split the provider segment"
     );
-    assert_eq!(t.upstream.seen().len(), 1, "nothing else reached upstream");
+    // Nothing else reached upstream. (Counted by path: under a loaded suite the first,
+    // idempotent GET may have gone again on a new connection after a kept-alive one
+    // closed under it, which is allowed.)
+    let seen = t.upstream.seen();
+    assert!(
+        seen.iter().all(|s| s.path_and_query == "/v1/models"),
+        "nothing else reached upstream: {:?}",
+        seen.iter().map(|s| &s.path_and_query).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]

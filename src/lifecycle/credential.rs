@@ -203,6 +203,11 @@ impl Credential {
         }
     }
 
+    /// Whether it left the pool (a reload removed it); requests in flight finish on it.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
     /// The project whose quota this credential spends, if known.
     pub fn project(&self) -> Option<Arc<String>> {
         self.project.load_full()

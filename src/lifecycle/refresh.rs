@@ -100,6 +100,10 @@ impl Credential {
     /// Records whether the store could be read: a broken file is shown where operators
     /// look (`last_error`, the reload's `errors`, a metric, an alert), once per breakage.
     fn source_problem(&self, problem: Option<String>) {
+        if self.is_retired() {
+            // Out of the pool: its series are gone and must not come back.
+            return;
+        }
         let changed = {
             let mut st = self.lock_status();
             let changed = st.source_error != problem;

@@ -351,7 +351,7 @@ impl Metrics {
         provider: &str,
         model: &str,
         client: &str,
-        credential: &str,
+        credential: Option<&str>,
         u: &crate::usage::Usage,
     ) {
         let model = self.model_label(model);
@@ -364,9 +364,11 @@ impl Metrics {
             self.tokens
                 .with_label_values(&[provider, model, client, kind])
                 .inc_by(n);
-            self.credential_tokens
-                .with_label_values(&[provider, credential, kind])
-                .inc_by(n);
+            if let Some(credential) = credential {
+                self.credential_tokens
+                    .with_label_values(&[provider, credential, kind])
+                    .inc_by(n);
+            }
         }
     }
 
@@ -406,6 +408,11 @@ impl Metrics {
         let _ = self
             .source_error
             .remove_label_values(&[provider, credential]);
+        for kind in TOKEN_KINDS {
+            let _ = self
+                .credential_tokens
+                .remove_label_values(&[provider, credential, kind]);
+        }
         for s in State::ALL {
             let _ = self
                 .state

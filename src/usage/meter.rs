@@ -56,7 +56,8 @@ impl Tally {
                     &self.credential.provider.name,
                     &self.model.name(),
                     self.client.as_ref().map_or("-", |c| &*c.name),
-                    &self.credential.id,
+                    // A credential that left the pool keeps no series.
+                    (!self.credential.is_retired()).then_some(self.credential.id.as_str()),
                     &u,
                 );
                 if let Some(c) = &self.client {
