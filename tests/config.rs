@@ -164,6 +164,10 @@ fn clients_are_checked_and_name_what_is_wrong() {
         &["clients[1].name", "taken"],
     );
     assert_err(
+        "[server]\nclient_keys = [\"k\"]\n[[clients]]\nname = \"bot\"\nkey = \"k\"",
+        &["clients[0].key", "own key"],
+    );
+    assert_err(
         "[[clients]]\nname = \"bot\"\nkey = \"k\"\ntokens_per_day = 0",
         &["clients[0].tokens_per_day", "above 0"],
     );

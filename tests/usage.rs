@@ -199,7 +199,7 @@ name = "bot"
 key = "ck-bot"
 providers = ["gemini"]
 models = ["gemini-2.5-*"]
-tokens_per_day = 50
+tokens_per_day = 100
 [[clients]]
 name = "agent"
 key = "ck-agent"
@@ -226,8 +226,8 @@ rpm = 2"#,
         "the key never appears"
     );
     assert_eq!(up.hits().len(), 1, "refused without an upstream call");
-    // Budget: each answer reports 12 + 34 = 46 billed tokens. The one that crosses 50 is
-    // served, the next refused until midnight UTC.
+    // Budget: each answer reports 12 + 34 (+ 6 thoughts, billed output) = 52 tokens. The
+    // one that crosses 100 is served, the next refused until midnight UTC.
     assert_eq!(
         generate_as(&t, "ck-bot", "gemini-2.5-flash").await.status,
         200

@@ -1,7 +1,7 @@
 //! `[[clients]]`: named clients, each with its key, what it may use (providers, model
 //! globs) and its limits (`rpm`, `tpm`, `tokens_per_day`, `tokens_per_month`).
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::raw::RawClient;
 use super::{ConfigError, Validator};
@@ -26,6 +26,7 @@ impl Validator<'_> {
         &self,
         raw: Vec<RawClient>,
         providers: &[String],
+        unnamed: &[SecretString],
     ) -> Result<Vec<ClientConfig>, ConfigError> {
         let mut out: Vec<ClientConfig> = Vec::new();
         for (i, c) in raw.into_iter().enumerate() {
@@ -38,6 +39,18 @@ impl Validator<'_> {
                 ));
             }
             let key = self.secret(&at("key"), &c.key)?;
+            // One key, one client: a shared key could never tell them apart.
+            let taken = out
+                .iter()
+                .map(|o| &o.key)
+                .chain(unnamed)
+                .any(|k| k.expose_secret() == key.expose_secret());
+            if taken {
+                return Err(self.err(
+                    at("key"),
+                    "this key is already another client's (or one of server.client_keys): give every client its own key",
+                ));
+            }
             if let Some(list) = &c.providers {
                 if let Some(unknown) = list.iter().find(|p| !providers.contains(p)) {
                     return Err(self.err(

@@ -214,7 +214,7 @@ impl Validator<'_> {
         let alerts = self.alerts(raw.alerts)?;
         let store = self.store(raw.store, &refresh)?;
         let names: Vec<String> = providers.iter().map(|p| p.name.clone()).collect();
-        let clients = self.clients(raw.clients, &names)?;
+        let clients = self.clients(raw.clients, &names, &server.client_keys)?;
         Ok(Config {
             source: self.file.to_string(),
             server,

@@ -74,7 +74,12 @@ impl<'a> LazyModel<'a> {
         }
         static MODEL: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
             std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"model\""));
-        MODEL.find(body).map(|_| ModelOf::InBody(body.clone()))
+        MODEL.find(body)?;
+        // A large body is not kept for the whole answer: its model is read now.
+        if body.len() > 4096 {
+            return providers::request_model("", body).map(ModelOf::Known);
+        }
+        Some(ModelOf::InBody(body.clone()))
     }
 
     pub(super) fn get(&mut self) -> Option<&str> {

@@ -351,6 +351,12 @@ fn metered(
     if !resp.status().is_success() {
         return resp;
     }
+    // A compressed answer cannot be read for usage (tokenrelay does not decompress):
+    // it is counted as one without usage.
+    let compressed = resp
+        .headers()
+        .get(http::header::CONTENT_ENCODING)
+        .is_some_and(|v| v != "identity");
     let Some(model) = model.for_meter(body) else {
         return resp;
     };
@@ -363,6 +369,10 @@ fn metered(
                 .with_label_values(&[&pool.config.name])
         })
         .clone();
+    if compressed {
+        unknown.inc();
+        return resp;
+    }
     let tally = Tally {
         metrics: Arc::clone(&s.metrics),
         credential: cred,

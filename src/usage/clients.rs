@@ -192,20 +192,21 @@ impl Client {
     }
 }
 
+/// Moves the windows forward (never back: a clock stepped back does not reset a budget).
 fn roll(c: &mut Counts, now_ms: i64) {
     let minute = now_ms.div_euclid(60_000);
-    if c.minute != minute {
+    if minute > c.minute {
         c.minute = minute;
         c.requests_in_minute = 0;
         c.tokens_in_minute = 0;
     }
     let day = now_ms.div_euclid(86_400_000);
-    if c.day != day {
+    if day > c.day {
         c.day = day;
         c.tokens_in_day = 0;
     }
     let month = month_of(now_ms);
-    if c.month != month {
+    if month > c.month {
         c.month = month;
         c.tokens_in_month = 0;
     }
@@ -235,8 +236,10 @@ fn year_month(now_ms: i64) -> (i64, i64) {
 fn next_month_ms(now_ms: i64) -> i64 {
     let (y, m) = year_month(now_ms);
     let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-    jiff::civil::date(y as i16, m as i8, 1)
-        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+    i16::try_from(y)
+        .ok()
+        .and_then(|y| jiff::civil::Date::new(y, m as i8, 1).ok())
+        .and_then(|d| d.to_zoned_datetime(jiff::tz::TimeZone::UTC).ok())
         .map(|z| z.timestamp().as_millisecond())
         .unwrap_or(now_ms + 31 * 86_400_000)
 }

@@ -19,12 +19,21 @@ pub struct Usage {
     pub completion: u64,
     pub cached: u64,
     pub thoughts: u64,
+    /// Gemini reports thoughts beside the candidates (OpenAI's completion includes
+    /// reasoning): they are output the upstream bills, so limits count them too.
+    pub thoughts_apart: bool,
 }
 
 impl Usage {
-    /// What `tpm` and budgets count: prompt + completion.
+    /// What `tpm` and budgets count: prompt + completion (+ Gemini's thoughts, which its
+    /// completion count leaves out).
     pub fn billed(&self) -> u64 {
-        self.prompt.saturating_add(self.completion)
+        let out = if self.thoughts_apart {
+            self.completion.saturating_add(self.thoughts)
+        } else {
+            self.completion
+        };
+        self.prompt.saturating_add(out)
     }
 
     /// Reads a `usageMetadata` (Gemini) or `usage` (OpenAI-style) object.
@@ -36,20 +45,31 @@ impl Usage {
                 completion: n(&v["candidatesTokenCount"]),
                 cached: n(&v["cachedContentTokenCount"]),
                 thoughts: n(&v["thoughtsTokenCount"]),
+                thoughts_apart: true,
             },
-            Key::Usage => Usage {
-                prompt: n(&v["prompt_tokens"]),
-                completion: n(&v["completion_tokens"]),
-                cached: n(&v["prompt_tokens_details"]["cached_tokens"]),
-                thoughts: n(&v["completion_tokens_details"]["reasoning_tokens"]),
-            },
-        };
-        // An object with none of the fields (some other "usage") is not usage.
-        let known = match key {
-            Key::UsageMetadata => {
-                v.get("promptTokenCount").is_some() || v.get("totalTokenCount").is_some()
+            // Chat Completions names them prompt/completion; the Responses API
+            // input/output.
+            Key::Usage => {
+                let either = |a: &Value, b: &Value| a.as_u64().or(b.as_u64()).unwrap_or(0);
+                Usage {
+                    prompt: either(&v["prompt_tokens"], &v["input_tokens"]),
+                    completion: either(&v["completion_tokens"], &v["output_tokens"]),
+                    cached: either(
+                        &v["prompt_tokens_details"]["cached_tokens"],
+                        &v["input_tokens_details"]["cached_tokens"],
+                    ),
+                    thoughts: either(
+                        &v["completion_tokens_details"]["reasoning_tokens"],
+                        &v["output_tokens_details"]["reasoning_tokens"],
+                    ),
+                    thoughts_apart: false,
+                }
             }
-            Key::Usage => v.get("prompt_tokens").is_some() || v.get("total_tokens").is_some(),
+        };
+        // An object with none of the counts (some other "usage") is not usage.
+        let known = match key {
+            Key::UsageMetadata => v.get("promptTokenCount").is_some(),
+            Key::Usage => v.get("prompt_tokens").is_some() || v.get("input_tokens").is_some(),
         };
         known.then_some(u)
     }
@@ -308,55 +328,49 @@ mod tests {
         whole
     }
 
+    fn u(prompt: u64, completion: u64, cached: u64, thoughts: u64, apart: bool) -> Option<Usage> {
+        Some(Usage {
+            prompt,
+            completion,
+            cached,
+            thoughts,
+            thoughts_apart: apart,
+        })
+    }
+
     #[test]
     fn gemini_json_and_sse_answers_report_their_usage_however_they_are_cut() {
         let json = every_cut(&fixture("gemini_generate_content_usage.json"));
         assert_eq!(
             json,
-            Some(Usage {
-                prompt: 12,
-                completion: 34,
-                cached: 2,
-                thoughts: 6
-            }),
+            u(12, 34, 2, 6, true),
             "the escaped key in the model's text is not usage"
         );
         let sse = every_cut(&fixture("gemini_stream_usage.sse"));
+        assert_eq!(sse, u(12, 41, 0, 7, true), "the last event's");
         assert_eq!(
-            sse,
-            Some(Usage {
-                prompt: 12,
-                completion: 41,
-                cached: 0,
-                thoughts: 7
-            }),
-            "the last event's"
+            sse.unwrap().billed(),
+            60,
+            "Gemini's thoughts are billed output"
         );
     }
 
     #[test]
     fn openai_style_answers_report_their_usage_however_they_are_cut() {
         let sse = every_cut(&fixture("openai_stream_usage.sse"));
+        assert_eq!(sse, u(21, 9, 16, 3, false));
         assert_eq!(
-            sse,
-            Some(Usage {
-                prompt: 21,
-                completion: 9,
-                cached: 16,
-                thoughts: 3
-            })
+            sse.unwrap().billed(),
+            30,
+            "completion already includes reasoning"
         );
-        assert_eq!(sse.unwrap().billed(), 30);
         let json = every_cut(&fixture("openai_chat_completion_usage.json"));
-        assert_eq!(
-            json,
-            Some(Usage {
-                prompt: 25,
-                completion: 5,
-                cached: 0,
-                thoughts: 0
-            })
+        assert_eq!(json, u(25, 5, 0, 0, false));
+        // The Responses API's names.
+        let responses = every_cut(
+            br#"{"output":[],"usage":{"input_tokens":7,"output_tokens":4,"total_tokens":11,"output_tokens_details":{"reasoning_tokens":2}}}"#,
         );
+        assert_eq!(responses.map(|u| (u.billed(), u.thoughts)), Some((11, 2)));
     }
 
     #[test]
@@ -364,6 +378,11 @@ mod tests {
         assert_eq!(every_cut(br#"{"ok":true}"#), None);
         assert_eq!(every_cut(br#"data: {"usage":null}"#), None);
         assert_eq!(every_cut(br#"{"usage":{"storage_bytes":5}}"#), None);
+        // A key that ends in `usage` inside a string: the quote before it is escaped.
+        assert_eq!(
+            every_cut(br#"{"a":{"x\"usage":{"prompt_tokens":3}}}"#),
+            None
+        );
         assert_eq!(
             every_cut(br#"{"text":"\"usage\":{\"prompt_tokens\":3}"}"#),
             None
