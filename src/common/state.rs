@@ -89,10 +89,6 @@ impl CoolReason {
             CoolReason::RetryAfter => "retry_after",
         }
     }
-
-    pub fn parse(s: &str) -> Option<CoolReason> {
-        CoolReason::ALL.into_iter().find(|r| r.as_str() == s)
-    }
 }
 
 /// Whom a cool-down was decided for: this credential, or every credential of its project
@@ -111,10 +107,6 @@ impl CoolScope {
             CoolScope::Credential => "credential",
             CoolScope::Project => "project",
         }
-    }
-
-    pub fn parse(s: &str) -> Option<CoolScope> {
-        CoolScope::ALL.into_iter().find(|r| r.as_str() == s)
     }
 }
 

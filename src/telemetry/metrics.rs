@@ -372,11 +372,6 @@ impl Metrics {
         }
     }
 
-    /// Counts an answer that carried no usage.
-    pub fn count_unknown_usage(&self, provider: &str) {
-        self.usage_unknown.with_label_values(&[provider]).inc();
-    }
-
     /// Creates every series of a credential at zero.
     pub fn init_credential(&self, provider: &str, credential: &str) {
         for o in REFRESH_OUTCOMES {

@@ -14,6 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::common::constant_time_eq;
 use crate::config::ClientConfig;
+use crate::quota::window;
 
 /// One named client and its counts.
 pub struct Client {
@@ -137,7 +138,7 @@ impl Client {
     pub fn admit(&self, now_ms: i64) -> Result<(), Refused> {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         roll(&mut c, now_ms);
-        let to_minute = until(now_ms, (now_ms.div_euclid(60_000) + 1) * 60_000);
+        let to_minute = until(now_ms, window::next_minute_ms(now_ms));
         if let Some(l) = self
             .cfg
             .tokens_per_month
@@ -194,7 +195,7 @@ impl Client {
 
 /// Moves the windows forward (never back: a clock stepped back does not reset a budget).
 fn roll(c: &mut Counts, now_ms: i64) {
-    let minute = now_ms.div_euclid(60_000);
+    let minute = window::minute_of(now_ms);
     if minute > c.minute {
         c.minute = minute;
         c.requests_in_minute = 0;

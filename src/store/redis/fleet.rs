@@ -140,7 +140,15 @@ impl Fleet {
     }
 
     /// Raises the fleet-wide cool-down of `name` (only if later) and tells the peers.
-    fn share_cooldown(&self, name: &str, model: Option<&str>, until_ms: i64, why: i64) {
+    fn share_cooldown(
+        &self,
+        name: &str,
+        model: Option<&str>,
+        until_ms: i64,
+        reason: CoolReason,
+        scope: CoolScope,
+    ) {
+        let why = why_code(reason, scope);
         let key = self.key(name, "cool");
         let _: Result<i64, _> = self.run("cooldown", |c| {
             Script::new(COOL)
@@ -274,7 +282,7 @@ impl Shares for SharedKey {
         scope: CoolScope,
     ) {
         self.fleet
-            .share_cooldown(&self.name, model, until_ms, why_code(reason, scope));
+            .share_cooldown(&self.name, model, until_ms, reason, scope);
     }
 
     fn share_invalid(&self, message: Option<&str>) {
@@ -470,7 +478,7 @@ impl Shares for RedisStore {
         scope: CoolScope,
     ) {
         self.fleet
-            .share_cooldown(&self.name(), model, until_ms, why_code(reason, scope));
+            .share_cooldown(&self.name(), model, until_ms, reason, scope);
     }
 
     fn share_needs_reauth(&self, message: &str) {
