@@ -15,13 +15,16 @@ use crate::lifecycle::pool::Pool;
 use crate::lifecycle::Refresher;
 use crate::ops::admin::{self, AdminState};
 use crate::ops::console::Console;
+use crate::ops::reload::Reloader;
 use crate::proxy::browser::{BrowserGuard, Listener};
 use crate::proxy::server::{self, Limits};
 use crate::proxy::upstream::{Upstream, UpstreamOptions};
 use crate::proxy::{self, ProxyState};
 use crate::store::redis::{Fleet, FleetEvent, FleetMetrics};
+use crate::store::sqlite::UsageDb;
 use crate::telemetry::alert::Alerter;
 use crate::telemetry::metrics::Metrics;
+use crate::usage::ledger::{Backend, Ledger};
 
 /// A running tokenrelay: its bound addresses and a handle to stop it.
 pub struct App {
@@ -29,6 +32,9 @@ pub struct App {
     pub admin_addr: SocketAddr,
     pub pool: Arc<Pool>,
     pub metrics: Arc<Metrics>,
+    /// SIGHUP and `POST /admin/reload`.
+    pub reloader: Arc<Reloader>,
+    pub ledger: Arc<Ledger>,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     grace: Duration,
@@ -72,6 +78,23 @@ impl App {
         }
         tokio::spawn(watch_expiry(Arc::downgrade(&pool)));
         let watcher = watch_credentials(&pool);
+        let clients = Arc::new(arc_swap::ArcSwap::from_pointee(
+            crate::usage::clients::Clients::new(&config.clients, &config.server.client_keys)
+                .with_shared(fleet.as_ref().map(|f| f.counts())),
+        ));
+        let ledger = match &fleet {
+            Some(f) => Ledger::new(Backend::Fleet(f.usage())),
+            None => Ledger::new(Backend::Db(Arc::new(open_usage_db(&config)?))),
+        };
+        ledger
+            .restore(&clients.load(), crate::clock::now_ms())
+            .await;
+        ledger.start();
+        let reloader = Arc::new(Reloader {
+            pool: Arc::clone(&pool),
+            clients: Arc::clone(&clients),
+            config_path: config.path.clone(),
+        });
 
         let proxy_listener = TcpListener::bind(config.server.listen)
             .await
@@ -108,6 +131,8 @@ impl App {
                 admin_port: admin_addr.port(),
             }),
             fleet: fleet.clone(),
+            reloader: Arc::clone(&reloader),
+            ledger: Arc::clone(&ledger),
         }));
 
         let (shutdown, _) = watch::channel(false);
@@ -140,10 +165,6 @@ impl App {
             .iter()
             .flat_map(|p| p.resolve.iter().cloned())
             .collect();
-        let clients = Arc::new(crate::usage::clients::Clients::new(
-            &config.clients,
-            &config.server.client_keys,
-        ));
         let upgrades = Arc::new(tokio::sync::Semaphore::new(config.server.max_connections));
         let apps = (0..config.server.proxy_threads)
             .map(|_| {
@@ -161,6 +182,7 @@ impl App {
                     max_upload_body: config.server.max_upload_body,
                     upgrades: Arc::clone(&upgrades),
                     clients: Arc::clone(&clients),
+                    ledger: Arc::clone(&ledger),
                     pool_config: config.pool.clone(),
                     browser: proxy_guard.clone(),
                 });
@@ -181,6 +203,8 @@ impl App {
             admin_addr,
             pool,
             metrics,
+            reloader,
+            ledger,
             shutdown,
             servers,
             grace: config.server.shutdown_grace,
@@ -196,11 +220,15 @@ impl App {
         // Each server drains its connections for up to the grace period.
         let all = futures_util::future::join_all(self.servers);
         let _ = tokio::time::timeout(self.grace + Duration::from_secs(1), all).await;
+        // What the last answers spent is written before the process ends.
+        if let Err(e) = self.ledger.flush().await {
+            tracing::error!(target: "tokenrelay::usage", error = %e, "usage of the last second not written");
+        }
     }
 }
 
 /// Runs tokenrelay until SIGTERM or Ctrl-C, then drains and returns. SIGHUP reloads the
-/// credentials.
+/// clients and the credentials.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     // Installed before the listeners open: a signal that arrives as soon as tokenrelay
@@ -208,15 +236,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let hup = signal(SignalKind::hangup());
     let term = signal(SignalKind::terminate());
     let app = App::start(config).await?;
-    let pool = Arc::clone(&app.pool);
+    let reloader = Arc::clone(&app.reloader);
     let hup = tokio::spawn(async move {
         let Ok(mut hup) = hup else {
             tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
             return;
         };
         while hup.recv().await.is_some() {
-            tracing::info!(target: "tokenrelay::credentials", "SIGHUP: reloading credentials");
-            pool.reload().await;
+            tracing::info!(target: "tokenrelay::credentials", "SIGHUP: reloading clients and credentials");
+            reloader.reload().await;
         }
     });
     wait_for_stop_signal(term).await;
@@ -224,6 +252,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: draining in-flight requests");
     app.shutdown().await;
     Ok(())
+}
+
+/// The usage database of `[usage] path`. One that was written in the file must open;
+/// the default one falls back to memory, with a warning.
+fn open_usage_db(config: &Config) -> anyhow::Result<UsageDb> {
+    let cfg = &config.usage;
+    match UsageDb::open(cfg.path.as_deref()) {
+        Ok(db) => {
+            tracing::info!(target: "tokenrelay::usage", place = %db.place, "usage and client budgets are kept here");
+            Ok(db)
+        }
+        Err(e) if cfg.explicit => Err(anyhow::anyhow!("{}: usage.path: {e}", config.source)),
+        Err(e) => {
+            tracing::warn!(target: "tokenrelay::usage", error = %e,
+                "usage and client budgets are kept in memory only (lost on restart); set [usage] path to a writable file");
+            UsageDb::open(None).map_err(|e| anyhow::anyhow!(e))
+        }
+    }
 }
 
 /// Reloads the pool when a file in a credential directory changes. Watching the

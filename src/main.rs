@@ -39,6 +39,23 @@ enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Show what a running instance's clients spent: tokens by client, model or
+    /// credential over a time range, and each client's windows against its limits.
+    Usage {
+        /// Group by any of client, provider, model, credential (comma-separated).
+        #[arg(long, default_value = "client")]
+        by: String,
+        /// RFC 3339, unix seconds, or a duration ago.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        #[arg(long)]
+        until: Option<String>,
+        /// One row per bucket of this length (5m, 1h, 1d); default: totals.
+        #[arg(long)]
+        step: Option<String>,
+        #[arg(long)]
+        admin: Option<String>,
+    },
     /// Validate the configuration and credential files offline.
     Check,
     /// Exit 0 if a running instance answers /healthz (for container health checks).
@@ -77,6 +94,23 @@ fn main() -> ExitCode {
             Command::Status { admin } => cli::status(&config, admin.as_deref()).await,
             Command::Refresh { target, admin } => {
                 cli::refresh(&config, admin.as_deref(), target.as_deref()).await
+            }
+            Command::Usage {
+                by,
+                since,
+                until,
+                step,
+                admin,
+            } => {
+                cli::usage(
+                    &config,
+                    admin.as_deref(),
+                    &by,
+                    &since,
+                    until.as_deref(),
+                    step.as_deref(),
+                )
+                .await
             }
             Command::Check => cli::check(&config),
             Command::Health { admin } => cli::health(&config, admin.as_deref()).await,

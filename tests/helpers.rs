@@ -725,7 +725,12 @@ impl Spawn {
 impl TestApp {
     pub fn config(toml: &str) -> Config {
         let env = |k: &str| (k == "HOME").then(|| "/nonexistent-home".to_string());
-        Config::from_toml(toml, "test.toml", &env).expect("test config is valid")
+        let mut config = Config::from_toml(toml, "test.toml", &env).expect("test config is valid");
+        if !toml.contains("[usage]") {
+            // Tests share a working directory: usage stays in memory unless a test says where.
+            config.usage.path = None;
+        }
+        config
     }
 
     /// A TestApp whose fakes run but that tokenrelay does not use yet: the test launches

@@ -23,7 +23,7 @@ async fn call(t: &crate::helpers::TestApp, model: &str) -> reqwest::Response {
 
 /// Waits until the clock minute has at least `margin` seconds left, so that a test's
 /// requests fall in one minute window.
-async fn early_in_a_minute(margin: i64) {
+pub async fn early_in_a_minute(margin: i64) {
     while 60 - (crate::helpers::now_ms() / 1000) % 60 < margin {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

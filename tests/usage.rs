@@ -80,6 +80,45 @@ async fn usage_in_json_and_sse_answers_is_counted_by_model_client_and_credential
     t.assert_metric(r#"tokenrelay_credential_tokens_total{credential="sse",kind="completion",provider="gemini"} 82"#).await;
     t.assert_metric(r#"tokenrelay_usage_unknown_total{provider="gemini"} 0"#)
         .await;
+    // The same sums in /admin/usage, by credential and in minute buckets.
+    let (status, usage) = t
+        .admin_json("/admin/usage?by=client,model,credential&since=1h")
+        .await;
+    assert_eq!(status, 200, "{usage}");
+    let rows = usage["rows"].as_array().unwrap();
+    let row = |cred: &str| {
+        rows.iter()
+            .find(|r| r["credential"] == cred)
+            .unwrap_or_else(|| panic!("{usage}"))
+    };
+    assert_eq!(
+        (
+            row("json")["prompt"].as_u64(),
+            row("json")["completion"].as_u64()
+        ),
+        (Some(24), Some(68))
+    );
+    assert_eq!(row("sse")["completion"], 82);
+    assert_eq!(row("sse")["model"], "gemini-2.5-flash");
+    assert_eq!(row("sse")["client"], "-");
+    assert_eq!(usage["total"]["prompt"], 48);
+    assert_eq!(usage["total"]["thoughts"], 26);
+    assert_eq!(usage["total"]["answers"], 4);
+    let (_, stepped) = t.admin_json("/admin/usage?by=model&since=1h&step=1m").await;
+    let sum: u64 = stepped["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["completion"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, 150, "{stepped}");
+    assert_eq!(stepped["resolution_seconds"], 60);
+    let (status, bad) = t.admin_json("/admin/usage?by=user").await;
+    assert_eq!(status, 400);
+    assert!(
+        bad["error"]["message"].as_str().unwrap().contains("by"),
+        "{bad}"
+    );
 }
 
 #[tokio::test]
@@ -274,4 +313,155 @@ rpm = 2"#,
     )
     .await;
     assert!(!t.metrics().await.contains("ck-"), "no key in the metrics");
+}
+
+/// The TOML of one Gemini key answering with usage, a client with a day budget of 100
+/// tokens (each answer costs 52), and usage kept in `db`.
+fn budget_toml(upstream: &str, db: &std::path::Path) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[usage]
+path = "{}"
+[[clients]]
+name = "bot"
+key = "ck-bot"
+tokens_per_day = 100
+[providers.gemini]
+upstream = "{upstream}"
+credentials = []
+api_keys = [{{ key = "AIza-a", id = "a" }}]"#,
+        db.display()
+    )
+}
+
+#[tokio::test]
+async fn usage_and_budgets_survive_a_restart() {
+    let up = KeyUpstream::start(
+        false,
+        &[(
+            "AIza-a",
+            Key::Stream {
+                file: "gemini_generate_content_usage.json",
+                content_type: "application/json",
+            },
+        )],
+    )
+    .await;
+    let mut t = crate::helpers::TestApp::empty().await;
+    let db = t.dir.path().join("state/usage.db");
+    let toml = budget_toml(&up.url, &db);
+    t.launch(&toml).await;
+    for _ in 0..2 {
+        assert_eq!(
+            generate_as(&t, "ck-bot", "gemini-2.5-flash").await.status,
+            200
+        );
+    }
+    assert_eq!(
+        generate_as(&t, "ck-bot", "gemini-2.5-flash").await.status,
+        429
+    );
+    t.app.take().unwrap().shutdown().await;
+    // A new process on the same file: the day's budget is still spent.
+    t.launch(&toml).await;
+    let (_, ready) = t.admin_json("/readyz").await;
+    assert_eq!(ready["store"]["usage"], "sqlite", "{ready}");
+    let r = generate_as(&t, "ck-bot", "gemini-2.5-flash").await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.body["error"]["reason"], "client_budget_exhausted");
+    assert_eq!(up.hits().len(), 2, "refused without an upstream call");
+    let (_, usage) = t.admin_json("/admin/usage?since=2h").await;
+    assert_eq!(usage["store"], "sqlite");
+    assert_eq!(usage["total"]["tokens"], 104, "{usage}");
+    assert_eq!(usage["total"]["answers"], 2, "{usage}");
+    assert_eq!(usage["clients"][0]["spent"]["tokens_today"], 104, "{usage}");
+    assert_eq!(
+        usage["clients"][0]["limits"]["tokens_per_day"], 100,
+        "{usage}"
+    );
+}
+
+#[tokio::test]
+async fn clients_are_reloaded_from_the_file_and_keep_their_counts() {
+    let up = KeyUpstream::start(false, &[("AIza-a", Key::Good)]).await;
+    let mut t = crate::helpers::TestApp::empty().await;
+    let file = t.dir.path().join("config.toml");
+    let base = format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[usage]
+path = ":memory:"
+[providers.gemini]
+upstream = "{}"
+credentials = []
+api_keys = [{{ key = "AIza-a", id = "a" }}]
+"#,
+        up.url
+    );
+    std::fs::write(
+        &file,
+        format!("{base}[[clients]]\nname = \"bot\"\nkey = \"ck-one\"\nrpm = 2\n"),
+    )
+    .unwrap();
+    let env = |k: &str| std::env::var(k).ok();
+    let app = tokenrelay::App::start(tokenrelay::Config::from_file(&file, &env).unwrap())
+        .await
+        .unwrap();
+    t.proxy = format!("http://{}", app.proxy_addr);
+    t.admin = format!("http://{}", app.admin_addr);
+    t.app = Some(app);
+    crate::quota::early_in_a_minute(15).await;
+    assert_eq!(
+        generate_as(&t, "ck-one", "gemini-2.5-flash").await.status,
+        200
+    );
+    assert_eq!(
+        generate_as(&t, "ck-new", "gemini-2.5-flash").await.status,
+        401
+    );
+    // The key changes, a client joins.
+    std::fs::write(
+        &file,
+        format!("{base}[[clients]]\nname = \"bot\"\nkey = \"ck-two\"\nrpm = 2\n[[clients]]\nname = \"new\"\nkey = \"ck-new\"\n"),
+    )
+    .unwrap();
+    let (status, report) = t.admin_post("/admin/reload").await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        generate_as(&t, "ck-one", "gemini-2.5-flash").await.status,
+        401
+    );
+    assert_eq!(
+        generate_as(&t, "ck-new", "gemini-2.5-flash").await.status,
+        200
+    );
+    // bot kept its count: one request before the reload, one now, the third refused.
+    assert_eq!(
+        generate_as(&t, "ck-two", "gemini-2.5-flash").await.status,
+        200
+    );
+    assert_eq!(
+        generate_as(&t, "ck-two", "gemini-2.5-flash").await.status,
+        429
+    );
+    // A file that no longer validates: reported, and the clients stay as they were.
+    std::fs::write(
+        &file,
+        format!("{base}[[clients]]\nname = \"bot\"\nkey = \"ck-two\"\nrpm = 0\n"),
+    )
+    .unwrap();
+    let (status, report) = t.admin_post("/admin/reload").await;
+    assert_eq!(status, 422, "{report}");
+    let errors = report["errors"].to_string();
+    assert!(
+        errors.contains("clients[0].rpm") && errors.contains("clients not reloaded"),
+        "{errors}"
+    );
+    assert_eq!(
+        generate_as(&t, "ck-new", "gemini-2.5-flash").await.status,
+        200
+    );
 }

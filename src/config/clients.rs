@@ -21,6 +21,16 @@ pub struct ClientConfig {
     pub tokens_per_month: Option<u64>,
 }
 
+impl ClientConfig {
+    /// Whether any window limits it.
+    pub fn has_limits(&self) -> bool {
+        self.rpm.is_some()
+            || self.tpm.is_some()
+            || self.tokens_per_day.is_some()
+            || self.tokens_per_month.is_some()
+    }
+}
+
 impl Validator<'_> {
     pub(super) fn clients(
         &self,

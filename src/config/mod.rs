@@ -14,6 +14,7 @@ mod provider;
 mod raw;
 mod server;
 mod store;
+mod usage;
 mod values;
 
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ pub use self::provider::{
 };
 pub use self::server::{validate_host_rule, validate_origin, ServerConfig};
 pub use self::store::StoreConfig;
+pub use self::usage::UsageConfig;
 pub use self::values::{parse_duration, parse_size};
 pub use crate::providers::ProviderKind;
 use raw::{RawConfig, RawProvider};
@@ -67,6 +69,11 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     /// `[[clients]]`: named clients with their keys, scopes and limits.
     pub clients: Vec<ClientConfig>,
+    /// `[usage]`: where usage and budgets are kept on one machine.
+    pub usage: UsageConfig,
+    /// The file this came from (`None`: built-in defaults or text): re-read on reload
+    /// for `[[clients]]` and `server.client_keys`.
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,7 +126,9 @@ impl Config {
             file: file.clone(),
             source,
         })?;
-        Self::from_toml(&text, &file, env)
+        let mut config = Self::from_toml(&text, &file, env)?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `file` names it in errors.
@@ -215,6 +224,7 @@ impl Validator<'_> {
         let store = self.store(raw.store, &refresh)?;
         let names: Vec<String> = providers.iter().map(|p| p.name.clone()).collect();
         let clients = self.clients(raw.clients, &names, &server.client_keys)?;
+        let usage = self.usage(raw.usage, &refresh)?;
         Ok(Config {
             source: self.file.to_string(),
             server,
@@ -224,6 +234,8 @@ impl Validator<'_> {
             store,
             providers,
             clients,
+            usage,
+            path: None,
         })
     }
 

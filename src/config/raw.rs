@@ -16,6 +16,13 @@ pub(super) struct RawConfig {
     pub(super) store: RawStore,
     pub(super) providers: Option<BTreeMap<String, RawProvider>>,
     pub(super) clients: Vec<RawClient>,
+    pub(super) usage: RawUsage,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawUsage {
+    pub(super) path: Option<String>,
 }
 
 /// One `[[clients]]` entry.

@@ -34,6 +34,10 @@ pub struct AdminState {
     pub console: Arc<console::Console>,
     /// Fleet mode: the Redis connection, for `/readyz`.
     pub fleet: Option<Arc<crate::store::redis::Fleet>>,
+    /// `POST /admin/reload`: the clients and every credential.
+    pub reloader: Arc<super::reload::Reloader>,
+    /// Usage history (`/admin/usage`).
+    pub ledger: Arc<crate::usage::ledger::Ledger>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -41,6 +45,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/admin/credentials", get(credentials))
         .route("/admin/refresh", post(refresh_all))
         .route("/admin/reload", post(reload))
+        .route("/admin/usage", get(super::usage::usage))
         .route(
             "/admin/credentials/{provider}/{id}/refresh",
             post(refresh_one),
@@ -265,15 +270,13 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
         Some(f) => json!({"kind": "redis", "up": false, "replica": f.replica,
             "message": "Redis is unreachable: rotating credentials do not refresh (they serve until expiry), cool-downs are local; nothing is lost when it is back"}),
     };
-    // Declared limits in fleet mode: counted fleet-wide only while their connection is up.
-    if let Some(counted) = s
-        .pool
-        .providers
-        .iter()
-        .find_map(|p| p.limits.shared_connected())
-    {
-        store["limits_shared"] = json!(counted);
+    // Declared and client limits in fleet mode: counted fleet-wide only while their
+    // connection is up.
+    if let Some(f) = &s.fleet {
+        store["limits_shared"] = json!(f.counts().connected());
     }
+    // Where usage and client budgets are kept: "sqlite", "memory" or "redis".
+    store["usage"] = json!(s.ledger.kind());
     (
         status,
         Json(json!({ "ready": ready, "providers": providers, "store": store })),
@@ -347,7 +350,7 @@ async fn refresh_credential(c: Arc<Credential>) -> RefreshOutcome {
 }
 
 async fn reload(State(s): State<Arc<AdminState>>) -> Response {
-    let report = s.pool.reload().await;
+    let report = s.reloader.reload().await;
     let status = if report.errors.is_empty() {
         StatusCode::OK
     } else {

@@ -1,5 +1,5 @@
-//! The operator commands: `status` and `refresh` talk to a running instance's admin
-//! listener; `check` validates the configuration and credential files offline.
+//! The operator commands: `status`, `refresh` and `usage` talk to a running instance's
+//! admin listener; `check` validates the configuration and credential files offline.
 //!
 //! Output is for people (aligned tables, one line per credential); exit codes are for
 //! scripts: 0 all good, 1 something needs attention, 2 could not run at all.
@@ -378,17 +378,25 @@ fn human_secs(s: i64) -> String {
 
 /// Left-aligned columns separated by two spaces; the last column is not padded.
 fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.to_vec()).collect();
+    grid(&header, &rows)
+}
+
+/// `table` with as many columns as the header has.
+fn grid(header: &[String], rows: &[Vec<String>]) -> String {
+    let n = header.len();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
+    for cells in std::iter::once(header).chain(rows.iter().map(Vec::as_slice)) {
         let mut l = String::new();
         for (i, c) in cells.iter().enumerate() {
-            if i + 1 == N {
+            if i + 1 == n {
                 l.push_str(c);
             } else {
                 let _ = write!(l, "{c:<w$}  ", w = widths[i]);
@@ -396,10 +404,139 @@ fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
         }
         out.push_str(l.trim_end());
         out.push('\n');
+    }
+    out
+}
+
+/// `tokenrelay usage`: what was spent, grouped (`by`) over a range, and each named
+/// client's windows against its limits.
+pub async fn usage(
+    config: &Config,
+    admin: Option<&str>,
+    by: &str,
+    since: &str,
+    until: Option<&str>,
+    step: Option<&str>,
+) -> anyhow::Result<i32> {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query.append_pair("by", by).append_pair("since", since);
+    if let Some(u) = until {
+        query.append_pair("until", u);
+    }
+    if let Some(s) = step {
+        query.append_pair("step", s);
+    }
+    let path = format!("/admin/usage?{}", query.finish());
+    let (code, body) = call(config, admin, reqwest::Method::GET, &path).await?;
+    if code != 200 {
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        anyhow::bail!("admin listener answered HTTP {code}: {message}");
+    }
+    print!("{}", usage_table(&body));
+    Ok(0)
+}
+
+/// The usage answer as tables: rows (with their bucket when stepped), a total, clients.
+fn usage_table(body: &Value) -> String {
+    let by: Vec<String> = body["by"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| b.as_str())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let stepped = body["step_seconds"].is_number();
+    const KINDS: [&str; 7] = [
+        "answers",
+        "prompt",
+        "completion",
+        "cached",
+        "thoughts",
+        "tokens",
+        "unknown",
+    ];
+    let mut header: Vec<String> = Vec::new();
+    if stepped {
+        header.push("START".into());
+    }
+    header.extend(by.iter().map(|b| b.to_uppercase()));
+    header.extend(
+        [
+            "ANSWERS",
+            "PROMPT",
+            "COMPLETION",
+            "CACHED",
+            "THOUGHTS",
+            "TOKENS",
+            "NO USAGE",
+        ]
+        .map(String::from),
+    );
+    let cells = |r: &Value, head: Vec<String>| -> Vec<String> {
+        let mut row = head;
+        row.extend(
+            KINDS
+                .iter()
+                .map(|k| r[*k].as_u64().unwrap_or(0).to_string()),
+        );
+        row
     };
-    line(header.to_vec());
-    for r in rows {
-        line(r.iter().map(String::as_str).collect());
+    let mut rows: Vec<Vec<String>> = body["rows"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|r| {
+                    let mut head = Vec::new();
+                    if stepped {
+                        head.push(r["start"].as_str().unwrap_or("?").to_string());
+                    }
+                    head.extend(by.iter().map(|b| r[b].as_str().unwrap_or("-").to_string()));
+                    cells(r, head)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut total_head = vec!["TOTAL".to_string()];
+    total_head.resize(header.len() - KINDS.len(), String::new());
+    rows.push(cells(&body["total"], total_head));
+    let mut out = format!(
+        "usage from {} to {} ({}):\n",
+        body["since"].as_str().unwrap_or("?"),
+        body["until"].as_str().unwrap_or("?"),
+        body["store"].as_str().unwrap_or("?")
+    );
+    out.push_str(&grid(&header, &rows));
+    let clients = body["clients"].as_array().cloned().unwrap_or_default();
+    if !clients.is_empty() {
+        let spent = |c: &Value, s: &str, l: &str| match c["limits"][l].as_u64() {
+            Some(limit) => format!("{} / {limit}", c["spent"][s].as_u64().unwrap_or(0)),
+            None => c["spent"][s].as_u64().unwrap_or(0).to_string(),
+        };
+        let rows: Vec<[String; 5]> = clients
+            .iter()
+            .map(|c| {
+                [
+                    c["name"].as_str().unwrap_or("?").to_string(),
+                    spent(c, "requests_in_minute", "rpm"),
+                    spent(c, "tokens_in_minute", "tpm"),
+                    spent(c, "tokens_today", "tokens_per_day"),
+                    spent(c, "tokens_this_month", "tokens_per_month"),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "CLIENT",
+                "REQUESTS THIS MINUTE",
+                "TOKENS THIS MINUTE",
+                "TOKENS TODAY (UTC)",
+                "TOKENS THIS MONTH",
+            ],
+            &rows,
+        ));
     }
     out
 }

@@ -1,6 +1,7 @@
 //! Operations: what operators see and drive. The admin listener (`admin`) and its
-//! operator page (`console`), the command line (`cli`: status, refresh, check; `login`:
-//! the terminal side of re-authentication) and the log writer. Metrics and alerts, which
+//! operator page (`console`), the command line (`cli`: status, refresh, check, usage; `login`:
+//! the terminal side of re-authentication), reload without a restart (`reload`) and the
+//! log writer. Metrics and alerts, which
 //! the lifecycle reports into, live below in `telemetry/`.
 
 pub mod admin;
@@ -8,3 +9,5 @@ pub mod cli;
 pub mod console;
 pub mod login;
 pub mod logwriter;
+pub mod reload;
+pub mod usage;

@@ -57,7 +57,7 @@ pub(super) async fn admit(
     body: Body,
     upgrade: bool,
 ) -> Result<Admitted, ProxyError> {
-    let (who, query_key) = match client_key(&s.clients, &parts.headers, parts.uri.query()) {
+    let (who, query_key) = match client_key(&s.clients.load(), &parts.headers, parts.uri.query()) {
         ClientKey::Missing => {
             return Err(ProxyError::new(
                 Reason::Unauthorized,

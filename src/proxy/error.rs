@@ -26,6 +26,8 @@ pub enum Reason {
     ClientForbidden,
     ClientRateLimited,
     ClientBudgetExhausted,
+    /// The usage store could not answer (admin API only).
+    StoreUnavailable,
 }
 
 impl Reason {
@@ -46,12 +48,15 @@ impl Reason {
             Reason::ClientForbidden => "client_forbidden",
             Reason::ClientRateLimited => "client_rate_limited",
             Reason::ClientBudgetExhausted => "client_budget_exhausted",
+            Reason::StoreUnavailable => "store_unavailable",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
-            Reason::NoUsableCredential => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::NoUsableCredential | Reason::StoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Reason::TokenEndpointUnreachable | Reason::UpstreamUnreachable => {
                 StatusCode::BAD_GATEWAY
             }
@@ -73,6 +78,7 @@ impl Reason {
     fn rpc_status(self) -> &'static str {
         match self {
             Reason::NoUsableCredential
+            | Reason::StoreUnavailable
             | Reason::TokenEndpointUnreachable
             | Reason::UpstreamUnreachable => "UNAVAILABLE",
             Reason::AllCredentialsRateLimited

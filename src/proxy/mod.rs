@@ -33,6 +33,7 @@ pub mod websocket;
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
@@ -48,6 +49,7 @@ use crate::lifecycle::Credential;
 use crate::proxy::error::{ProxyError, Reason};
 use crate::telemetry::metrics::Metrics;
 use crate::usage::clients::{Client, Clients, Refused, Who};
+use crate::usage::ledger::Ledger;
 use crate::usage::meter::{Metered, Tally};
 use admit::{provider_names, split_path, Admitted, RequestBody};
 use attempt::{Attempts, Outcome};
@@ -61,8 +63,11 @@ pub struct ProxyState {
     pub metrics: Arc<Metrics>,
     pub max_request_body: usize,
     pub max_upload_body: u64,
-    /// Named clients (`[[clients]]`) and `server.client_keys` (unnamed ones).
-    pub clients: Arc<Clients>,
+    /// Named clients (`[[clients]]`) and `server.client_keys` (unnamed ones); replaced
+    /// on reload.
+    pub clients: Arc<ArcSwap<Clients>>,
+    /// Where answers' usage is added up and kept.
+    pub ledger: Arc<Ledger>,
     pub pool_config: PoolConfig,
     pub browser: BrowserGuard,
     /// Open WebSocket splices, shared by every proxy thread (`server.max_connections`).
@@ -160,7 +165,7 @@ pub async fn handle(s: &ProxyState, req: Request) -> Response {
         .duration
         .get_or_init(|| s.metrics.request_duration.with_label_values(&[provider]))
         .observe(elapsed.as_secs_f64());
-    if s.clients.required() {
+    if s.clients.load().required() {
         s.metrics
             .client_requests
             .with_label_values(&[
@@ -247,12 +252,8 @@ async fn serve(
     let client = match who {
         Who::Named(c) => {
             trail.client = Some(Arc::clone(&c.name));
-            let admitted = c
-                .may_use(&pool.config.name, model.get())
-                .and_then(|()| c.admit(crate::clock::now_ms()));
-            if let Err(refused) = admitted {
-                return Err(refusal(refused));
-            }
+            c.may_use(&pool.config.name, model.get()).map_err(refusal)?;
+            c.admit(crate::clock::now_ms()).await.map_err(refusal)?;
             Some(c)
         }
         Who::Unnamed | Who::Anyone => None,
@@ -369,17 +370,18 @@ fn metered(
                 .with_label_values(&[&pool.config.name])
         })
         .clone();
-    if compressed {
-        unknown.inc();
-        return resp;
-    }
     let tally = Tally {
         metrics: Arc::clone(&s.metrics),
+        ledger: Arc::clone(&s.ledger),
         credential: cred,
         model,
         client,
         unknown,
     };
+    if compressed {
+        tally.count(None);
+        return resp;
+    }
     resp.map(|body| Body::new(Metered::new(body, tally)))
 }
 

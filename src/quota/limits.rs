@@ -249,15 +249,6 @@ impl Limits {
         }
     }
 
-    /// Whether the fleet's counts have a connection (`None`: not in fleet mode or no limit
-    /// declared), for `/readyz`.
-    pub fn shared_connected(&self) -> Option<bool> {
-        if self.declared.is_empty() {
-            return None;
-        }
-        self.shared.as_ref().map(|s| s.connected())
-    }
-
     /// This replica's use of each declared entry: the highest among its scopes.
     pub fn usage(&self, now_ms: i64) -> Vec<Use> {
         let minute = window::minute_of(now_ms);

@@ -21,6 +21,7 @@
 pub mod file;
 pub mod redis;
 pub mod shape;
+pub mod sqlite;
 
 pub use file::{write_atomically, FileStore, LOCK_STALE_AFTER};
 

@@ -328,7 +328,7 @@ impl Metrics {
 
     /// A model name as a label: the first `MAX_MODEL_LABELS` sane names, then `other`
     /// (model names come from requests).
-    fn model_label<'a>(&self, model: &'a str) -> &'a str {
+    pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
         let sane = !model.is_empty()
             && model.len() <= 80
             && model
@@ -345,7 +345,8 @@ impl Metrics {
         }
     }
 
-    /// Counts an answer's usage by model and client, and by credential.
+    /// Counts an answer's usage by model (a name `model_label` gave) and client, and by
+    /// credential.
     pub fn count_usage(
         &self,
         provider: &str,
@@ -354,7 +355,6 @@ impl Metrics {
         credential: Option<&str>,
         u: &crate::usage::Usage,
     ) {
-        let model = self.model_label(model);
         for (kind, n) in [
             ("prompt", u.prompt),
             ("completion", u.completion),

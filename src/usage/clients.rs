@@ -6,6 +6,11 @@
 //! UTC; `tokens_per_month`: the 1st of the month, UTC).
 //!
 //! Keys are compared in constant time, against every key (no early exit).
+//!
+//! In fleet mode the windows are also counted in Redis (`SharedCounts::take_client`), so a
+//! limit holds for the fleet: this replica's own count refuses first (it never exceeds
+//! the fleet's), then Redis decides within `store.limit_timeout`; when Redis does not
+//! answer in time, the replica's own count decides.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,12 +20,25 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::common::constant_time_eq;
 use crate::config::ClientConfig;
 use crate::quota::window;
+use crate::store::redis::counts::{ClientFull, ClientTake, SharedCounts};
 
 /// One named client and its counts.
 pub struct Client {
     pub name: Arc<str>,
     cfg: ClientConfig,
-    counts: Mutex<Counts>,
+    /// Shared with the client of the same name after a reload.
+    counts: Arc<Mutex<Counts>>,
+    /// Fleet mode: the fleet's count.
+    shared: Option<Arc<SharedCounts>>,
+}
+
+/// What a client spent in its current windows (restored after a restart).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spent {
+    pub requests_in_minute: u64,
+    pub tokens_in_minute: u64,
+    pub tokens_in_day: u64,
+    pub tokens_in_month: u64,
 }
 
 #[derive(Debug, Default)]
@@ -59,22 +77,46 @@ pub enum Refused {
 pub struct Clients {
     named: Vec<Arc<Client>>,
     unnamed: Vec<SecretString>,
+    shared: Option<Arc<SharedCounts>>,
 }
 
 impl Clients {
     pub fn new(named: &[ClientConfig], unnamed: &[SecretString]) -> Clients {
+        Clients::default().reloaded(named, unnamed)
+    }
+
+    /// Counts limits fleet-wide too.
+    pub fn with_shared(mut self, shared: Option<Arc<SharedCounts>>) -> Clients {
+        for c in &mut self.named {
+            if let Some(c) = Arc::get_mut(c) {
+                c.shared = shared.clone().filter(|_| c.cfg.has_limits());
+            }
+        }
+        self.shared = shared;
+        self
+    }
+
+    /// The clients of a new configuration; one that keeps its name keeps its counts.
+    pub fn reloaded(&self, named: &[ClientConfig], unnamed: &[SecretString]) -> Clients {
         Clients {
             named: named
                 .iter()
-                .map(|c| {
+                .map(|cfg| {
+                    let counts = self
+                        .named
+                        .iter()
+                        .find(|old| *old.name == *cfg.name)
+                        .map_or_else(Arc::default, |old| Arc::clone(&old.counts));
                     Arc::new(Client {
-                        name: Arc::from(c.name.as_str()),
-                        cfg: c.clone(),
-                        counts: Mutex::default(),
+                        name: Arc::from(cfg.name.as_str()),
+                        shared: self.shared.clone().filter(|_| cfg.has_limits()),
+                        cfg: cfg.clone(),
+                        counts,
                     })
                 })
                 .collect(),
             unnamed: unnamed.to_vec(),
+            shared: self.shared.clone(),
         }
     }
 
@@ -134,62 +176,145 @@ impl Client {
     }
 
     /// Admits one request now (counting it against `rpm`), or says which limit refuses it
-    /// and until when.
-    pub fn admit(&self, now_ms: i64) -> Result<(), Refused> {
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        roll(&mut c, now_ms);
-        let to_minute = until(now_ms, window::next_minute_ms(now_ms));
-        if let Some(l) = self
-            .cfg
-            .tokens_per_month
-            .filter(|l| c.tokens_in_month >= *l)
-        {
-            return Err(Refused::BudgetExhausted(
-                format!(
-                    "client {} has spent its {l} tokens of this month (UTC)",
-                    self.name
-                ),
-                until(now_ms, next_month_ms(now_ms)),
-            ));
+    /// and until when. In fleet mode Redis is asked too (within `store.limit_timeout`).
+    pub async fn admit(&self, now_ms: i64) -> Result<(), Refused> {
+        self.admit_locally(now_ms)?;
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let take = ClientTake {
+            minute: window::minute_of(now_ms),
+            day: now_ms.div_euclid(86_400_000),
+            month: month_of(now_ms),
+            rpm: self.cfg.rpm.unwrap_or(0),
+            tpm: self.cfg.tpm.unwrap_or(0),
+            tpd: self.cfg.tokens_per_day.unwrap_or(0),
+            tpmo: self.cfg.tokens_per_month.unwrap_or(0),
+        };
+        match shared.take_client(&self.name, take).await {
+            Ok(Some(full)) => {
+                let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+                c.requests_in_minute = c.requests_in_minute.saturating_sub(1);
+                Err(self.refusal(full, now_ms))
+            }
+            // Taken, or Redis did not answer in time: this replica's count decided.
+            Ok(None) | Err(()) => Ok(()),
         }
-        if let Some(l) = self.cfg.tokens_per_day.filter(|l| c.tokens_in_day >= *l) {
-            return Err(Refused::BudgetExhausted(
-                format!(
-                    "client {} has spent its {l} tokens of today (UTC)",
-                    self.name
-                ),
-                until(now_ms, (now_ms.div_euclid(86_400_000) + 1) * 86_400_000),
-            ));
-        }
-        if let Some(l) = self.cfg.tpm.filter(|l| c.tokens_in_minute >= *l) {
-            return Err(Refused::RateLimited(
-                format!(
-                    "client {} has spent its {l} tokens of this minute",
-                    self.name
-                ),
-                to_minute,
-            ));
-        }
-        if let Some(l) = self.cfg.rpm.filter(|l| c.requests_in_minute >= *l) {
-            return Err(Refused::RateLimited(
-                format!(
-                    "client {} has made its {l} requests of this minute",
-                    self.name
-                ),
-                to_minute,
-            ));
-        }
-        c.requests_in_minute += 1;
-        Ok(())
     }
 
-    /// Counts the tokens an answer reported (prompt + completion).
-    pub fn spend(&self, tokens: u64, now_ms: i64) {
+    fn admit_locally(&self, now_ms: i64) -> Result<(), Refused> {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         roll(&mut c, now_ms);
-        c.tokens_in_minute += tokens;
-        c.tokens_in_day += tokens;
-        c.tokens_in_month += tokens;
+        let full = if self
+            .cfg
+            .tokens_per_month
+            .is_some_and(|l| c.tokens_in_month >= l)
+        {
+            Some(ClientFull::Month)
+        } else if self
+            .cfg
+            .tokens_per_day
+            .is_some_and(|l| c.tokens_in_day >= l)
+        {
+            Some(ClientFull::Day)
+        } else if self.cfg.tpm.is_some_and(|l| c.tokens_in_minute >= l) {
+            Some(ClientFull::Tpm)
+        } else if self.cfg.rpm.is_some_and(|l| c.requests_in_minute >= l) {
+            Some(ClientFull::Rpm)
+        } else {
+            None
+        };
+        match full {
+            Some(full) => Err(self.refusal(full, now_ms)),
+            None => {
+                c.requests_in_minute += 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// What the client is told when `full` refuses it, and for how long.
+    fn refusal(&self, full: ClientFull, now_ms: i64) -> Refused {
+        let name = &self.name;
+        let to_minute = until(now_ms, window::next_minute_ms(now_ms));
+        let limit = |l: Option<u64>| l.unwrap_or(0);
+        match full {
+            ClientFull::Month => Refused::BudgetExhausted(
+                format!(
+                    "client {name} has spent its {} tokens of this month (UTC)",
+                    limit(self.cfg.tokens_per_month)
+                ),
+                until(now_ms, next_month_ms(now_ms)),
+            ),
+            ClientFull::Day => Refused::BudgetExhausted(
+                format!(
+                    "client {name} has spent its {} tokens of today (UTC)",
+                    limit(self.cfg.tokens_per_day)
+                ),
+                until(now_ms, (now_ms.div_euclid(86_400_000) + 1) * 86_400_000),
+            ),
+            ClientFull::Tpm => Refused::RateLimited(
+                format!(
+                    "client {name} has spent its {} tokens of this minute",
+                    limit(self.cfg.tpm)
+                ),
+                to_minute,
+            ),
+            ClientFull::Rpm => Refused::RateLimited(
+                format!(
+                    "client {name} has made its {} requests of this minute",
+                    limit(self.cfg.rpm)
+                ),
+                to_minute,
+            ),
+        }
+    }
+
+    /// Counts the tokens an answer reported (prompt + completion), here and in the fleet.
+    pub fn spend(&self, tokens: u64, now_ms: i64) {
+        {
+            let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            roll(&mut c, now_ms);
+            c.tokens_in_minute += tokens;
+            c.tokens_in_day += tokens;
+            c.tokens_in_month += tokens;
+        }
+        if let Some(shared) = &self.shared {
+            if tokens > 0 {
+                shared.spend_client(
+                    &self.name,
+                    tokens,
+                    window::minute_of(now_ms),
+                    now_ms.div_euclid(86_400_000),
+                    month_of(now_ms),
+                );
+            }
+        }
+    }
+
+    /// Sets what was spent before a restart (only ever raises a count).
+    pub fn restore(&self, spent: Spent, now_ms: i64) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        roll(&mut c, now_ms);
+        c.requests_in_minute = c.requests_in_minute.max(spent.requests_in_minute);
+        c.tokens_in_minute = c.tokens_in_minute.max(spent.tokens_in_minute);
+        c.tokens_in_day = c.tokens_in_day.max(spent.tokens_in_day);
+        c.tokens_in_month = c.tokens_in_month.max(spent.tokens_in_month);
+    }
+
+    /// What it spent in its current windows, and its limits (for `/admin/usage`).
+    pub fn windows(&self, now_ms: i64) -> (Spent, &ClientConfig) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        roll(&mut c, now_ms);
+        (
+            Spent {
+                requests_in_minute: c.requests_in_minute,
+                tokens_in_minute: c.tokens_in_minute,
+                tokens_in_day: c.tokens_in_day,
+                tokens_in_month: c.tokens_in_month,
+            },
+            &self.cfg,
+        )
     }
 }
 
@@ -233,16 +358,25 @@ fn year_month(now_ms: i64) -> (i64, i64) {
     }
 }
 
-/// The start of the next month, UTC.
-fn next_month_ms(now_ms: i64) -> i64 {
+/// The start of this month, UTC.
+pub fn month_start_ms(now_ms: i64) -> i64 {
     let (y, m) = year_month(now_ms);
-    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    month_start(y, m).unwrap_or(now_ms - 31 * 86_400_000)
+}
+
+fn month_start(y: i64, m: i64) -> Option<i64> {
     i16::try_from(y)
         .ok()
         .and_then(|y| jiff::civil::Date::new(y, m as i8, 1).ok())
         .and_then(|d| d.to_zoned_datetime(jiff::tz::TimeZone::UTC).ok())
         .map(|z| z.timestamp().as_millisecond())
-        .unwrap_or(now_ms + 31 * 86_400_000)
+}
+
+/// The start of the next month, UTC.
+fn next_month_ms(now_ms: i64) -> i64 {
+    let (y, m) = year_month(now_ms);
+    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    month_start(y, m).unwrap_or(now_ms + 31 * 86_400_000)
 }
 
 #[cfg(test)]
@@ -264,7 +398,8 @@ mod tests {
         Client {
             name: Arc::from("bot"),
             cfg,
-            counts: Mutex::default(),
+            counts: Arc::default(),
+            shared: None,
         }
     }
 
@@ -301,22 +436,22 @@ mod tests {
             c.tokens_per_month = Some(1000);
         });
         let now = ms("2026-12-31T23:59:00Z");
-        assert!(c.admit(now).is_ok());
+        assert!(c.admit_locally(now).is_ok());
         c.spend(150, now); // crosses the day's budget: that request was served
-        match c.admit(now) {
+        match c.admit_locally(now) {
             Err(Refused::BudgetExhausted(_, wait)) => assert_eq!(wait, Duration::from_secs(60)),
             other => panic!("{other:?}"),
         }
         // Midnight UTC, and a new month too.
         let next = ms("2027-01-01T00:00:00Z");
-        assert!(c.admit(next).is_ok());
-        assert!(c.admit(next).is_ok());
+        assert!(c.admit_locally(next).is_ok());
+        assert!(c.admit_locally(next).is_ok());
         assert!(
-            matches!(c.admit(next), Err(Refused::RateLimited(_, _))),
+            matches!(c.admit_locally(next), Err(Refused::RateLimited(_, _))),
             "rpm 2"
         );
         c.spend(1000, next + 60_000);
-        match c.admit(ms("2027-01-15T12:00:00Z")) {
+        match c.admit_locally(ms("2027-01-15T12:00:00Z")) {
             Err(Refused::BudgetExhausted(m, wait)) => {
                 assert!(m.contains("month"), "{m}");
                 assert_eq!(

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use super::clients::Client;
+use super::ledger::{Key, Ledger, Sums};
 use super::scan::{Scanner, Usage};
 use crate::lifecycle::Credential;
 use crate::telemetry::metrics::Metrics;
@@ -37,6 +38,7 @@ impl ModelOf {
 /// Who and what an answer is counted for.
 pub struct Tally {
     pub metrics: Arc<Metrics>,
+    pub ledger: Arc<Ledger>,
     /// The credential that served the answer (and its provider).
     pub credential: Arc<Credential>,
     /// The request's model.
@@ -49,23 +51,44 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn count(&self, usage: Option<Usage>) {
-        match usage {
+    /// Counts an answer that ended, with the usage it carried (if any): in the metrics,
+    /// the client's limits and the ledger.
+    pub fn count(&self, usage: Option<Usage>) {
+        let now_ms = crate::clock::now_ms();
+        let provider = &self.credential.provider.name;
+        let client = self.client.as_ref().map_or("-", |c| &*c.name);
+        let model = self.model.name();
+        // The same bounded names as the metrics' labels.
+        let model = self.metrics.model_label(&model);
+        match &usage {
             Some(u) => {
                 self.metrics.count_usage(
-                    &self.credential.provider.name,
-                    &self.model.name(),
-                    self.client.as_ref().map_or("-", |c| &*c.name),
+                    provider,
+                    model,
+                    client,
                     // A credential that left the pool keeps no series.
                     (!self.credential.is_retired()).then_some(self.credential.id.as_str()),
-                    &u,
+                    u,
                 );
                 if let Some(c) = &self.client {
-                    c.spend(u.billed(), crate::clock::now_ms());
+                    c.spend(u.billed(), now_ms);
                 }
             }
             None => self.unknown.inc(),
         }
+        self.ledger.record(
+            Key {
+                minute: now_ms.div_euclid(60_000) * 60,
+                client: self
+                    .client
+                    .as_ref()
+                    .map_or_else(|| Arc::from("-"), |c| Arc::clone(&c.name)),
+                provider: Arc::from(provider.as_str()),
+                model: Arc::from(model),
+                credential: Arc::from(self.credential.id.as_str()),
+            },
+            Sums::of(usage.as_ref()),
+        );
     }
 }
 

@@ -2,6 +2,7 @@
 //! counted per client, model and credential (`meter`).
 
 pub mod clients;
+pub mod ledger;
 pub mod meter;
 pub mod scan;
 

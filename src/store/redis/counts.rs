@@ -6,7 +6,9 @@
 //!
 //! Keys: `{prefix}:{provider/scope/model}:m:{minute}` (a hash: `r` requests, `t` tokens)
 //! and `…:d:{pacific day}` (requests): one hash tag, one Redis Cluster slot; each expires
-//! after its window.
+//! after its window. A client's windows (`[[clients]]`): `{prefix}:{client/NAME}:m:{minute}`
+//! (`r`, `t`), `…:d:{UTC day}` and `…:mo:{month}` (tokens); requests are taken when
+//! admitted, tokens added when the answer ends.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::Script;
 
-use super::scripts::TAKE;
+use super::scripts::{CLIENT_TAKE, TAKE};
 use crate::clock;
 
 /// Which window refused a request.
@@ -24,6 +26,28 @@ pub enum Full {
     Rpm,
     Tpm,
     Rpd,
+}
+
+/// Which of a client's windows refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFull {
+    Rpm,
+    Tpm,
+    Day,
+    Month,
+}
+
+/// A client's request to take: its windows (minute, UTC day, month since 1970) and its
+/// limits (0: none).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTake {
+    pub minute: i64,
+    pub day: i64,
+    pub month: i64,
+    pub rpm: u64,
+    pub tpm: u64,
+    pub tpd: u64,
+    pub tpmo: u64,
 }
 
 /// One count to take: the windows it falls in, the limits (0: none) and the tokens.
@@ -50,6 +74,7 @@ pub struct SharedCounts {
     /// Unix ms before which Redis is not asked (it failed just now).
     quiet_until: AtomicI64,
     script: Script,
+    client_script: Script,
 }
 
 impl SharedCounts {
@@ -69,6 +94,7 @@ impl SharedCounts {
             connecting: AtomicBool::new(false),
             quiet_until: AtomicI64::new(0),
             script: Script::new(TAKE),
+            client_script: Script::new(CLIENT_TAKE),
         });
         counts.connect_in_background();
         counts
@@ -120,6 +146,98 @@ impl SharedCounts {
     /// taken, `Ok(Some(window))` that window is full (nothing taken), `Err(())` Redis did
     /// not answer in time (the caller's own count decides).
     pub async fn take(self: &Arc<Self>, name: &str, t: Take) -> Result<Option<Full>, ()> {
+        let code = self
+            .run("a declared limit", |conn| self.call(conn, name, t))
+            .await?;
+        Ok(match code {
+            1 => Some(Full::Rpm),
+            2 => Some(Full::Tpm),
+            3 => Some(Full::Rpd),
+            _ => None,
+        })
+    }
+
+    /// Takes one request from the fleet's count of client `name`, as `take` does.
+    pub async fn take_client(
+        self: &Arc<Self>,
+        name: &str,
+        t: ClientTake,
+    ) -> Result<Option<ClientFull>, ()> {
+        let base = self.client_base(name);
+        let code: i64 = self
+            .run("a client's limit", |mut conn| async move {
+                self.client_script
+                    .key(format!("{base}:m:{}", t.minute))
+                    .key(format!("{base}:d:{}", t.day))
+                    .key(format!("{base}:mo:{}", t.month))
+                    .arg(t.rpm)
+                    .arg(t.tpm)
+                    .arg(t.tpd)
+                    .arg(t.tpmo)
+                    .arg(120_000)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(match code {
+            1 => Some(ClientFull::Rpm),
+            2 => Some(ClientFull::Tpm),
+            3 => Some(ClientFull::Day),
+            4 => Some(ClientFull::Month),
+            _ => None,
+        })
+    }
+
+    /// Adds an answer's tokens to client `name`'s windows in the fleet, in a task of its
+    /// own (nobody waits for it; when Redis does not take them, this replica's count
+    /// still has them).
+    pub fn spend_client(
+        self: &Arc<Self>,
+        name: &str,
+        tokens: u64,
+        minute: i64,
+        day: i64,
+        month: i64,
+    ) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let base = self.client_base(name);
+        let me = Arc::clone(self);
+        rt.spawn(async move {
+            let mut pipe = redis::pipe();
+            pipe.hincr(format!("{base}:m:{minute}"), "t", tokens)
+                .ignore()
+                .pexpire(format!("{base}:m:{minute}"), 120_000)
+                .ignore()
+                .incr(format!("{base}:d:{day}"), tokens)
+                .ignore()
+                .expire(format!("{base}:d:{day}"), 2 * 86_400)
+                .ignore()
+                .incr(format!("{base}:mo:{month}"), tokens)
+                .ignore()
+                .expire(format!("{base}:mo:{month}"), 32 * 86_400)
+                .ignore();
+            let _ = me
+                .run("a client's tokens", |mut conn| async move {
+                    pipe.query_async::<()>(&mut conn).await
+                })
+                .await;
+        });
+    }
+
+    fn client_base(&self, name: &str) -> String {
+        let tag: String = name.chars().filter(|c| !matches!(c, '{' | '}')).collect();
+        format!("{}:{{client/{tag}}}", self.prefix)
+    }
+
+    /// Runs one call on the counting connection within `timeout`; on failure, this
+    /// replica's own count decides for a second.
+    async fn run<T, F, Fut>(self: &Arc<Self>, what: &'static str, f: F) -> Result<T, ()>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         if clock::now_ms() < self.quiet_until.load(Ordering::Relaxed) {
             return Err(());
         }
@@ -128,23 +246,17 @@ impl SharedCounts {
             self.connect_in_background();
             return Err(());
         };
-        let result = tokio::time::timeout(self.timeout, self.call(conn, name, t)).await;
-        match result {
-            Ok(Ok(code)) => Ok(match code {
-                1 => Some(Full::Rpm),
-                2 => Some(Full::Tpm),
-                3 => Some(Full::Rpd),
-                _ => None,
-            }),
+        match tokio::time::timeout(self.timeout, f(conn)).await {
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                tracing::warn!(target: "tokenrelay::store", error = %e.category(),
-                    "could not count a declared limit in the fleet store; this replica's own count decides for a second");
+                tracing::warn!(target: "tokenrelay::store", error = %e.category(), what,
+                    "could not count in the fleet store; this replica's own count decides for a second");
                 self.quiet(true);
                 Err(())
             }
             Err(_) => {
-                tracing::warn!(target: "tokenrelay::store", timeout_ms = self.timeout.as_millis() as u64,
-                    "the fleet store did not count a declared limit in time; this replica's own count decides for a second");
+                tracing::warn!(target: "tokenrelay::store", timeout_ms = self.timeout.as_millis() as u64, what,
+                    "the fleet store did not count in time; this replica's own count decides for a second");
                 self.quiet(false);
                 Err(())
             }

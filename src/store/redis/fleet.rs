@@ -34,6 +34,8 @@ pub struct Fleet {
     /// The `invalid` verdicts this replica wrote and nobody has replaced: written back if
     /// Redis loses them.
     pub(super) verdicts: Mutex<HashMap<String, String>>,
+    /// The connection that counts limits, opened on first need.
+    counts: std::sync::OnceLock<Arc<super::SharedCounts>>,
 }
 
 #[derive(Clone)]
@@ -90,17 +92,29 @@ impl Fleet {
             events,
             members: Mutex::default(),
             verdicts: Mutex::default(),
+            counts: std::sync::OnceLock::new(),
         }))
     }
 
     /// Fleet-wide counts of declared limits, on a connection of their own.
     pub fn counts(&self) -> Arc<super::SharedCounts> {
-        super::SharedCounts::new(
+        Arc::clone(self.counts.get_or_init(|| {
+            super::SharedCounts::new(
+                self.client.clone(),
+                format!("{}:lim", self.cfg.key_prefix),
+                self.cfg.limit_timeout,
+                self.cfg.op_timeout,
+            )
+        }))
+    }
+
+    /// Usage history for the fleet, on a connection of its own.
+    pub fn usage(&self) -> Arc<super::SharedUsage> {
+        Arc::new(super::SharedUsage::new(
             self.client.clone(),
-            format!("{}:lim", self.cfg.key_prefix),
-            self.cfg.limit_timeout,
+            format!("{}:use", self.cfg.key_prefix),
             self.cfg.op_timeout,
-        )
+        ))
     }
 
     pub fn config(&self) -> &RedisConfig {

@@ -28,13 +28,15 @@
 //!
 //! Files: `fleet.rs` (`Fleet` and what registers with it: `RedisStore`, `SharedKey`),
 //! `poll.rs` (the poller and the subscriber), `record.rs` (`RedisStore` as a
-//! `CredentialStore`, and its lease), `scripts.rs` (the Lua scripts).
+//! `CredentialStore`, and its lease), `scripts.rs` (the Lua scripts), `counts.rs` (declared and client limits counted
+//! fleet-wide), `usage.rs` (usage history).
 
 pub mod counts;
 mod fleet;
 mod poll;
 mod record;
 mod scripts;
+mod usage;
 
 use std::time::Duration;
 
@@ -45,6 +47,7 @@ use crate::common::state::{CoolReason, CoolScope};
 pub use self::counts::SharedCounts;
 pub use self::fleet::{Fleet, RedisStore, SharedKey};
 pub use self::record::{release_if_held, renew_if_held};
+pub use self::usage::SharedUsage;
 use super::StoreError;
 
 /// `[store]` with `kind = "redis"`.

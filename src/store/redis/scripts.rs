@@ -59,3 +59,20 @@ redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 return 0
 "#;
+
+/// A client's request: KEYS = minute hash (`r`, `t`), UTC day, month (tokens); ARGV = rpm,
+/// tpm, tokens per day, tokens per month (0: none), the minute's TTL in ms. Returns 0
+/// taken (one request counted), else the window that is full: 1 rpm, 2 tpm, 3 day,
+/// 4 month. Tokens are added when answers end (`SharedCounts::spend_client`).
+pub(super) const CLIENT_TAKE: &str = r#"
+local rpm, tpm, tpd, tpmo = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local m = redis.call('HMGET', KEYS[1], 'r', 't')
+local r, t = tonumber(m[1] or '0'), tonumber(m[2] or '0')
+if tpmo > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= tpmo then return 4 end
+if tpd > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= tpd then return 3 end
+if tpm > 0 and t >= tpm then return 2 end
+if rpm > 0 and r + 1 > rpm then return 1 end
+redis.call('HINCRBY', KEYS[1], 'r', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 0
+"#;
