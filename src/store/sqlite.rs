@@ -279,7 +279,7 @@ mod tests {
         assert_eq!(spent.len(), 1);
         assert_eq!(spent[0].1.tokens_in_minute, 5);
         assert_eq!(spent[0].1.tokens_in_day, 16);
-        db.prune(t0 + KEEP_MINUTES_S + 61);
+        db.prune(t0 + KEEP_MINUTES_S + 30);
         assert_eq!(
             db.rows(60, t0, t0 + 3600).unwrap().len(),
             1,
