@@ -1058,3 +1058,104 @@ async fn three_replicas_hold_one_declared_limit_through_redis() {
     // Another model is not limited.
     assert_eq!(generate(&apps[2], "gemini-2.5-flash").await, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_hold_one_client_limit_and_share_its_usage_through_redis() {
+    use crate::keys::{Key, KeyUpstream};
+    use crate::usage::generate_as;
+    let redis = Redis::start();
+    let up = KeyUpstream::start(
+        false,
+        &[(
+            "AIza-a",
+            Key::Stream {
+                file: "gemini_generate_content_usage.json",
+                content_type: "application/json",
+            },
+        )],
+    )
+    .await;
+    // Each answer reports 52 tokens (12 prompt, 34 completion, 6 thoughts).
+    let top = format!(
+        r#"{}
+limit_timeout = "2s"
+[[clients]]
+name = "bot"
+key = "ck-bot"
+rpm = 4
+[[clients]]
+name = "saver"
+key = "ck-saver"
+tokens_per_day = 100"#,
+        key_store(&redis)
+    );
+    let keys = r#"api_keys = [{ key = "AIza-a", id = "a" }]"#;
+    let apps = [
+        crate::keys::relay("gemini", &up.url, keys, &top).await,
+        crate::keys::relay("gemini", &up.url, keys, &top).await,
+    ];
+    for app in &apps {
+        wait_for(
+            "limits counted in Redis",
+            Duration::from_secs(5),
+            || async { app.admin_json("/readyz").await.1["store"]["limits_shared"] == true },
+        )
+        .await;
+    }
+    crate::quota::early_in_a_minute(15).await;
+    let minute = now_ms() / 60_000;
+    let burst = apps
+        .iter()
+        .flat_map(|app| (0..4).map(move |_| generate_as(app, "ck-bot", "gemini-2.5-flash")));
+    let answers = futures_util::future::join_all(burst).await;
+    assert_eq!(now_ms() / 60_000, minute, "the minute turned mid-burst");
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        4,
+        "{statuses:?}"
+    );
+    assert!(answers
+        .iter()
+        .filter(|a| a.status == 429)
+        .all(|a| a.body["error"]["reason"] == "client_rate_limited"));
+    // A day's budget spent on one replica is spent on the other.
+    for _ in 0..2 {
+        assert_eq!(
+            generate_as(&apps[0], "ck-saver", "gemini-2.5-flash")
+                .await
+                .status,
+            200
+        );
+    }
+    wait_for("the tokens reach Redis", Duration::from_secs(5), || async {
+        let keys = redis.cli(&["--scan", "--pattern", "*client/saver*:d:*"]);
+        keys.lines()
+            .next()
+            .is_some_and(|k| redis.cli(&["GET", k]) == "104")
+    })
+    .await;
+    let r = generate_as(&apps[1], "ck-saver", "gemini-2.5-flash").await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.body["error"]["reason"], "client_budget_exhausted");
+    assert_eq!(up.hits().len(), 6, "refusals never reached the upstream");
+    // Usage history is the fleet's: either replica answers for both.
+    wait_for(
+        "both replicas' usage in Redis",
+        Duration::from_secs(5),
+        || async {
+            let (_, usage) = apps[1].admin_json("/admin/usage?by=client&since=1h").await;
+            usage["store"] == "redis" && usage["total"]["answers"] == 6
+        },
+    )
+    .await;
+    let (_, usage) = apps[0].admin_json("/admin/usage?by=client&since=1h").await;
+    let rows = usage["rows"].as_array().unwrap();
+    let tokens = |c: &str| {
+        rows.iter()
+            .find(|r| r["client"] == c)
+            .map(|r| r["tokens"].clone())
+    };
+    assert_eq!(tokens("bot"), Some(json!(208)), "{usage}");
+    assert_eq!(tokens("saver"), Some(json!(104)), "{usage}");
+}

@@ -183,7 +183,7 @@ async fn a_stream_without_usage_is_counted_as_such_and_one_with_a_final_usage_ch
 
 /// A whole request: the answer's status, once its body has been read to its end (usage
 /// is counted when an answer ends).
-async fn generate_as(t: &crate::helpers::TestApp, key: &str, model: &str) -> Answer {
+pub async fn generate_as(t: &crate::helpers::TestApp, key: &str, model: &str) -> Answer {
     let r = t
         .http
         .post(format!(
@@ -209,10 +209,10 @@ async fn generate_as(t: &crate::helpers::TestApp, key: &str, model: &str) -> Ans
     }
 }
 
-struct Answer {
-    status: u16,
-    retry_after: Option<i64>,
-    body: serde_json::Value,
+pub struct Answer {
+    pub status: u16,
+    pub retry_after: Option<i64>,
+    pub body: serde_json::Value,
 }
 
 #[tokio::test]
