@@ -297,3 +297,163 @@ async fn in_a_real_browser_the_page_lists_refreshes_hints_and_re_authenticates()
     std::fs::write(&out, &png).unwrap();
     eprintln!("screenshot: {}", out.display());
 }
+
+/// A usage database with a month of history for three clients on two models and three
+/// credentials (as if tokenrelay had been running), for the usage page.
+fn seeded_usage(path: &std::path::Path) -> u64 {
+    use tokenrelay::store::sqlite::UsageDb;
+    use tokenrelay::usage::ledger::{Key, Sums};
+    let db = UsageDb::open(Some(path)).unwrap();
+    let now_s = now_ms() / 1000;
+    let mut rows = Vec::new();
+    let mut last_day = 0;
+    let clients = [
+        ("support-bot", 9),
+        ("coding-agent", 5),
+        ("nightly-evals", 2),
+    ];
+    // A row every 20 minutes for 30 days; more by day than by night (UTC), a quiet weekend.
+    for i in 0..(30 * 72) {
+        let minute = (now_s - i * 1200) / 60 * 60;
+        let hour = (minute / 3600) % 24;
+        let weekday = (minute / 86_400 + 4) % 7; // 1970-01-01 was a Thursday
+        let busy = if (8..20).contains(&hour) { 3 } else { 1 } * if weekday >= 5 { 1 } else { 2 };
+        for (n, (client, weight)) in clients.iter().enumerate() {
+            let model = if (i + n as i64) % 3 == 0 {
+                "gemini-2.5-pro"
+            } else {
+                "gemini-2.5-flash"
+            };
+            let prompt = (weight * busy * 140 + (i * 37 + n as i64 * 11) % 300) as u64;
+            let completion = prompt / 3;
+            let tokens = prompt + completion;
+            if i < 72 {
+                last_day += tokens;
+            }
+            rows.push((
+                Key {
+                    minute,
+                    client: (*client).into(),
+                    provider: "gemini".into(),
+                    model: model.into(),
+                    credential: ["team-a", "team-b", "adc"][(i as usize + n) % 3].into(),
+                },
+                Sums {
+                    answers: 1,
+                    unknown: 0,
+                    prompt,
+                    completion,
+                    cached: prompt / 4,
+                    thoughts: 0,
+                    tokens,
+                },
+            ));
+        }
+    }
+    db.add(&rows).unwrap();
+    last_day
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_real_browser_the_usage_page_charts_what_the_api_reports() {
+    let mut t = TestApp::empty().await;
+    let db = t.dir.path().join("usage.db");
+    seeded_usage(&db);
+    t.launch(&format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[usage]
+path = "{}"
+[[clients]]
+name = "support-bot"
+key = "ck-support"
+tokens_per_day = 2000000
+rpm = 600
+[[clients]]
+name = "coding-agent"
+key = "ck-coding"
+tokens_per_month = 40000000
+[[clients]]
+name = "nightly-evals"
+key = "ck-evals"
+tpm = 50000
+[providers.gemini]
+upstream = "http://127.0.0.1:9"
+credentials = []
+api_keys = [{{ key = "AIza-a", id = "team-a" }}, {{ key = "AIza-b", id = "team-b" }}]"#,
+        db.display()
+    ))
+    .await;
+    let (_, day) = t
+        .admin_json("/admin/usage?by=client&since=24h&step=1h")
+        .await;
+    let (_, month) = t
+        .admin_json("/admin/usage?by=client&since=30d&step=1d")
+        .await;
+    assert!(day["total"]["tokens"].as_u64().unwrap() > 0, "{day}");
+    let b = Browser::start().await;
+    b.goto(&format!("{}/ui/usage", t.admin)).await;
+    b.wait_until(
+        "the charts",
+        "document.body.dataset.loaded === 'client'",
+        Duration::from_secs(10),
+    )
+    .await;
+    // Each chart adds up to what the API reports for its range, bar by bar.
+    for (id, answer) in [("chart-day", &day), ("chart-month", &month)] {
+        let drawn = b
+            .script(&format!(
+                "const s = document.querySelector('#{id} svg'); \
+                 return [Number(s.dataset.total), [...s.querySelectorAll('rect')].reduce((a, r) => a + Number(r.dataset.tokens), 0)];"
+            ))
+            .await;
+        let total = answer["total"]["tokens"].as_u64().unwrap();
+        assert_eq!(drawn, json!([total, total]), "{id}");
+    }
+    let legend = b
+        .script(
+            "return [...document.querySelectorAll('#legend li')].map(l => l.textContent.trim());",
+        )
+        .await;
+    assert_eq!(
+        legend,
+        json!(["support-bot", "coding-agent", "nightly-evals"]),
+        "largest first"
+    );
+    let budget = b
+        .script("return document.querySelector('tr[data-client=support-bot] td:nth-child(4)').textContent;")
+        .await;
+    assert!(
+        budget.as_str().unwrap().trim().ends_with("/ 2,000,000"),
+        "{budget}"
+    );
+    // Grouped by model instead.
+    b.script("const s = document.getElementById('by'); s.value = 'model'; s.dispatchEvent(new Event('input')); return 0;")
+        .await;
+    b.wait_until(
+        "the model charts",
+        "document.body.dataset.loaded === 'model'",
+        Duration::from_secs(10),
+    )
+    .await;
+    let groups = b
+        .script(
+            "return [...document.querySelectorAll('#total-rows tr')].map(r => r.dataset.group);",
+        )
+        .await;
+    assert_eq!(groups, json!(["gemini-2.5-flash", "gemini-2.5-pro"]));
+    b.script("const s = document.getElementById('by'); s.value = 'client'; s.dispatchEvent(new Event('input')); window.scrollTo(0, 0); return 0;")
+        .await;
+    b.wait_until(
+        "the client charts",
+        "document.body.dataset.loaded === 'client'",
+        Duration::from_secs(10),
+    )
+    .await;
+    let png = b.screenshot().await;
+    assert!(png.starts_with(b"\x89PNG"));
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/usage.png");
+    std::fs::write(&out, &png).unwrap();
+    eprintln!("screenshot: {}", out.display());
+}

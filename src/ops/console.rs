@@ -1,6 +1,7 @@
 //! The operator console: `GET /ui` (static HTML, CSS and vanilla JS compiled into the
-//! binary; no CDN, no build step) over the same JSON API the CLI uses, and the login
-//! endpoints that drive `oauth::login` from a browser.
+//! binary; no CDN, no build step) over the same JSON API the CLI uses, `GET /ui/usage`
+//! (tokens over 24 hours and 30 days, drawn as inline SVG from `/admin/usage`), and the
+//! login endpoints that drive `oauth::login` from a browser.
 //!
 //! Security on top of `proxy::browser`: every asset carries a strict CSP (no inline
 //! script), `nosniff`, `no-referrer` and `no-store`; the page renders only through
@@ -51,6 +52,8 @@ pub fn pages<S: Clone + Send + Sync + 'static>(console: Arc<Console>) -> Router<
         .route("/ui/", get(index))
         .route("/ui/app.js", get(app_js))
         .route("/ui/app.css", get(app_css))
+        .route("/ui/usage", get(usage_page))
+        .route("/ui/usage.js", get(usage_js))
         .route("/ui/oauth/google/callback", get(callback))
         .with_state(console)
 }
@@ -67,6 +70,8 @@ pub fn api<S: Clone + Send + Sync + 'static>(console: Arc<Console>) -> Router<S>
 const INDEX: &str = include_str!("ui/index.html");
 const APP_JS: &str = include_str!("ui/app.js");
 const APP_CSS: &str = include_str!("ui/app.css");
+const USAGE: &str = include_str!("ui/usage.html");
+const USAGE_JS: &str = include_str!("ui/usage.js");
 
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
@@ -107,6 +112,14 @@ async fn app_js() -> Response {
 
 async fn app_css() -> Response {
     asset("text/css; charset=utf-8", APP_CSS)
+}
+
+async fn usage_page() -> Response {
+    asset("text/html; charset=utf-8", USAGE)
+}
+
+async fn usage_js() -> Response {
+    asset("text/javascript; charset=utf-8", USAGE_JS)
 }
 
 /// Which login a credential supports, if any.
