@@ -29,6 +29,8 @@ mod peers;
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 const SMALL: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}]}"#;
+/// The same answer with OpenAI-style usage (`/v1/usage/...`).
+const SMALL_USAGE: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#;
 
 /// The fake upstream: a small JSON answer, or an SSE stream whose first event is sent at
 /// once and the rest every 100 ms (`/v1/sse?events=N`).
@@ -57,9 +59,14 @@ async fn upstream(req: Request<hyper::body::Incoming>) -> Result<Response<Body>,
             .body(BodyExt::boxed(StreamBody::new(stream)))
             .unwrap());
     }
+    let body = if path.contains("/usage/") {
+        SMALL_USAGE
+    } else {
+        SMALL
+    };
     Ok(Response::builder()
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(SMALL.as_bytes())).boxed())
+        .body(Full::new(Bytes::from_static(body.as_bytes())).boxed())
         .unwrap())
 }
 
@@ -378,6 +385,25 @@ struct Latency {
 /// One oha run: `rate` requests/s open loop (with latency correction) or, with `None`, as
 /// fast as possible. Latencies in milliseconds.
 fn oha(url: &str, rate: Option<u32>, secs: u32, connections: u32) -> Latency {
+    oha_req(
+        url,
+        rate,
+        secs,
+        connections,
+        r#"{"model":"bench","messages":[]}"#,
+        None,
+    )
+}
+
+/// `oha` with a body of its own and, when given, a client key.
+fn oha_req(
+    url: &str,
+    rate: Option<u32>,
+    secs: u32,
+    connections: u32,
+    body: &str,
+    key: Option<&str>,
+) -> Latency {
     let mut cmd = Command::new("oha");
     cmd.args([
         "--no-tui",
@@ -394,8 +420,11 @@ fn oha(url: &str, rate: Option<u32>, secs: u32, connections: u32) -> Latency {
         "-H",
         "content-type: application/json",
         "-d",
-        r#"{"model":"bench","messages":[]}"#,
+        body,
     ]);
+    if let Some(k) = key {
+        cmd.args(["-H", &format!("authorization: Bearer {k}")]);
+    }
     if let Some(q) = rate {
         cmd.args(["-q", &q.to_string(), "--latency-correction"]);
     }
@@ -431,11 +460,20 @@ fn oha(url: &str, rate: Option<u32>, secs: u32, connections: u32) -> Latency {
 /// Time from sending a request to the first SSE event, over `n` sequential requests on a
 /// kept-alive connection: (median, p99) in milliseconds.
 async fn first_event(url: &str, n: usize) -> (f64, f64) {
+    first_event_as(url, n, None).await
+}
+
+/// `first_event` with a client key, when given.
+async fn first_event_as(url: &str, n: usize, key: Option<&str>) -> (f64, f64) {
     let client = reqwest::Client::new();
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
-        let mut r = client.post(url).body("{}").send().await.unwrap();
+        let mut req = client.post(url).body("{}");
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let mut r = req.send().await.unwrap();
         let first = r.chunk().await.unwrap().expect("an event");
         assert!(first.starts_with(b"data:"));
         samples.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -720,6 +758,14 @@ fn main() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
+    if std::env::args().any(|a| a == "--usage") {
+        // Only the accounting rows, printed.
+        let rows = accounting(&bin, &work, &rt, up, secs, quick);
+        let mut s = String::new();
+        accounting_rows(&mut s, &rows);
+        println!("{s}");
+        return;
+    }
     if std::env::args().any(|a| a == "--keys") {
         // Only the key-pool rows (1 key, 1,000 keys, 1,000 keys with limits), printed.
         let keys = key_pools(&bin, &work, up, secs);
@@ -791,6 +837,7 @@ fn main() {
     let peer_rows = peers::compare(&peer_paths, peer_rate, secs);
     drop(litellm);
     let keys = key_pools(&bin, &work, up, secs);
+    let usage = accounting(&bin, &work, &rt, up, secs, quick);
     // Fleet mode: the request path with the Redis store (no Redis call per request) next
     // to the file store, then a refresh storm on three replicas sharing one credential.
     let redis_port = free_port();
@@ -984,6 +1031,7 @@ fn main() {
         &fixed,
         &max,
         &keys,
+        &usage,
         &fleet,
         &sse,
         rss_idle,
@@ -1001,6 +1049,134 @@ fn main() {
         std::fs::create_dir_all(&docs).unwrap();
         std::fs::write(docs.join("benchmarks.md"), report).unwrap();
         eprintln!("written to docs/benchmarks.md");
+    }
+}
+
+/// One accounting row: what was on, latency at 1,000/s, saturation (best of two rounds),
+/// SSE first event (median, p99).
+type UsageRow = (&'static str, Latency, f64, (f64, f64));
+
+/// Accounting side by side, one key each: answers not metered (the request names no
+/// model: nothing is scanned or counted), usage metered (every answer scanned, counted in
+/// metrics and the ledger, written to SQLite every second), and metered with three named
+/// clients whose limits (rpm, tpm, a day and a month budget) are checked and spent on
+/// every request. Saturation rounds alternate between the three so that machine noise
+/// falls on all of them.
+fn accounting(
+    bin: &Path,
+    work: &Path,
+    rt: &tokio::runtime::Runtime,
+    up: SocketAddr,
+    secs: u32,
+    quick: bool,
+) -> Vec<UsageRow> {
+    const CLIENTS: &str = r#"
+[[clients]]
+name = "bot-a"
+key = "ck-bench-a"
+rpm = 100000000
+tpm = 100000000000
+tokens_per_day = 100000000000
+tokens_per_month = 100000000000
+[[clients]]
+name = "bot-b"
+key = "ck-bench-b"
+rpm = 100000000
+[[clients]]
+name = "bot-c"
+key = "ck-bench-c"
+tokens_per_day = 100000000000
+"#;
+    let configs: [(&'static str, &str, Option<&str>, &str); 3] = [
+        (
+            "not metered (no model named)",
+            r#"{"messages":[]}"#,
+            None,
+            "",
+        ),
+        (
+            "usage metered",
+            r#"{"model":"bench","messages":[]}"#,
+            None,
+            "",
+        ),
+        (
+            "usage metered, 3 clients with limits",
+            r#"{"model":"bench","messages":[]}"#,
+            Some("ck-bench-a"),
+            CLIENTS,
+        ),
+    ];
+    let procs: Vec<(Proc, u16)> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, _, _, clients))| {
+            let name = format!("usage{i}");
+            let rest = format!(
+                "[usage]\npath = \"{}\"\n{clients}\n[providers.bench]\nupstream = \"http://{up}\"\napi_keys = [\"bench-key\"]\n",
+                work.join(format!("{name}.db")).display()
+            );
+            let (p, port, _) = spawn_tokenrelay(bin, work, &name, &rest);
+            (p, port)
+        })
+        .collect();
+    let url = |port: u16| format!("http://127.0.0.1:{port}/bench/v1/usage/chat/completions");
+    let mut rows = Vec::new();
+    for ((label, body, key, _), (_, port)) in configs.iter().zip(&procs) {
+        let _ = oha_req(&url(*port), Some(500), 1, 8, body, *key);
+        let at_rate = oha_req(&url(*port), Some(1000), secs, 64, body, *key);
+        rows.push((*label, at_rate, 0.0, (0.0, 0.0)));
+    }
+    for _round in 0..2 {
+        for (i, ((_, body, key, _), (_, port))) in configs.iter().zip(&procs).enumerate() {
+            let sat = oha_req(&url(*port), None, secs, 64, body, *key).rps;
+            rows[i].2 = f64::max(rows[i].2, sat);
+        }
+    }
+    // SSE: the model in the path makes the stream metered.
+    for (i, (_, port)) in procs.iter().enumerate() {
+        let path = if i == 0 {
+            "v1/sse?events=2".to_string()
+        } else {
+            "v1/models/bench:stream/sse?events=2".to_string()
+        };
+        let n = if quick { 50 } else { 200 };
+        rows[i].3 = rt.block_on(first_event_as(
+            &format!("http://127.0.0.1:{port}/bench/{path}"),
+            n,
+            configs[i].2,
+        ));
+    }
+    for (label, l, sat, sse) in &rows {
+        eprintln!(
+            "{label}: p50 {:.3} ms p99 {:.3} ms at 1000/s, saturation {sat:.0} req/s, SSE first event median {:.3} ms p99 {:.3} ms",
+            l.p50, l.p99, sse.0, sse.1
+        );
+    }
+    rows
+}
+
+fn accounting_rows(s: &mut String, rows: &[UsageRow]) {
+    let _ = writeln!(
+        s,
+        "\n## Accounting: usage metered and clients held to limits, against neither\n"
+    );
+    let _ = writeln!(
+        s,
+        "| configuration | p50 at 1000/s (ms) | p99 at 1000/s (ms) | saturation req/s | vs not metered | SSE first event median / p99 (ms) |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let base = rows.first().map_or(f64::NAN, |r| r.2);
+    for (label, l, sat, sse) in rows {
+        let _ = writeln!(
+            s,
+            "| {label} | {:.3} | {:.3} | {sat:.0} | {:.2}× | {:.3} / {:.3} |",
+            l.p50,
+            l.p99,
+            ratio(*sat, base),
+            sse.0,
+            sse.1
+        );
     }
 }
 
@@ -1057,6 +1233,7 @@ fn report(
     fixed: &[(u32, [Latency; 3])],
     max: &[f64; 3],
     keys: &[KeyRow],
+    usage: &[UsageRow],
     fleet: &(Vec<(&str, Latency, f64)>, usize, usize, usize),
     sse: &[(f64, f64); 3],
     rss_idle: f64,
@@ -1114,6 +1291,7 @@ fn report(
         let _ = writeln!(s, "| {name} | {:.0} | {:.2} |", max[i], max[2] / max[i]);
     }
     key_rows(&mut s, keys);
+    accounting_rows(&mut s, usage);
     let _ = writeln!(s, "\n## Fleet mode\n");
     let _ = writeln!(
         s,

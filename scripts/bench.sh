@@ -6,6 +6,8 @@
 #   scripts/bench.sh           full run, rewrites docs/benchmarks.md
 #   scripts/bench.sh --quick   3-second smoke run, prints only
 #   scripts/bench.sh --keys    only the key-pool rows (1, 1,000, 1,000 with limits), printed
+#   scripts/bench.sh --usage   only the accounting rows (not metered, metered, metered with
+#                              clients and limits; saturation and SSE first event), printed
 #   scripts/bench.sh --serve   start the fakes, tokenrelay and nginx, print their addresses
 #                              and pids, and wait (for perf / valgrind / oha by hand)
 set -euo pipefail

@@ -4,10 +4,15 @@
 # Each proxy runs under callgrind, gets 500 warm-up requests, has its counters zeroed,
 # serves N requests (8 connections), and is dumped; the script prints Ir per request and
 # where tokenrelay's go.
-#   scripts/profile.sh [N]      (default 5000)
+#   scripts/profile.sh [N]          (default 5000)
+#   scripts/profile.sh N --usage    accounting instead: tokenrelay not metered (no model
+#                                   named), metered, and metered with clients and limits,
+#                                   on answers that carry usage; then where the last one's
+#                                   instructions go
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-5000}
+MODE=${2:-}
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 for p in valgrind nginx; do
   command -v "$p" >/dev/null || { as_root apt-get update -qq; DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$p" >/dev/null; }
@@ -63,22 +68,48 @@ http {
   }
 }
 EOF
-# count NAME URL CMD...: Ir per request for N requests through URL.
+# count NAME URL CMD...: Ir per request for N requests through URL (BODY and KEY from the
+# environment: the request body, and a client key to send).
 count() {
   local name=$1 url=$2; shift 2
+  local body=${BODY:-'{"model":"bench","messages":[]}'}
+  local auth=()
+  [ -n "${KEY:-}" ] && auth=(-H "authorization: Bearer $KEY")
   valgrind --tool=callgrind --callgrind-out-file="$work/$name.cg" "$@" > "$work/$name.log" 2>&1 &
   local pid=$!
   for _ in $(seq 300); do curl -s -o /dev/null "$url" && break; sleep 0.2; done
-  oha -n 500 -c 8 --no-tui "$url" > /dev/null
+  oha -n 500 -c 8 --no-tui "${auth[@]}" -m POST -H "content-type: application/json" -d "$body" "$url" > /dev/null
   callgrind_control -z "$pid" > /dev/null
-  oha -n "$N" -c 8 --no-tui -m POST -H 'content-type: application/json' \
-    -d '{"model":"bench","messages":[]}' "$url" | grep -E 'Success rate' | sed "s/^/$name: /"
+  oha -n "$N" -c 8 --no-tui -m POST -H 'content-type: application/json' "${auth[@]}" \
+    -d "$body" "$url" | grep -E 'Success rate' | sed "s/^/$name: /"
   callgrind_control -d "$pid" > /dev/null
   kill "$pid"; wait "$pid" 2>/dev/null || true
   local total
   total=$(callgrind_annotate "$(ls -t "$work/$name.cg".* | head -1)" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
   echo "$name: $((total / N)) instructions per request (user space)"
 }
+if [ "$MODE" = --usage ]; then
+  cp "$work/tokenrelay.toml" "$work/plain.toml"
+  { echo '[usage]'; echo "path = \"$work/usage.db\""; } >> "$work/plain.toml"
+  cat "$work/plain.toml" - > "$work/clients.toml" <<EOF
+[[clients]]
+name = "bot-a"
+key = "ck-bench-a"
+rpm = 100000000
+tpm = 100000000000
+tokens_per_day = 100000000000
+tokens_per_month = 100000000000
+EOF
+  url="http://127.0.0.1:$tr_port/bench/v1/usage/chat/completions"
+  BODY='{"messages":[]}' TOKENRELAY_LOG=warn count not-metered "$url" target/release/tokenrelay --config "$work/plain.toml"
+  TOKENRELAY_LOG=warn count metered "$url" target/release/tokenrelay --config "$work/plain.toml"
+  KEY=ck-bench-a TOKENRELAY_LOG=warn count clients "$url" target/release/tokenrelay --config "$work/clients.toml"
+  echo
+  echo "metered with clients, self, per request:"
+  callgrind_annotate --threshold=100 "$(ls -t "$work/clients.cg".* | head -1)" 2>/dev/null |
+    grep -E '^ *[0-9,]+ \( *[0-9.]+%\)  ' | awk -v n="$N" '{gsub(",","",$1); printf "%8d  %s\n", $1 / n, $0}' | cut -c1-220 | head -40
+  exit 0
+fi
 TOKENRELAY_LOG=warn count tokenrelay "http://127.0.0.1:$tr_port/bench/v1/chat/completions" \
   target/release/tokenrelay --config "$work/tokenrelay.toml"
 count nginx "http://127.0.0.1:$ng_port/v1/chat/completions" \

@@ -1,12 +1,14 @@
 //! The usage scanner reads every answer's untrusted bytes on the request path. It must
 //! never panic, and it must find the same usage however the answer is cut into chunks:
-//! the first two bytes choose the cuts, the rest is the answer.
+//! the first two bytes choose the cuts, the rest is the answer. Read as one usage object,
+//! the typed (fast) reading must agree with the `Value` reading wherever it decides.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tokenrelay::usage::scan::{usage_of, Scanner};
+use tokenrelay::usage::scan::{typed_agrees, usage_of, Scanner};
 
 fuzz_target!(|data: &[u8]| {
+    assert!(typed_agrees(data), "typed and Value readings differ");
     let (cuts, answer) = data.split_at(data.len().min(2));
     let whole = usage_of(answer);
     // Pieces of a size the input chooses (1 to 64 bytes), and a cut at a chosen byte.

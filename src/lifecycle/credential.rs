@@ -109,6 +109,9 @@ pub struct Credential {
     /// The request path's counter of this credential's upstream `200` answers, resolved on
     /// first use instead of a label lookup per request.
     pub upstream_ok: std::sync::OnceLock<prometheus::IntCounter>,
+    /// Its id as the usage ledger keeps it, and its token counters
+    /// (`tokenrelay_credential_tokens_total`), resolved on its first answer with usage.
+    pub usage: std::sync::OnceLock<(Arc<str>, [prometheus::IntCounter; 4])>,
 }
 
 impl Credential {
@@ -200,6 +203,7 @@ impl Credential {
             retired: AtomicBool::new(false),
             jitter: rand::random::<f64>(),
             upstream_ok: std::sync::OnceLock::new(),
+            usage: std::sync::OnceLock::new(),
         }
     }
 

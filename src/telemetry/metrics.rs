@@ -4,6 +4,8 @@
 //! are never stale. Labels carry provider names, credential ids and outcomes, never a
 //! secret.
 
+use std::sync::Arc;
+
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -43,12 +45,29 @@ pub struct Metrics {
     /// The model labels in use: only models named in upstream answers or requests that
     /// were rate-limited, at most `MAX_MODEL_LABELS`, then `other`.
     model_labels: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// `tokenrelay_tokens_total`'s counters by provider, model (as requested) and client,
+    /// resolved once each (`usage_counters`).
+    usage_hot: std::sync::RwLock<std::collections::HashMap<u64, Vec<Arc<UsageCounters>>>>,
 }
 
 /// A bound on the `model` label's values.
 const MAX_MODEL_LABELS: usize = 64;
 
 pub const TOKEN_KINDS: [&str; 4] = ["prompt", "completion", "cached", "thoughts"];
+/// Token counters kept resolved (provider × requested model × client).
+const MAX_USAGE_HOT: usize = 4096;
+
+/// `tokenrelay_tokens_total`'s counters for one provider, requested model and client, in
+/// `TOKEN_KINDS` order, with the names the usage ledger keeps.
+pub struct UsageCounters {
+    pub provider: Arc<str>,
+    /// The model as requested (the cache's key).
+    pub requested: Arc<str>,
+    /// Its label: the model, or `other` (`model_label`).
+    pub model: Arc<str>,
+    pub client: Arc<str>,
+    pub kinds: [prometheus::IntCounter; 4],
+}
 
 pub const LIMIT_WINDOWS: [&str; 3] = ["rpm", "rpd", "tpm"];
 
@@ -236,6 +255,7 @@ impl Metrics {
                 &["op", "outcome"],
             )?,
             model_labels: std::sync::Mutex::default(),
+            usage_hot: std::sync::RwLock::default(),
             registry,
         };
         m.build_info
@@ -345,31 +365,52 @@ impl Metrics {
         }
     }
 
-    /// Counts an answer's usage by model (a name `model_label` gave) and client, and by
-    /// credential.
-    pub fn count_usage(
+    /// The token counters of a provider, model (as the request named it: its label is
+    /// `model_label`'s) and client, resolved once: an answer costs one map lookup, not
+    /// four label lookups. At most `MAX_USAGE_HOT` are kept; beyond, each is resolved.
+    pub fn usage_counters(&self, provider: &str, model: &str, client: &str) -> Arc<UsageCounters> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (provider, model, client).hash(&mut h);
+        let hash = h.finish();
+        let same = |c: &&Arc<UsageCounters>| {
+            &*c.provider == provider && &*c.requested == model && &*c.client == client
+        };
+        if let Some(c) = self
+            .usage_hot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&hash)
+            .and_then(|v| v.iter().find(same))
+        {
+            return Arc::clone(c);
+        }
+        let label = self.model_label(model);
+        let counters = Arc::new(UsageCounters {
+            provider: Arc::from(provider),
+            requested: Arc::from(model),
+            model: Arc::from(label),
+            client: Arc::from(client),
+            kinds: TOKEN_KINDS
+                .map(|k| self.tokens.with_label_values(&[provider, label, client, k])),
+        });
+        let mut hot = self.usage_hot.write().unwrap_or_else(|p| p.into_inner());
+        if hot.len() < MAX_USAGE_HOT {
+            hot.entry(hash).or_default().push(Arc::clone(&counters));
+        }
+        counters
+    }
+
+    /// A credential's token counters (`tokenrelay_credential_tokens_total`).
+    pub fn credential_token_counters(
         &self,
         provider: &str,
-        model: &str,
-        client: &str,
-        credential: Option<&str>,
-        u: &crate::usage::Usage,
-    ) {
-        for (kind, n) in [
-            ("prompt", u.prompt),
-            ("completion", u.completion),
-            ("cached", u.cached),
-            ("thoughts", u.thoughts),
-        ] {
-            self.tokens
-                .with_label_values(&[provider, model, client, kind])
-                .inc_by(n);
-            if let Some(credential) = credential {
-                self.credential_tokens
-                    .with_label_values(&[provider, credential, kind])
-                    .inc_by(n);
-            }
-        }
+        credential: &str,
+    ) -> [prometheus::IntCounter; 4] {
+        TOKEN_KINDS.map(|k| {
+            self.credential_tokens
+                .with_label_values(&[provider, credential, k])
+        })
     }
 
     /// Creates every series of a credential at zero.

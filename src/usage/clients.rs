@@ -330,11 +330,12 @@ fn roll(c: &mut Counts, now_ms: i64) {
     if day > c.day {
         c.day = day;
         c.tokens_in_day = 0;
-    }
-    let month = month_of(now_ms);
-    if month > c.month {
-        c.month = month;
-        c.tokens_in_month = 0;
+        // A month turns only with a day.
+        let month = month_of(now_ms);
+        if month > c.month {
+            c.month = month;
+            c.tokens_in_month = 0;
+        }
     }
 }
 

@@ -157,8 +157,36 @@ pub struct Row {
     pub sums: Sums,
 }
 
+/// A pending row's key, compared by its names' pointers (the meter hands out the same
+/// `Arc`s for the same names, so this is a few words hashed, not four strings). Two
+/// pointers with the same name are two rows that the store adds up.
+struct Pending(Key);
+
+impl PartialEq for Pending {
+    fn eq(&self, o: &Pending) -> bool {
+        let (a, b) = (&self.0, &o.0);
+        a.minute == b.minute
+            && Arc::ptr_eq(&a.client, &b.client)
+            && Arc::ptr_eq(&a.provider, &b.provider)
+            && Arc::ptr_eq(&a.model, &b.model)
+            && Arc::ptr_eq(&a.credential, &b.credential)
+    }
+}
+
+impl Eq for Pending {}
+
+impl std::hash::Hash for Pending {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        let k = &self.0;
+        k.minute.hash(h);
+        for name in [&k.client, &k.provider, &k.model, &k.credential] {
+            std::ptr::hash(Arc::as_ptr(name) as *const u8, h);
+        }
+    }
+}
+
 pub struct Ledger {
-    pending: Mutex<HashMap<Key, Sums>>,
+    pending: Mutex<HashMap<Pending, Sums>>,
     backend: Backend,
     /// One write at a time (the task, a query, shutdown).
     writing: tokio::sync::Mutex<()>,
@@ -185,7 +213,7 @@ impl Ledger {
     /// Adds one answer (called when it ends; never waits for a store).
     pub fn record(&self, key: Key, sums: Sums) {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        p.entry(key).or_default().add(&sums);
+        p.entry(Pending(key)).or_default().add(&sums);
     }
 
     /// Writes what is pending. What the store does not take stays pending.
@@ -196,7 +224,7 @@ impl Ledger {
             if p.is_empty() {
                 return Ok(());
             }
-            p.drain().collect()
+            p.drain().map(|(k, s)| (k.0, s)).collect()
         };
         let written = match &self.backend {
             Backend::Db(db) => {
@@ -221,16 +249,15 @@ impl Ledger {
     fn keep(&self, rows: Vec<(Key, Sums)>) {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         for (k, s) in rows {
-            p.entry(k).or_default().add(&s);
+            p.entry(Pending(k)).or_default().add(&s);
         }
         if p.len() > MAX_PENDING {
-            let mut keys: Vec<Key> = p.keys().cloned().collect();
-            keys.sort_unstable_by_key(|k| k.minute);
-            let extra = p.len() - MAX_PENDING;
-            for k in keys.into_iter().take(extra) {
-                p.remove(&k);
-            }
-            tracing::error!(target: "tokenrelay::usage", dropped = extra,
+            let mut minutes: Vec<i64> = p.keys().map(|k| k.0.minute).collect();
+            minutes.sort_unstable();
+            let before = p.len();
+            let keep_from = minutes[before - MAX_PENDING];
+            p.retain(|k, _| k.0.minute >= keep_from);
+            tracing::error!(target: "tokenrelay::usage", dropped = before - p.len(),
                 "usage rows could not be written for too long; the oldest were dropped");
         }
     }

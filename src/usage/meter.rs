@@ -55,21 +55,33 @@ impl Tally {
     /// the client's limits and the ledger.
     pub fn count(&self, usage: Option<Usage>) {
         let now_ms = crate::clock::now_ms();
-        let provider = &self.credential.provider.name;
+        let cred = &self.credential;
+        let provider = &cred.provider.name;
         let client = self.client.as_ref().map_or("-", |c| &*c.name);
-        let model = self.model.name();
-        // The same bounded names as the metrics' labels.
-        let model = self.metrics.model_label(&model);
+        let counters = self
+            .metrics
+            .usage_counters(provider, &self.model.name(), client);
+        // A credential that left the pool keeps no series (none is created for it).
+        let retired = cred.is_retired();
+        let resolved = if retired {
+            cred.usage.get()
+        } else {
+            Some(cred.usage.get_or_init(|| {
+                (
+                    Arc::from(cred.id.as_str()),
+                    self.metrics.credential_token_counters(provider, &cred.id),
+                )
+            }))
+        };
         match &usage {
             Some(u) => {
-                self.metrics.count_usage(
-                    provider,
-                    model,
-                    client,
-                    // A credential that left the pool keeps no series.
-                    (!self.credential.is_retired()).then_some(self.credential.id.as_str()),
-                    u,
-                );
+                let n = [u.prompt, u.completion, u.cached, u.thoughts];
+                for (i, n) in n.into_iter().enumerate() {
+                    counters.kinds[i].inc_by(n);
+                    if let Some((_, by_credential)) = resolved.filter(|_| !retired) {
+                        by_credential[i].inc_by(n);
+                    }
+                }
                 if let Some(c) = &self.client {
                     c.spend(u.billed(), now_ms);
                 }
@@ -79,13 +91,11 @@ impl Tally {
         self.ledger.record(
             Key {
                 minute: now_ms.div_euclid(60_000) * 60,
-                client: self
-                    .client
-                    .as_ref()
-                    .map_or_else(|| Arc::from("-"), |c| Arc::clone(&c.name)),
-                provider: Arc::from(provider.as_str()),
-                model: Arc::from(model),
-                credential: Arc::from(self.credential.id.as_str()),
+                client: Arc::clone(&counters.client),
+                provider: Arc::clone(&counters.provider),
+                model: Arc::clone(&counters.model),
+                credential: resolved
+                    .map_or_else(|| Arc::from(cred.id.as_str()), |(id, _)| Arc::clone(id)),
             },
             Sums::of(usage.as_ref()),
         );

@@ -8,7 +8,8 @@
 //! model wrote cannot pose as the key: inside a JSON string its quotes are escaped. The
 //! bytes are untrusted: every path is bounded and fuzzed (`fuzz/fuzz_targets/usage.rs`).
 
-use memchr::memchr;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::Value;
 
 /// Tokens as the upstream reports them (nothing is subtracted: OpenAI's completion
@@ -34,6 +35,59 @@ impl Usage {
             self.completion
         };
         self.prompt.saturating_add(out)
+    }
+
+    /// Reads a captured object: typed, and only when that cannot decide (an unusual shape:
+    /// a count that is null, details that are not an object, a field twice) through a
+    /// `Value`, whose reading is the rule. Both read the same usage from any object.
+    fn parse(key: Key, object: &[u8]) -> Option<Usage> {
+        Usage::typed(key, object).or_else(|| Usage::slow(key, object))
+    }
+
+    fn slow(key: Key, object: &[u8]) -> Option<Usage> {
+        serde_json::from_slice::<Value>(object)
+            .ok()
+            .and_then(|v| Usage::from_object(key, &v))
+    }
+
+    fn typed(key: Key, object: &[u8]) -> Option<Usage> {
+        match key {
+            Key::UsageMetadata => serde_json::from_slice::<GeminiUsage>(object)
+                .ok()
+                .filter(|g| g.prompt_token_count.is_some())
+                .map(|g| Usage {
+                    prompt: g.prompt_token_count.and_then(|c| c.0).unwrap_or(0),
+                    completion: g.candidates_token_count.0.unwrap_or(0),
+                    cached: g.cached_content_token_count.0.unwrap_or(0),
+                    thoughts: g.thoughts_token_count.0.unwrap_or(0),
+                    thoughts_apart: true,
+                }),
+            Key::Usage => serde_json::from_slice::<OpenAiUsage>(object)
+                .ok()
+                .filter(|o| o.prompt_tokens.is_some() || o.input_tokens.is_some())
+                .map(|o| {
+                    let either = |a: Option<u64>, b: Option<u64>| a.or(b).unwrap_or(0);
+                    let d = |d: &Option<Details>, f: fn(&Details) -> Count| {
+                        d.as_ref().and_then(|d| f(d).0)
+                    };
+                    Usage {
+                        prompt: either(
+                            o.prompt_tokens.and_then(|c| c.0),
+                            o.input_tokens.and_then(|c| c.0),
+                        ),
+                        completion: either(o.completion_tokens.0, o.output_tokens.0),
+                        cached: either(
+                            d(&o.prompt_tokens_details, |d| d.cached_tokens),
+                            d(&o.input_tokens_details, |d| d.cached_tokens),
+                        ),
+                        thoughts: either(
+                            d(&o.completion_tokens_details, |d| d.reasoning_tokens),
+                            d(&o.output_tokens_details, |d| d.reasoning_tokens),
+                        ),
+                        thoughts_apart: false,
+                    }
+                }),
+        }
     }
 
     /// Reads a `usageMetadata` (Gemini) or `usage` (OpenAI-style) object.
@@ -79,6 +133,87 @@ impl Usage {
 enum Key {
     UsageMetadata,
     Usage,
+}
+
+/// One count as `Value::as_u64` reads it: an unsigned integer, else nothing (any other
+/// value, however nested, is consumed and read as nothing).
+#[derive(Debug, Clone, Copy, Default)]
+struct Count(Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a token count")
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Count, E> {
+                Ok(Count(Some(n)))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Count, E> {
+                // `Value` keeps a non-negative i64 (`-0`) as unsigned.
+                Ok(Count(u64::try_from(n).ok()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_unit<E>(self) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Count, A::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Count(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Count, A::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Count(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Gemini's `usageMetadata`, typed (the fast path; see `Usage::parse`).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GeminiUsage {
+    prompt_token_count: Option<Count>,
+    #[serde(default)]
+    candidates_token_count: Count,
+    #[serde(default)]
+    cached_content_token_count: Count,
+    #[serde(default)]
+    thoughts_token_count: Count,
+}
+
+/// OpenAI-style `usage` (Chat Completions and Responses names), typed.
+#[derive(Deserialize)]
+struct OpenAiUsage {
+    prompt_tokens: Option<Count>,
+    input_tokens: Option<Count>,
+    #[serde(default)]
+    completion_tokens: Count,
+    #[serde(default)]
+    output_tokens: Count,
+    prompt_tokens_details: Option<Details>,
+    input_tokens_details: Option<Details>,
+    completion_tokens_details: Option<Details>,
+    output_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize, Default)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Count,
+    #[serde(default)]
+    reasoning_tokens: Count,
 }
 
 /// `usage`, searched once per chunk (built once: a searcher costs more than a search).
@@ -176,9 +311,12 @@ impl Scanner {
             self.carry.drain(..cut);
             return &[];
         }
+        // Every key begins with `"usage`: look only where `usage` is, not at every quote.
         let prev = self.carry.last().copied();
-        let mut at = 0;
-        while let Some(i) = memchr(b'"', &chunk[at..]).map(|i| i + at) {
+        for p in USAGE.find_iter(chunk) {
+            let Some(i) = p.checked_sub(1).filter(|i| chunk[*i] == b'"') else {
+                continue;
+            };
             let escaped = if i == 0 {
                 prev == Some(b'\\')
             } else {
@@ -191,7 +329,6 @@ impl Scanner {
                     return &chunk[i + len..];
                 }
             }
-            at = i + 1;
         }
         // Keep the tail: a key may begin there and end in the next chunk.
         self.carry
@@ -210,9 +347,11 @@ impl Scanner {
                 b' ' | b'\t' | b'\r' | b'\n' => {}
                 b':' if !*colon => *colon = true,
                 b'{' if *colon => {
+                    let mut buf = Vec::with_capacity(256);
+                    buf.push(b'{');
                     self.mode = Mode::Object {
                         key: *key,
-                        buf: vec![b'{'],
+                        buf,
                         depth: 1,
                         in_string: false,
                         escaped: false,
@@ -256,24 +395,21 @@ impl Scanner {
                     _ => {}
                 }
             }
-            if buf.len() >= MAX_OBJECT {
+            if buf.len() + i >= MAX_OBJECT {
                 // Too long to be usage: give up on it and seek on.
                 self.mode = Mode::Seek;
                 return &chunk[i..];
             }
-            buf.push(b);
             if *depth == 0 {
-                let key = *key;
-                let parsed = serde_json::from_slice::<Value>(buf)
-                    .ok()
-                    .and_then(|v| Usage::from_object(key, &v));
-                if let Some(u) = parsed {
+                buf.extend_from_slice(&chunk[..=i]);
+                if let Some(u) = Usage::parse(*key, buf) {
                     self.last = Some(u);
                 }
                 self.mode = Mode::Seek;
                 return &chunk[i + 1..];
             }
         }
+        buf.extend_from_slice(chunk);
         &[]
     }
 }
@@ -287,6 +423,15 @@ fn key_at(hay: &[u8], start: usize) -> Option<(Key, usize)> {
     KEYS.iter()
         .find(|(pattern, _)| hay[start..].starts_with(pattern))
         .map(|(pattern, key)| (*key, pattern.len()))
+}
+
+/// For the fuzz target: where the typed reading of an object decides, it must read what
+/// the `Value` reading does (for both keys).
+#[doc(hidden)]
+pub fn typed_agrees(object: &[u8]) -> bool {
+    [Key::UsageMetadata, Key::Usage]
+        .into_iter()
+        .all(|key| Usage::typed(key, object).is_none_or(|u| Usage::slow(key, object) == Some(u)))
 }
 
 /// The usage in a whole answer, fed in one piece (tests, the fuzz target).
@@ -371,6 +516,29 @@ mod tests {
             br#"{"output":[],"usage":{"input_tokens":7,"output_tokens":4,"total_tokens":11,"output_tokens_details":{"reasoning_tokens":2}}}"#,
         );
         assert_eq!(responses.map(|u| (u.billed(), u.thoughts)), Some((11, 2)));
+    }
+
+    #[test]
+    fn the_typed_reading_agrees_with_the_value_reading_on_odd_objects() {
+        for object in [
+            r#"{"promptTokenCount": 5, "candidatesTokenCount": "7", "thoughtsTokenCount": -1}"#,
+            r#"{"promptTokenCount": null, "candidatesTokenCount": 3}"#,
+            r#"{"promptTokenCount": 1, "promptTokenCount": 2}"#,
+            r#"{"prompt_tokens": -0, "input_tokens": 5, "completion_tokens": 1.5}"#,
+            r#"{"prompt_tokens": null, "input_tokens": 4, "prompt_tokens_details": 3}"#,
+            r#"{"prompt_tokens": 2, "completion_tokens_details": {"reasoning_tokens": {"a": [1]}}}"#,
+            r#"{"input_tokens": 9, "output_tokens": 18446744073709551615, "output_tokens_details": null}"#,
+            r#"{"prompt_tokens": 1e2, "completion_tokens": 3}"#,
+        ] {
+            assert!(typed_agrees(object.as_bytes()), "{object}");
+            for key in [Key::UsageMetadata, Key::Usage] {
+                assert_eq!(
+                    Usage::parse(key, object.as_bytes()),
+                    Usage::slow(key, object.as_bytes()),
+                    "{object}"
+                );
+            }
+        }
     }
 
     #[test]
