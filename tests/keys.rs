@@ -52,6 +52,11 @@ pub enum Key {
         file: &'static str,
         content_type: &'static str,
     },
+    /// A fixture's bytes sent with `Content-Encoding: encoding` (already encoded).
+    Encoded {
+        bytes: Vec<u8>,
+        encoding: &'static str,
+    },
     /// (Internal) the key that started an upload session.
     StartedBy(String),
 }
@@ -215,6 +220,18 @@ async fn answer(State(s): State<Arc<KeyState>>, req: Request) -> Response {
             return status_json(429, serde_json::from_str(&text).unwrap());
         }
         Some(Key::Slow(ms)) => tokio::time::sleep(Duration::from_millis(ms)).await,
+        Some(Key::Encoded { bytes, encoding }) => {
+            let pieces: Vec<Vec<u8>> = bytes.chunks(7).map(<[u8]>::to_vec).collect();
+            let stream = futures_util::stream::iter(pieces).then(|p| async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                Ok::<_, std::io::Error>(p)
+            });
+            return Response::builder()
+                .header("content-type", "application/json")
+                .header("content-encoding", encoding.to_string())
+                .body(Body::from_stream(stream))
+                .unwrap();
+        }
         Some(Key::Stream { file, content_type }) => {
             let path = format!(
                 "{}/tests/fixtures/responses/{file}",

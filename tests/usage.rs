@@ -465,3 +465,86 @@ api_keys = [{{ key = "AIza-a", id = "a" }}]
         200
     );
 }
+
+#[tokio::test]
+async fn a_compressed_answer_reaches_the_client_as_sent_and_its_usage_is_counted() {
+    use std::io::Write as _;
+    let json = std::fs::read(format!(
+        "{}/tests/fixtures/responses/gemini_generate_content_usage.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&json).unwrap();
+    let gzipped = gz.finish().unwrap();
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&json).unwrap();
+    let deflated = z.finish().unwrap();
+    let up = KeyUpstream::start(
+        false,
+        &[
+            (
+                "AIza-gz",
+                Key::Encoded {
+                    bytes: gzipped.clone(),
+                    encoding: "gzip",
+                },
+            ),
+            (
+                "AIza-z",
+                Key::Encoded {
+                    bytes: deflated.clone(),
+                    encoding: "deflate",
+                },
+            ),
+            (
+                "AIza-br",
+                Key::Encoded {
+                    bytes: b"not inflated".to_vec(),
+                    encoding: "br",
+                },
+            ),
+        ],
+    )
+    .await;
+    for (key, sent, prompt, unknown) in [
+        ("AIza-gz", &gzipped, 12, 0),
+        ("AIza-z", &deflated, 12, 0),
+        ("AIza-br", &b"not inflated".to_vec(), 0, 1),
+    ] {
+        let t = relay(
+            "gemini",
+            &up.url,
+            &format!(r#"api_keys = [{{ key = "{key}", id = "k" }}]"#),
+            "",
+        )
+        .await;
+        let resp = t
+            .http
+            .post(format!(
+                "{}/gemini/v1beta/models/gemini-2.5-flash:generateContent",
+                t.proxy
+            ))
+            .header("accept-encoding", "gzip, deflate, br")
+            .json(&gemini_body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().contains_key("content-encoding"));
+        let body = resp.bytes().await.unwrap();
+        assert_eq!(
+            body.as_ref(),
+            sent.as_slice(),
+            "{key}: the upstream's bytes, as sent"
+        );
+        t.assert_metric(&format!(
+            r#"tokenrelay_tokens_total{{client="-",kind="prompt",model="gemini-2.5-flash",provider="gemini"}} {prompt}"#
+        ))
+        .await;
+        t.assert_metric(&format!(
+            r#"tokenrelay_usage_unknown_total{{provider="gemini"}} {unknown}"#
+        ))
+        .await;
+    }
+}

@@ -50,7 +50,7 @@ use crate::proxy::error::{ProxyError, Reason};
 use crate::telemetry::metrics::Metrics;
 use crate::usage::clients::{Client, Clients, Refused, Who};
 use crate::usage::ledger::Ledger;
-use crate::usage::meter::{Metered, Tally};
+use crate::usage::meter::{Encoding, Metered, Tally};
 use admit::{provider_names, split_path, Admitted, RequestBody};
 use attempt::{Attempts, Outcome};
 use browser::{BrowserGuard, Verdict};
@@ -352,12 +352,6 @@ fn metered(
     if !resp.status().is_success() {
         return resp;
     }
-    // A compressed answer cannot be read for usage (tokenrelay does not decompress):
-    // it is counted as one without usage.
-    let compressed = resp
-        .headers()
-        .get(http::header::CONTENT_ENCODING)
-        .is_some_and(|v| v != "identity");
     let Some(model) = model.for_meter(body) else {
         return resp;
     };
@@ -378,11 +372,14 @@ fn metered(
         client,
         unknown,
     };
-    if compressed {
+    // A compressed answer is inflated beside the stream for the scanner (gzip, deflate);
+    // another encoding cannot be read: it is counted as one without usage.
+    let encoding = Encoding::of(resp.headers());
+    if encoding == Encoding::Other {
         tally.count(None);
         return resp;
     }
-    resp.map(|body| Body::new(Metered::new(body, tally)))
+    resp.map(|body| Body::new(Metered::new(body, tally, encoding)))
 }
 
 /// A client's refusal as tokenrelay's error.

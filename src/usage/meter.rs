@@ -3,7 +3,14 @@
 //! showing it to a `Scanner`; when the body ends (or the client leaves), the usage found
 //! is counted for the provider, model, client and credential, or the answer is counted as
 //! one without usage.
+//!
+//! An answer the upstream compressed (`gzip`, `deflate`: SDKs ask for them) is inflated
+//! beside the stream, a frame at a time, for the scanner only: the client gets the
+//! upstream's bytes as they came. At most `MAX_INFLATED` bytes are inflated per answer;
+//! beyond that, or for another encoding, or on an inflate error, the answer counts as one
+//! without usage.
 
+use std::io::Write as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -102,26 +109,136 @@ impl Tally {
     }
 }
 
+/// The most bytes inflated from one compressed answer (a bound on what a decompression
+/// bomb costs: CPU, never memory).
+const MAX_INFLATED: u64 = 64 << 20;
+
+/// How an answer's body is encoded, from its `Content-Encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+    /// HTTP's `deflate`: zlib-wrapped.
+    Deflate,
+    /// One tokenrelay does not inflate (`br`, `zstd`, several).
+    Other,
+}
+
+impl Encoding {
+    pub fn of(headers: &http::HeaderMap) -> Encoding {
+        let mut values = headers.get_all(http::header::CONTENT_ENCODING).iter();
+        let (Some(v), None) = (values.next(), values.next()) else {
+            return if headers.contains_key(http::header::CONTENT_ENCODING) {
+                Encoding::Other
+            } else {
+                Encoding::Identity
+            };
+        };
+        match v.to_str().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+            Ok("" | "identity") => Encoding::Identity,
+            Ok("gzip" | "x-gzip") => Encoding::Gzip,
+            Ok("deflate") => Encoding::Deflate,
+            _ => Encoding::Other,
+        }
+    }
+}
+
+/// Where inflated bytes go: the scanner, counted.
+struct Inflated {
+    scanner: Scanner,
+    bytes: u64,
+}
+
+impl std::io::Write for Inflated {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.bytes += buf.len() as u64;
+        if self.bytes > MAX_INFLATED {
+            return Err(std::io::Error::other("inflated past MAX_INFLATED"));
+        }
+        self.scanner.feed(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What reads an answer's bytes for usage.
+enum Reader {
+    Plain(Scanner),
+    Gzip(Box<flate2::write::GzDecoder<Inflated>>),
+    Deflate(Box<flate2::write::ZlibDecoder<Inflated>>),
+    /// Could not be read (inflate error, too large): no usage.
+    Broken,
+}
+
+impl Reader {
+    fn new(encoding: Encoding) -> Reader {
+        let sink = || Inflated {
+            scanner: Scanner::default(),
+            bytes: 0,
+        };
+        match encoding {
+            Encoding::Identity => Reader::Plain(Scanner::default()),
+            Encoding::Gzip => Reader::Gzip(Box::new(flate2::write::GzDecoder::new(sink()))),
+            Encoding::Deflate => Reader::Deflate(Box::new(flate2::write::ZlibDecoder::new(sink()))),
+            Encoding::Other => Reader::Broken,
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        let ok = match self {
+            Reader::Plain(s) => {
+                s.feed(data);
+                true
+            }
+            Reader::Gzip(d) => d.write_all(data).is_ok(),
+            Reader::Deflate(d) => d.write_all(data).is_ok(),
+            Reader::Broken => true,
+        };
+        if !ok {
+            *self = Reader::Broken;
+        }
+    }
+
+    /// The usage found (once the answer ended: what is buffered is inflated first).
+    fn last(&mut self) -> Option<Usage> {
+        match self {
+            Reader::Plain(s) => s.last(),
+            Reader::Gzip(d) => {
+                let _ = d.try_finish();
+                d.get_ref().scanner.last()
+            }
+            Reader::Deflate(d) => {
+                let _ = d.try_finish();
+                d.get_ref().scanner.last()
+            }
+            Reader::Broken => None,
+        }
+    }
+}
+
 /// An answer's body, scanned for usage as it passes.
 pub struct Metered<B> {
     inner: B,
-    scanner: Scanner,
+    reader: Reader,
     /// Taken when counted (at the end, or on drop).
     tally: Option<Tally>,
 }
 
 impl<B> Metered<B> {
-    pub fn new(inner: B, tally: Tally) -> Metered<B> {
+    pub fn new(inner: B, tally: Tally, encoding: Encoding) -> Metered<B> {
         Metered {
             inner,
-            scanner: Scanner::default(),
+            reader: Reader::new(encoding),
             tally: Some(tally),
         }
     }
 
     fn finish(&mut self) {
         if let Some(t) = self.tally.take() {
-            t.count(self.scanner.last());
+            t.count(self.reader.last());
         }
     }
 }
@@ -149,7 +266,7 @@ where
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.scanner.feed(data);
+                    this.reader.feed(data);
                 }
             }
             Poll::Ready(None) => this.finish(),
@@ -164,5 +281,48 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_encoding_is_read_from_one_content_encoding() {
+        let of = |values: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append(http::header::CONTENT_ENCODING, v.parse().unwrap());
+            }
+            Encoding::of(&h)
+        };
+        assert_eq!(of(&[]), Encoding::Identity);
+        assert_eq!(of(&["identity"]), Encoding::Identity);
+        assert_eq!(of(&["GZIP"]), Encoding::Gzip);
+        assert_eq!(of(&["x-gzip"]), Encoding::Gzip);
+        assert_eq!(of(&["deflate"]), Encoding::Deflate);
+        assert_eq!(of(&["br"]), Encoding::Other);
+        assert_eq!(of(&["gzip, br"]), Encoding::Other);
+        assert_eq!(of(&["gzip", "gzip"]), Encoding::Other);
+    }
+
+    #[test]
+    fn a_decompression_bomb_stops_at_the_bound_and_reads_as_no_usage() {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..(MAX_INFLATED >> 20) + 1 {
+            gz.write_all(&zeros).unwrap();
+        }
+        gz.write_all(br#"{"usage":{"prompt_tokens":1}}"#).unwrap();
+        let bomb = gz.finish().unwrap();
+        assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+        let mut r = Reader::new(Encoding::Gzip);
+        for piece in bomb.chunks(16 << 10) {
+            r.feed(piece);
+        }
+        assert!(matches!(r, Reader::Broken));
+        assert_eq!(r.last(), None);
     }
 }
