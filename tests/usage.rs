@@ -548,3 +548,52 @@ async fn a_compressed_answer_reaches_the_client_as_sent_and_its_usage_is_counted
         .await;
     }
 }
+
+#[tokio::test]
+async fn concurrent_requests_cannot_all_pass_a_nearly_spent_budget() {
+    // Each request's body is ~240 bytes: an estimate of ~60 tokens is held while its
+    // (slow, streamed) answer is on its way; the day's budget is 100.
+    let up = KeyUpstream::start(
+        false,
+        &[(
+            "AIza-a",
+            Key::Stream {
+                file: "gemini_generate_content_usage.json",
+                content_type: "application/json",
+            },
+        )],
+    )
+    .await;
+    let t = relay(
+        "gemini",
+        &up.url,
+        r#"api_keys = [{ key = "AIza-a", id = "a" }]"#,
+        "[[clients]]\nname = \"bot\"\nkey = \"ck-bot\"\ntokens_per_day = 100",
+    )
+    .await;
+    let body =
+        serde_json::json!({"contents": [{"role": "user", "parts": [{"text": "x".repeat(180)}]}]});
+    let one = || async {
+        let r = t
+            .http
+            .post(format!(
+                "{}/gemini/v1beta/models/gemini-2.5-flash:generateContent",
+                t.proxy
+            ))
+            .header("x-goog-api-key", "ck-bot")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let _ = r.bytes().await;
+        status
+    };
+    let statuses = futures_util::future::join_all((0..5).map(|_| one())).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "two estimates of ~60 fill a budget of 100: {statuses:?}"
+    );
+    assert_eq!(up.hits().len(), 2);
+}

@@ -48,7 +48,7 @@ use crate::lifecycle::pool::{Pool, ProviderPool};
 use crate::lifecycle::Credential;
 use crate::proxy::error::{ProxyError, Reason};
 use crate::telemetry::metrics::Metrics;
-use crate::usage::clients::{Client, Clients, Refused, Who};
+use crate::usage::clients::{Clients, Hold, Refused, Who};
 use crate::usage::ledger::Ledger;
 use crate::usage::meter::{Encoding, Metered, Tally};
 use admit::{provider_names, split_path, Admitted, RequestBody};
@@ -249,12 +249,13 @@ async fn serve(
         RequestBody::Streamed(..) => Bytes::new(),
     };
     let mut model = LazyModel::new(rest, &model_bytes);
-    let client = match who {
+    let tokens = crate::quota::limits::estimate_tokens(model_bytes.len());
+    let hold = match who {
         Who::Named(c) => {
             trail.client = Some(Arc::clone(&c.name));
             c.may_use(&pool.config.name, model.get()).map_err(refusal)?;
-            c.admit(crate::clock::now_ms()).await.map_err(refusal)?;
-            Some(c)
+            let hold = c.admit(crate::clock::now_ms(), tokens).await;
+            Some(hold.map_err(refusal)?)
         }
         Who::Unnamed | Who::Anyone => None,
     };
@@ -269,7 +270,6 @@ async fn serve(
         body: Some(body),
     };
     let mut misses: Vec<(Arc<Credential>, Miss)> = Vec::new();
-    let tokens = crate::quota::limits::estimate_tokens(model_bytes.len());
     let mut full_scopes = Vec::new();
     for cred in candidates {
         let probe = match choose::skipped(
@@ -311,15 +311,7 @@ async fn serve(
             .await?
         {
             Outcome::Served(resp) => {
-                return Ok(metered(
-                    s,
-                    pool,
-                    cred,
-                    &mut model,
-                    &model_bytes,
-                    client,
-                    resp,
-                ))
+                return Ok(metered(s, pool, cred, &mut model, &model_bytes, hold, resp))
             }
             Outcome::Missed(miss) => misses.push((cred, miss)),
         }
@@ -346,7 +338,7 @@ fn metered(
     cred: Arc<Credential>,
     model: &mut LazyModel<'_>,
     body: &Bytes,
-    client: Option<Arc<Client>>,
+    hold: Option<Hold>,
     resp: Response,
 ) -> Response {
     if !resp.status().is_success() {
@@ -369,7 +361,7 @@ fn metered(
         ledger: Arc::clone(&s.ledger),
         credential: cred,
         model,
-        client,
+        hold,
         unknown,
     };
     // A compressed answer is inflated beside the stream for the scanner (gzip, deflate);

@@ -50,6 +50,58 @@ struct Counts {
     tokens_in_day: u64,
     month: i64,
     tokens_in_month: u64,
+    /// Estimates of the answers on their way (`Hold`), per window.
+    held_in_minute: u64,
+    held_in_day: u64,
+    held_in_month: u64,
+}
+
+/// A request's estimated tokens, counted against its client's token limits while its
+/// answer is on its way, so that concurrent requests cannot all pass a nearly spent
+/// budget. Settled with what the answer reported (`settle`), or given back when dropped
+/// (no answer, an error).
+pub struct Hold {
+    client: Arc<Client>,
+    tokens: u64,
+    minute: i64,
+    day: i64,
+    month: i64,
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Hold({} holds {} tokens)", self.client.name, self.tokens)
+    }
+}
+
+impl Hold {
+    pub fn client(&self) -> &Arc<Client> {
+        &self.client
+    }
+
+    /// The answer ended having cost `tokens`: the estimate is given back, the tokens spent.
+    pub fn settle(self, tokens: u64, now_ms: i64) {
+        self.client.spend(tokens, now_ms);
+        // Drop gives the estimate back.
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if self.tokens == 0 {
+            return;
+        }
+        let mut c = self.client.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if c.minute == self.minute {
+            c.held_in_minute = c.held_in_minute.saturating_sub(self.tokens);
+        }
+        if c.day == self.day {
+            c.held_in_day = c.held_in_day.saturating_sub(self.tokens);
+        }
+        if c.month == self.month {
+            c.held_in_month = c.held_in_month.saturating_sub(self.tokens);
+        }
+    }
 }
 
 /// Who sent a request.
@@ -175,12 +227,13 @@ impl Client {
         Ok(())
     }
 
-    /// Admits one request now (counting it against `rpm`), or says which limit refuses it
-    /// and until when. In fleet mode Redis is asked too (within `store.limit_timeout`).
-    pub async fn admit(&self, now_ms: i64) -> Result<(), Refused> {
-        self.admit_locally(now_ms)?;
+    /// Admits one request now (counting it against `rpm`, and holding `estimate` tokens
+    /// against the token limits until its answer ends), or says which limit refuses it and
+    /// until when. In fleet mode Redis is asked too (within `store.limit_timeout`).
+    pub async fn admit(self: &Arc<Self>, now_ms: i64, estimate: u64) -> Result<Hold, Refused> {
+        let hold = self.admit_locally(now_ms, estimate)?;
         let Some(shared) = &self.shared else {
-            return Ok(());
+            return Ok(hold);
         };
         let take = ClientTake {
             minute: window::minute_of(now_ms),
@@ -198,39 +251,49 @@ impl Client {
                 Err(self.refusal(full, now_ms))
             }
             // Taken, or Redis did not answer in time: this replica's count decided.
-            Ok(None) | Err(()) => Ok(()),
+            Ok(None) | Err(()) => Ok(hold),
         }
     }
 
-    fn admit_locally(&self, now_ms: i64) -> Result<(), Refused> {
+    fn admit_locally(self: &Arc<Self>, now_ms: i64, estimate: u64) -> Result<Hold, Refused> {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         roll(&mut c, now_ms);
-        let full = if self
-            .cfg
-            .tokens_per_month
-            .is_some_and(|l| c.tokens_in_month >= l)
-        {
+        let over = |limit: Option<u64>, spent: u64, held: u64| {
+            limit.is_some_and(|l| spent.saturating_add(held) >= l)
+        };
+        let full = if over(
+            self.cfg.tokens_per_month,
+            c.tokens_in_month,
+            c.held_in_month,
+        ) {
             Some(ClientFull::Month)
-        } else if self
-            .cfg
-            .tokens_per_day
-            .is_some_and(|l| c.tokens_in_day >= l)
-        {
+        } else if over(self.cfg.tokens_per_day, c.tokens_in_day, c.held_in_day) {
             Some(ClientFull::Day)
-        } else if self.cfg.tpm.is_some_and(|l| c.tokens_in_minute >= l) {
+        } else if over(self.cfg.tpm, c.tokens_in_minute, c.held_in_minute) {
             Some(ClientFull::Tpm)
         } else if self.cfg.rpm.is_some_and(|l| c.requests_in_minute >= l) {
             Some(ClientFull::Rpm)
         } else {
             None
         };
-        match full {
-            Some(full) => Err(self.refusal(full, now_ms)),
-            None => {
-                c.requests_in_minute += 1;
-                Ok(())
-            }
+        if let Some(full) = full {
+            return Err(self.refusal(full, now_ms));
         }
+        c.requests_in_minute += 1;
+        let limited = self.cfg.tpm.is_some()
+            || self.cfg.tokens_per_day.is_some()
+            || self.cfg.tokens_per_month.is_some();
+        let tokens = if limited { estimate } else { 0 };
+        c.held_in_minute += tokens;
+        c.held_in_day += tokens;
+        c.held_in_month += tokens;
+        Ok(Hold {
+            client: Arc::clone(self),
+            tokens,
+            minute: c.minute,
+            day: c.day,
+            month: c.month,
+        })
     }
 
     /// What the client is told when `full` refuses it, and for how long.
@@ -325,16 +388,19 @@ fn roll(c: &mut Counts, now_ms: i64) {
         c.minute = minute;
         c.requests_in_minute = 0;
         c.tokens_in_minute = 0;
+        c.held_in_minute = 0;
     }
     let day = now_ms.div_euclid(86_400_000);
     if day > c.day {
         c.day = day;
         c.tokens_in_day = 0;
+        c.held_in_day = 0;
         // A month turns only with a day.
         let month = month_of(now_ms);
         if month > c.month {
             c.month = month;
             c.tokens_in_month = 0;
+            c.held_in_month = 0;
         }
     }
 }
@@ -384,7 +450,7 @@ fn next_month_ms(now_ms: i64) -> i64 {
 mod tests {
     use super::*;
 
-    fn client(f: impl FnOnce(&mut ClientConfig)) -> Client {
+    fn client(f: impl FnOnce(&mut ClientConfig)) -> Arc<Client> {
         let mut cfg = ClientConfig {
             name: "bot".into(),
             key: SecretString::from("k-bot".to_string()),
@@ -396,12 +462,12 @@ mod tests {
             tokens_per_month: None,
         };
         f(&mut cfg);
-        Client {
+        Arc::new(Client {
             name: Arc::from("bot"),
             cfg,
             counts: Arc::default(),
             shared: None,
-        }
+        })
     }
 
     fn ms(t: &str) -> i64 {
@@ -437,22 +503,22 @@ mod tests {
             c.tokens_per_month = Some(1000);
         });
         let now = ms("2026-12-31T23:59:00Z");
-        assert!(c.admit_locally(now).is_ok());
+        assert!(c.admit_locally(now, 0).is_ok());
         c.spend(150, now); // crosses the day's budget: that request was served
-        match c.admit_locally(now) {
+        match c.admit_locally(now, 0) {
             Err(Refused::BudgetExhausted(_, wait)) => assert_eq!(wait, Duration::from_secs(60)),
             other => panic!("{other:?}"),
         }
         // Midnight UTC, and a new month too.
         let next = ms("2027-01-01T00:00:00Z");
-        assert!(c.admit_locally(next).is_ok());
-        assert!(c.admit_locally(next).is_ok());
+        assert!(c.admit_locally(next, 0).is_ok());
+        assert!(c.admit_locally(next, 0).is_ok());
         assert!(
-            matches!(c.admit_locally(next), Err(Refused::RateLimited(_, _))),
+            matches!(c.admit_locally(next, 0), Err(Refused::RateLimited(_, _))),
             "rpm 2"
         );
         c.spend(1000, next + 60_000);
-        match c.admit_locally(ms("2027-01-15T12:00:00Z")) {
+        match c.admit_locally(ms("2027-01-15T12:00:00Z"), 0) {
             Err(Refused::BudgetExhausted(m, wait)) => {
                 assert!(m.contains("month"), "{m}");
                 assert_eq!(
@@ -467,8 +533,37 @@ mod tests {
     }
 
     #[test]
+    fn answers_on_their_way_hold_their_estimate_so_a_burst_cannot_pass_a_spent_budget() {
+        let c = client(|c| c.tokens_per_day = Some(100));
+        let now = ms("2026-12-04T10:00:00Z");
+        let a = c.admit_locally(now, 60).unwrap();
+        let b = c.admit_locally(now, 60).unwrap();
+        assert!(
+            matches!(c.admit_locally(now, 60), Err(Refused::BudgetExhausted(..))),
+            "120 held of 100"
+        );
+        drop(a); // no answer: its estimate is given back
+        let d = c.admit_locally(now, 10).unwrap();
+        b.settle(30, now); // 30 spent, 10 held
+        assert_eq!(c.windows(now).0.tokens_in_day, 30);
+        assert!(c.admit_locally(now, 10).is_ok());
+        d.settle(80, now); // the request that crosses is served
+        assert!(matches!(
+            c.admit_locally(now, 0),
+            Err(Refused::BudgetExhausted(..))
+        ));
+        // A hold from yesterday given back today changes nothing today.
+        let late = c.admit_locally(now, 0);
+        assert!(late.is_err());
+        let next_day = ms("2026-12-05T00:00:01Z");
+        let e = c.admit_locally(next_day, 50).unwrap();
+        drop(e);
+        assert!(c.admit_locally(next_day, 0).is_ok());
+    }
+
+    #[test]
     fn keys_identify_named_and_unnamed_clients() {
-        let named = client(|_| {}).cfg;
+        let named = client(|_| {}).cfg.clone();
         let clients = Clients::new(&[named], &[SecretString::from("k-old".to_string())]);
         assert!(clients.required());
         assert!(matches!(clients.identify("k-bot"), Some(Who::Named(c)) if &*c.name == "bot"));

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use super::clients::Client;
+use super::clients::Hold;
 use super::ledger::{Key, Ledger, Sums};
 use super::scan::{Scanner, Usage};
 use crate::lifecycle::Credential;
@@ -51,8 +51,8 @@ pub struct Tally {
     /// The request's model.
     pub model: ModelOf,
     /// The named client that sent the request (its name labels the tokens, `-` for
-    /// none); its token limits are spent when the answer ends.
-    pub client: Option<Arc<Client>>,
+    /// none) and its held estimate: settled with the tokens when the answer ends.
+    pub hold: Option<Hold>,
     /// The provider's counter of answers without usage, resolved once.
     pub unknown: prometheus::IntCounter,
 }
@@ -60,11 +60,11 @@ pub struct Tally {
 impl Tally {
     /// Counts an answer that ended, with the usage it carried (if any): in the metrics,
     /// the client's limits and the ledger.
-    pub fn count(&self, usage: Option<Usage>) {
+    pub fn count(mut self, usage: Option<Usage>) {
         let now_ms = crate::clock::now_ms();
         let cred = &self.credential;
         let provider = &cred.provider.name;
-        let client = self.client.as_ref().map_or("-", |c| &*c.name);
+        let client = self.hold.as_ref().map_or("-", |h| &*h.client().name);
         let counters = self
             .metrics
             .usage_counters(provider, &self.model.name(), client);
@@ -89,8 +89,8 @@ impl Tally {
                         by_credential[i].inc_by(n);
                     }
                 }
-                if let Some(c) = &self.client {
-                    c.spend(u.billed(), now_ms);
+                if let Some(h) = self.hold.take() {
+                    h.settle(u.billed(), now_ms);
                 }
             }
             None => self.unknown.inc(),
