@@ -22,6 +22,7 @@ pub mod file;
 pub mod redis;
 pub mod shape;
 pub mod sqlite;
+pub mod usage;
 
 pub use file::{write_atomically, FileStore, LOCK_STALE_AFTER};
 

@@ -8,8 +8,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection};
 
-use crate::usage::clients::Spent;
-use crate::usage::ledger::{Key, Stored, Sums, KEEP_HOURS_S, KEEP_MINUTES_S};
+use super::usage::{Key, Spent, Stored, Sums, KEEP_HOURS_S, KEEP_MINUTES_S};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS usage (
@@ -170,7 +169,7 @@ impl UsageDb {
         let now_s = now_ms.div_euclid(1000);
         let minute = now_s.div_euclid(60) * 60;
         let day = now_s.div_euclid(86_400) * 86_400;
-        let month = crate::usage::clients::month_start_ms(now_ms) / 1000;
+        let month = crate::clock::month_start_ms(now_ms) / 1000;
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let read = || -> rusqlite::Result<Vec<(String, Spent)>> {
             let mut q = conn.prepare_cached(

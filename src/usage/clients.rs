@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::clock::{month_of, next_month_ms};
 use crate::common::constant_time_eq;
 use crate::config::ClientConfig;
 use crate::quota::window;
@@ -32,14 +33,7 @@ pub struct Client {
     shared: Option<Arc<SharedCounts>>,
 }
 
-/// What a client spent in its current windows (restored after a restart).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Spent {
-    pub requests_in_minute: u64,
-    pub tokens_in_minute: u64,
-    pub tokens_in_day: u64,
-    pub tokens_in_month: u64,
-}
+pub use crate::store::usage::Spent;
 
 #[derive(Debug, Default)]
 struct Counts {
@@ -407,43 +401,6 @@ fn roll(c: &mut Counts, now_ms: i64) {
 
 fn until(now_ms: i64, then_ms: i64) -> Duration {
     Duration::from_millis((then_ms - now_ms).max(1000) as u64)
-}
-
-/// Months since 1970-01 (UTC).
-fn month_of(now_ms: i64) -> i64 {
-    let (y, m) = year_month(now_ms);
-    (y - 1970) * 12 + (m - 1)
-}
-
-fn year_month(now_ms: i64) -> (i64, i64) {
-    match jiff::Timestamp::from_millisecond(now_ms) {
-        Ok(ts) => {
-            let d = ts.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
-            (i64::from(d.year()), i64::from(d.month()))
-        }
-        Err(_) => (1970, 1),
-    }
-}
-
-/// The start of this month, UTC.
-pub fn month_start_ms(now_ms: i64) -> i64 {
-    let (y, m) = year_month(now_ms);
-    month_start(y, m).unwrap_or(now_ms - 31 * 86_400_000)
-}
-
-fn month_start(y: i64, m: i64) -> Option<i64> {
-    i16::try_from(y)
-        .ok()
-        .and_then(|y| jiff::civil::Date::new(y, m as i8, 1).ok())
-        .and_then(|d| d.to_zoned_datetime(jiff::tz::TimeZone::UTC).ok())
-        .map(|z| z.timestamp().as_millisecond())
-}
-
-/// The start of the next month, UTC.
-fn next_month_ms(now_ms: i64) -> i64 {
-    let (y, m) = year_month(now_ms);
-    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-    month_start(y, m).unwrap_or(now_ms + 31 * 86_400_000)
 }
 
 #[cfg(test)]

@@ -18,66 +18,28 @@ use super::clients::Clients;
 use super::Usage;
 use crate::store::redis::SharedUsage;
 use crate::store::sqlite::UsageDb;
+pub use crate::store::usage::{Key, Stored, Sums, KEEP_HOURS_S, KEEP_MINUTES_S};
 
-/// Minute rows are kept this long.
-pub const KEEP_MINUTES_S: i64 = 48 * 3600;
-/// Hour rows are kept this long.
-pub const KEEP_HOURS_S: i64 = 400 * 86_400;
 /// Rows kept in memory when the store cannot take them (then the oldest minute goes).
 const MAX_PENDING: usize = 100_000;
 
-/// One row's identity: the minute it started (unix seconds) and what it is about.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key {
-    pub minute: i64,
-    pub client: Arc<str>,
-    pub provider: Arc<str>,
-    pub model: Arc<str>,
-    pub credential: Arc<str>,
-}
-
-/// What a row adds up. `tokens` is what limits and budgets count (prompt + completion,
-/// plus Gemini's thoughts, reported beside them).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Sums {
-    pub answers: u64,
-    /// Answers that carried no usage.
-    pub unknown: u64,
-    pub prompt: u64,
-    pub completion: u64,
-    pub cached: u64,
-    pub thoughts: u64,
-    pub tokens: u64,
-}
-
-impl Sums {
-    pub fn of(usage: Option<&Usage>) -> Sums {
-        match usage {
-            Some(u) => Sums {
-                answers: 1,
-                unknown: 0,
-                prompt: u.prompt,
-                completion: u.completion,
-                cached: u.cached,
-                thoughts: u.thoughts,
-                tokens: u.billed(),
-            },
-            None => Sums {
-                answers: 1,
-                unknown: 1,
-                ..Sums::default()
-            },
-        }
-    }
-
-    pub fn add(&mut self, o: &Sums) {
-        self.answers += o.answers;
-        self.unknown += o.unknown;
-        self.prompt += o.prompt;
-        self.completion += o.completion;
-        self.cached += o.cached;
-        self.thoughts += o.thoughts;
-        self.tokens += o.tokens;
+/// What one answer adds: itself, and the usage it carried (or that it carried none).
+pub fn sums_of(usage: Option<&Usage>) -> Sums {
+    match usage {
+        Some(u) => Sums {
+            answers: 1,
+            unknown: 0,
+            prompt: u.prompt,
+            completion: u.completion,
+            cached: u.cached,
+            thoughts: u.thoughts,
+            tokens: u.billed(),
+        },
+        None => Sums {
+            answers: 1,
+            unknown: 1,
+            ..Sums::default()
+        },
     }
 }
 
@@ -86,9 +48,6 @@ pub enum Backend {
     Db(Arc<UsageDb>),
     Fleet(Arc<SharedUsage>),
 }
-
-/// A row as a store returns it: a bucket's start (unix seconds) and its sums.
-pub type Stored = (i64, Key, Sums);
 
 /// What to group by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use super::clients::Hold;
-use super::ledger::{Key, Ledger, Sums};
+use super::ledger::{sums_of, Key, Ledger};
 use super::scan::{Scanner, Usage};
 use crate::lifecycle::Credential;
 use crate::telemetry::metrics::Metrics;
@@ -104,7 +104,7 @@ impl Tally {
                 credential: resolved
                     .map_or_else(|| Arc::from(cred.id.as_str()), |(id, _)| Arc::clone(id)),
             },
-            Sums::of(usage.as_ref()),
+            sums_of(usage.as_ref()),
         );
     }
 }

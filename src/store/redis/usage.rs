@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 
-use crate::usage::ledger::{Key, Stored, Sums, KEEP_HOURS_S, KEEP_MINUTES_S};
+use crate::store::usage::{Key, Stored, Sums, KEEP_HOURS_S, KEEP_MINUTES_S};
 
 const SEP: char = '\u{1f}';
 
