@@ -51,6 +51,10 @@ impl Usage {
     }
 
     fn typed(key: Key, object: &[u8]) -> Option<Usage> {
+        // A derived struct would also read an array; usage is an object.
+        if object.first() != Some(&b'{') {
+            return None;
+        }
         match key {
             Key::UsageMetadata => serde_json::from_slice::<GeminiUsage>(object)
                 .ok()
@@ -208,12 +212,48 @@ struct OpenAiUsage {
     output_tokens_details: Option<Details>,
 }
 
-#[derive(Deserialize, Default)]
+/// `…_tokens_details`: an object only (a derived struct would also take an array, which
+/// the `Value` reading does not index into).
+#[derive(Default)]
 struct Details {
-    #[serde(default)]
     cached_tokens: Count,
-    #[serde(default)]
     reasoning_tokens: Count,
+}
+
+impl<'de> Deserialize<'de> for Details {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Details, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Details;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("token details")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Details, A::Error> {
+                let mut d = Details::default();
+                let (mut cached, mut reasoning) = (false, false);
+                while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let seen = match &*k {
+                        "cached_tokens" => std::mem::replace(&mut cached, true),
+                        "reasoning_tokens" => std::mem::replace(&mut reasoning, true),
+                        _ => {
+                            m.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if seen {
+                        return Err(serde::de::Error::custom("a field twice"));
+                    }
+                    let n = m.next_value::<Count>()?;
+                    match &*k {
+                        "cached_tokens" => d.cached_tokens = n,
+                        _ => d.reasoning_tokens = n,
+                    }
+                }
+                Ok(d)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// `usage`, searched once per chunk (built once: a searcher costs more than a search).
@@ -529,6 +569,10 @@ mod tests {
             r#"{"prompt_tokens": 2, "completion_tokens_details": {"reasoning_tokens": {"a": [1]}}}"#,
             r#"{"input_tokens": 9, "output_tokens": 18446744073709551615, "output_tokens_details": null}"#,
             r#"{"prompt_tokens": 1e2, "completion_tokens": 3}"#,
+            r#"[4]"#,
+            r#"{"prompt_tokens": 1, "prompt_tokens_details": [3, 4]}"#,
+            r#"{"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 2, "cached_tokens": 3}}"#,
+            r#"{"prompt_tokens": 1, "input_tokens_details": {"cached_tokens": 2}, "prompt_tokens_details": {}}"#,
         ] {
             assert!(typed_agrees(object.as_bytes()), "{object}");
             for key in [Key::UsageMetadata, Key::Usage] {
