@@ -374,7 +374,8 @@ async fn sighup_reloads_and_the_process_keeps_running() {
     let admin = p.admin.clone();
     // Generous: the suite runs soaks beside this test on two cores.
     wait_for("the SIGHUP log line", Duration::from_secs(20), || async {
-        p.logs().contains("SIGHUP: reloading credentials")
+        p.logs()
+            .contains("SIGHUP: reloading clients and credentials")
     })
     .await;
     wait_for("the SIGHUP reload", Duration::from_secs(20), || async {

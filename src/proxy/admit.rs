@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http_body_util::{BodyExt, Limited};
 
@@ -327,11 +327,54 @@ pub(super) fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
     // One pass (a copy, then a removal per name present, cost more: measured).
     let mut out = HeaderMap::with_capacity(incoming.len());
     for (name, value) in incoming {
-        if !dropped(name) {
+        if dropped(name) {
+            continue;
+        }
+        if *name == header::ACCEPT_ENCODING {
+            out.append(name, readable_encodings(value));
+        } else {
             out.append(name, value.clone());
         }
     }
     out
+}
+
+/// `Accept-Encoding` narrowed to the codings tokenrelay can read usage through (`gzip`,
+/// `deflate`, `identity`; `*` becomes `gzip, deflate`), so that no answer's usage is
+/// unreadable because of its encoding: the client still gets a coding it asked for (or
+/// none, which every client accepts).
+fn readable_encodings(value: &HeaderValue) -> HeaderValue {
+    let Ok(text) = value.to_str() else {
+        return HeaderValue::from_static("identity");
+    };
+    let readable = |coding: &str| {
+        matches!(
+            coding.to_ascii_lowercase().as_str(),
+            "gzip" | "x-gzip" | "deflate" | "identity"
+        )
+    };
+    let all_readable = text
+        .split(',')
+        .map(|c| c.split(';').next().unwrap_or("").trim())
+        .all(|c| c.is_empty() || readable(c));
+    if all_readable {
+        return value.clone();
+    }
+    let mut kept: Vec<String> = Vec::new();
+    for item in text.split(',') {
+        let coding = item.split(';').next().unwrap_or("").trim();
+        let params = item.find(';').map_or("", |i| &item[i..]);
+        if readable(coding) {
+            kept.push(item.trim().to_string());
+        } else if coding == "*" {
+            kept.push(format!("gzip{params}"));
+            kept.push(format!("deflate{params}"));
+        }
+    }
+    if kept.is_empty() {
+        return HeaderValue::from_static("identity");
+    }
+    HeaderValue::from_str(&kept.join(", ")).unwrap_or(HeaderValue::from_static("identity"))
 }
 
 /// The upstream base when the provider's upstream has a `{location}` (Vertex AI): the
@@ -432,6 +475,19 @@ mod tests {
             Some("alt=sse&x=%20")
         );
         assert_eq!(without_key_param("keys=1").as_deref(), Some("keys=1"));
+    }
+
+    #[test]
+    fn accept_encoding_keeps_only_codings_whose_usage_can_be_read() {
+        let narrowed = |v: &str| readable_encodings(&HeaderValue::from_str(v).unwrap());
+        assert_eq!(narrowed("gzip, deflate"), "gzip, deflate");
+        assert_eq!(narrowed("gzip, deflate, br, zstd"), "gzip, deflate");
+        assert_eq!(
+            narrowed("br;q=1.0, gzip;q=0.8, *;q=0.1"),
+            "gzip;q=0.8, gzip;q=0.1, deflate;q=0.1"
+        );
+        assert_eq!(narrowed("br"), "identity");
+        assert_eq!(narrowed("zstd, identity;q=0.5"), "identity;q=0.5");
     }
 
     #[test]

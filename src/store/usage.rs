@@ -37,13 +37,17 @@ pub struct Sums {
 
 impl Sums {
     pub fn add(&mut self, o: &Sums) {
-        self.answers += o.answers;
-        self.unknown += o.unknown;
-        self.prompt += o.prompt;
-        self.completion += o.completion;
-        self.cached += o.cached;
-        self.thoughts += o.thoughts;
-        self.tokens += o.tokens;
+        for (a, b) in [
+            (&mut self.answers, o.answers),
+            (&mut self.unknown, o.unknown),
+            (&mut self.prompt, o.prompt),
+            (&mut self.completion, o.completion),
+            (&mut self.cached, o.cached),
+            (&mut self.thoughts, o.thoughts),
+            (&mut self.tokens, o.tokens),
+        ] {
+            *a = a.saturating_add(b);
+        }
     }
 }
 

@@ -74,9 +74,34 @@ impl Hold {
     }
 
     /// The answer ended having cost `tokens`: the estimate is given back, the tokens spent.
-    pub fn settle(self, tokens: u64, now_ms: i64) {
-        self.client.spend(tokens, now_ms);
-        // Drop gives the estimate back.
+    pub fn settle(mut self, tokens: u64, now_ms: i64) {
+        let client = Arc::clone(&self.client);
+        client.spend_releasing(tokens, now_ms, Some(&mut self));
+    }
+
+    /// The answer ended and its usage could not be read (an encoding tokenrelay does not
+    /// inflate, a stream without usage, a client that left before it came): the estimate
+    /// is spent, so a budget still holds for what was sent.
+    pub fn settle_unknown(self, now_ms: i64) {
+        let tokens = self.tokens;
+        self.settle(tokens, now_ms);
+    }
+
+    /// Gives the estimate back (once), from the windows it was held in.
+    fn release(&mut self, c: &mut Counts) {
+        let tokens = std::mem::take(&mut self.tokens);
+        if tokens == 0 {
+            return;
+        }
+        if c.minute == self.minute {
+            c.held_in_minute = c.held_in_minute.saturating_sub(tokens);
+        }
+        if c.day == self.day {
+            c.held_in_day = c.held_in_day.saturating_sub(tokens);
+        }
+        if c.month == self.month {
+            c.held_in_month = c.held_in_month.saturating_sub(tokens);
+        }
     }
 }
 
@@ -85,16 +110,9 @@ impl Drop for Hold {
         if self.tokens == 0 {
             return;
         }
-        let mut c = self.client.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if c.minute == self.minute {
-            c.held_in_minute = c.held_in_minute.saturating_sub(self.tokens);
-        }
-        if c.day == self.day {
-            c.held_in_day = c.held_in_day.saturating_sub(self.tokens);
-        }
-        if c.month == self.month {
-            c.held_in_month = c.held_in_month.saturating_sub(self.tokens);
-        }
+        let client = Arc::clone(&self.client);
+        let mut c = client.counts.lock().unwrap_or_else(|p| p.into_inner());
+        self.release(&mut c);
     }
 }
 
@@ -241,7 +259,10 @@ impl Client {
         match shared.take_client(&self.name, take).await {
             Ok(Some(full)) => {
                 let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-                c.requests_in_minute = c.requests_in_minute.saturating_sub(1);
+                if c.minute == hold.minute {
+                    c.requests_in_minute = c.requests_in_minute.saturating_sub(1);
+                }
+                drop(c);
                 Err(self.refusal(full, now_ms))
             }
             // Taken, or Redis did not answer in time: this replica's count decided.
@@ -252,35 +273,64 @@ impl Client {
     fn admit_locally(self: &Arc<Self>, now_ms: i64, estimate: u64) -> Result<Hold, Refused> {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         roll(&mut c, now_ms);
-        let over = |limit: Option<u64>, spent: u64, held: u64| {
-            limit.is_some_and(|l| spent.saturating_add(held) >= l)
-        };
-        let full = if over(
-            self.cfg.tokens_per_month,
-            c.tokens_in_month,
-            c.held_in_month,
-        ) {
-            Some(ClientFull::Month)
-        } else if over(self.cfg.tokens_per_day, c.tokens_in_day, c.held_in_day) {
-            Some(ClientFull::Day)
-        } else if over(self.cfg.tpm, c.tokens_in_minute, c.held_in_minute) {
-            Some(ClientFull::Tpm)
-        } else if self.cfg.rpm.is_some_and(|l| c.requests_in_minute >= l) {
-            Some(ClientFull::Rpm)
-        } else {
-            None
-        };
-        if let Some(full) = full {
-            return Err(self.refusal(full, now_ms));
+        // The token windows: (which, limit, spent, held).
+        let windows = [
+            (
+                ClientFull::Month,
+                self.cfg.tokens_per_month,
+                c.tokens_in_month,
+                c.held_in_month,
+            ),
+            (
+                ClientFull::Day,
+                self.cfg.tokens_per_day,
+                c.tokens_in_day,
+                c.held_in_day,
+            ),
+            (
+                ClientFull::Tpm,
+                self.cfg.tpm,
+                c.tokens_in_minute,
+                c.held_in_minute,
+            ),
+        ];
+        for (full, limit, spent, held) in windows {
+            let Some(limit) = limit else { continue };
+            if spent >= limit {
+                return Err(self.refusal(full, now_ms));
+            }
+            if spent.saturating_add(held) >= limit {
+                // Not spent: held by answers still on their way, which may cost less.
+                return Err(Refused::RateLimited(
+                    format!(
+                        "client {}'s answers on their way hold the rest of its {limit} tokens ({}); try again when they end",
+                        self.name,
+                        match full {
+                            ClientFull::Month => "this month",
+                            ClientFull::Day => "today",
+                            _ => "this minute",
+                        }
+                    ),
+                    Duration::from_secs(1),
+                ));
+            }
+        }
+        if self.cfg.rpm.is_some_and(|l| c.requests_in_minute >= l) {
+            return Err(self.refusal(ClientFull::Rpm, now_ms));
         }
         c.requests_in_minute += 1;
-        let limited = self.cfg.tpm.is_some()
-            || self.cfg.tokens_per_day.is_some()
-            || self.cfg.tokens_per_month.is_some();
-        let tokens = if limited { estimate } else { 0 };
-        c.held_in_minute += tokens;
-        c.held_in_day += tokens;
-        c.held_in_month += tokens;
+        // Held: the estimate, within what is left in the fullest window (one large body
+        // cannot hold more than the budget has).
+        let room = windows
+            .iter()
+            .filter_map(|(_, limit, spent, held)| {
+                limit.map(|l| l.saturating_sub(spent.saturating_add(*held)))
+            })
+            .min();
+        let tokens = room.map_or(0, |r| estimate.min(r));
+        c.held_in_minute = c.held_in_minute.saturating_add(tokens);
+        c.held_in_day = c.held_in_day.saturating_add(tokens);
+        c.held_in_month = c.held_in_month.saturating_add(tokens);
         Ok(Hold {
             client: Arc::clone(self),
             tokens,
@@ -329,12 +379,21 @@ impl Client {
 
     /// Counts the tokens an answer reported (prompt + completion), here and in the fleet.
     pub fn spend(&self, tokens: u64, now_ms: i64) {
+        self.spend_releasing(tokens, now_ms, None);
+    }
+
+    /// `spend`, giving back a hold's estimate under the same lock (so the answer is never
+    /// counted twice, held and spent, for an instant).
+    fn spend_releasing(&self, tokens: u64, now_ms: i64, hold: Option<&mut Hold>) {
         {
             let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
             roll(&mut c, now_ms);
-            c.tokens_in_minute += tokens;
-            c.tokens_in_day += tokens;
-            c.tokens_in_month += tokens;
+            if let Some(h) = hold {
+                h.release(&mut c);
+            }
+            c.tokens_in_minute = c.tokens_in_minute.saturating_add(tokens);
+            c.tokens_in_day = c.tokens_in_day.saturating_add(tokens);
+            c.tokens_in_month = c.tokens_in_month.saturating_add(tokens);
         }
         if let Some(shared) = &self.shared {
             if tokens > 0 {
@@ -494,27 +553,34 @@ mod tests {
         let c = client(|c| c.tokens_per_day = Some(100));
         let now = ms("2026-12-04T10:00:00Z");
         let a = c.admit_locally(now, 60).unwrap();
-        let b = c.admit_locally(now, 60).unwrap();
-        assert!(
-            matches!(c.admit_locally(now, 60), Err(Refused::BudgetExhausted(..))),
-            "120 held of 100"
-        );
+        let b = c.admit_locally(now, 60).unwrap(); // holds 40: what is left
+        match c.admit_locally(now, 60) {
+            // Held, not spent: a short wait, not "until midnight".
+            Err(Refused::RateLimited(m, wait)) => {
+                assert!(m.contains("on their way"), "{m}");
+                assert_eq!(wait, Duration::from_secs(1));
+            }
+            other => panic!("{other:?}"),
+        }
         drop(a); // no answer: its estimate is given back
         let d = c.admit_locally(now, 10).unwrap();
         b.settle(30, now); // 30 spent, 10 held
         assert_eq!(c.windows(now).0.tokens_in_day, 30);
-        assert!(c.admit_locally(now, 10).is_ok());
+        let e = c.admit_locally(now, 10).unwrap();
+        e.settle_unknown(now); // usage unreadable: its estimate is spent
+        assert_eq!(c.windows(now).0.tokens_in_day, 40);
         d.settle(80, now); // the request that crosses is served
-        assert!(matches!(
-            c.admit_locally(now, 0),
-            Err(Refused::BudgetExhausted(..))
-        ));
-        // A hold from yesterday given back today changes nothing today.
-        let late = c.admit_locally(now, 0);
-        assert!(late.is_err());
+        match c.admit_locally(now, 0) {
+            Err(Refused::BudgetExhausted(_, wait)) => {
+                assert_eq!(wait, Duration::from_secs(14 * 3600))
+            }
+            other => panic!("{other:?}"),
+        }
+        // A hold from one day given back the next changes nothing there.
         let next_day = ms("2026-12-05T00:00:01Z");
-        let e = c.admit_locally(next_day, 50).unwrap();
-        drop(e);
+        let f = c.admit_locally(next_day, 50).unwrap();
+        drop(f);
+        assert_eq!(c.counts.lock().unwrap().held_in_day, 0);
         assert!(c.admit_locally(next_day, 0).is_ok());
     }
 

@@ -93,7 +93,12 @@ impl Tally {
                     h.settle(u.billed(), now_ms);
                 }
             }
-            None => self.unknown.inc(),
+            None => {
+                self.unknown.inc();
+                if let Some(h) = self.hold.take() {
+                    h.settle_unknown(now_ms);
+                }
+            }
         }
         self.ledger.record(
             Key {

@@ -41,7 +41,21 @@ impl Usage {
     /// a count that is null, details that are not an object, a field twice) through a
     /// `Value`, whose reading is the rule. Both read the same usage from any object.
     fn parse(key: Key, object: &[u8]) -> Option<Usage> {
-        Usage::typed(key, object).or_else(|| Usage::slow(key, object))
+        Usage::typed(key, object)
+            .or_else(|| Usage::slow(key, object))
+            .map(Usage::clamped)
+    }
+
+    /// Counts bounded to `MAX_COUNT` each: they come from the network, and sums of them
+    /// must never overflow a counter, an SQLite integer or a Redis one.
+    fn clamped(self) -> Usage {
+        Usage {
+            prompt: self.prompt.min(MAX_COUNT),
+            completion: self.completion.min(MAX_COUNT),
+            cached: self.cached.min(MAX_COUNT),
+            thoughts: self.thoughts.min(MAX_COUNT),
+            ..self
+        }
     }
 
     fn slow(key: Key, object: &[u8]) -> Option<Usage> {
@@ -259,6 +273,9 @@ impl<'de> Deserialize<'de> for Details {
 /// `usage`, searched once per chunk (built once: a searcher costs more than a search).
 static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"usage"));
+
+/// The largest token count read from one answer (about 10^12; no answer costs that).
+pub const MAX_COUNT: u64 = 1 << 40;
 
 /// The longest usage object captured; longer ones are not usage.
 const MAX_OBJECT: usize = 4096;
