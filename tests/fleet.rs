@@ -1158,4 +1158,17 @@ tokens_per_day = 100"#,
     };
     assert_eq!(tokens("bot"), Some(json!(208)), "{usage}");
     assert_eq!(tokens("saver"), Some(json!(104)), "{usage}");
+    // The windows shown are the fleet's: replica B never served "saver".
+    let (_, on_b) = apps[1].admin_json("/admin/usage").await;
+    let saver = on_b["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "saver")
+        .cloned()
+        .unwrap();
+    assert_eq!(saver["counted_by"], "fleet", "{saver}");
+    assert_eq!(saver["spent"]["tokens_today"], 104, "{saver}");
+    // Usage went in batches applied once (their markers are in Redis).
+    assert!(!redis.cli(&["--scan", "--pattern", "*:use:batch:*"]).is_empty());
 }

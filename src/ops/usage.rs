@@ -45,29 +45,30 @@ pub async fn usage(
     for r in &rows {
         total.add(&r.sums);
     }
-    let clients: Vec<_> = s
-        .reloader
-        .clients
-        .load()
-        .named()
-        .iter()
-        .map(|c| {
-            let (spent, cfg) = c.windows(now_ms);
-            json!({
-                "name": &*c.name,
-                "limits": {
-                    "rpm": cfg.rpm, "tpm": cfg.tpm,
-                    "tokens_per_day": cfg.tokens_per_day, "tokens_per_month": cfg.tokens_per_month,
-                },
-                "spent": {
-                    "requests_in_minute": spent.requests_in_minute,
-                    "tokens_in_minute": spent.tokens_in_minute,
-                    "tokens_today": spent.tokens_in_day,
-                    "tokens_this_month": spent.tokens_in_month,
-                },
-            })
-        })
-        .collect();
+    let mut clients = Vec::new();
+    let named: Vec<_> = s.reloader.clients.load().named().to_vec();
+    for c in &named {
+        let (local, cfg) = c.windows(now_ms);
+        // In a fleet, the fleet's count (what limits hold to); else this process's.
+        let (spent, counted) = match c.fleet_windows(now_ms).await {
+            Some(fleet) => (fleet, "fleet"),
+            None => (local, "this process"),
+        };
+        clients.push(json!({
+            "name": &*c.name,
+            "limits": {
+                "rpm": cfg.rpm, "tpm": cfg.tpm,
+                "tokens_per_day": cfg.tokens_per_day, "tokens_per_month": cfg.tokens_per_month,
+            },
+            "spent": {
+                "requests_in_minute": spent.requests_in_minute,
+                "tokens_in_minute": spent.tokens_in_minute,
+                "tokens_today": spent.tokens_in_day,
+                "tokens_this_month": spent.tokens_in_month,
+            },
+            "counted_by": counted,
+        }));
+    }
     Json(json!({
         "store": s.ledger.kind(),
         "since": clock::rfc3339(q.since * 1000),
@@ -104,10 +105,12 @@ pub fn parse(params: &[(String, String)], now_s: i64) -> Result<ledger::Query, S
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
-    let since = time("since", get("since"), now_s - 86_400, now_s)?;
-    let until = time("until", get("until"), now_s, now_s)?;
+    // Nothing is kept from before the oldest hour row, and nothing is counted after now.
+    let oldest = now_s - ledger::KEEP_HOURS_S - 3600;
+    let since = time("since", get("since"), now_s - 86_400, now_s)?.clamp(oldest, now_s);
+    let until = time("until", get("until"), now_s, now_s)?.clamp(oldest, now_s + 86_400);
     if until <= since {
-        return Err("until must be after since".into());
+        return Err("until must be after since (and since not in the future)".into());
     }
     let step = match get("step") {
         None | Some("") => None,
@@ -127,12 +130,16 @@ pub fn parse(params: &[(String, String)], now_s: i64) -> Result<ledger::Query, S
             Some(secs)
         }
     };
-    Ok(ledger::Query {
+    let mut q = ledger::Query {
         since,
         until,
         step,
         by,
-    })
+    };
+    // Rows are whole buckets: the range starts where the first one read does.
+    let span = q.span(now_s);
+    q.since = q.since.div_euclid(span) * span;
+    Ok(q)
 }
 
 /// A point in time: RFC 3339, unix seconds, or a duration before now.
@@ -144,13 +151,13 @@ fn time(name: &str, v: Option<&str>, default: i64, now_s: i64) -> Result<i64, St
         return Ok(now_s);
     }
     if let Ok(secs) = v.parse::<i64>() {
-        return Ok(secs);
+        return Ok(secs.clamp(0, 253_402_300_799)); // up to 9999-12-31
     }
     if let Ok(ts) = v.parse::<jiff::Timestamp>() {
         return Ok(ts.as_second());
     }
     match crate::config::parse_duration(v) {
-        Ok(d) => Ok(now_s - d.as_secs() as i64),
+        Ok(d) => Ok(now_s.saturating_sub(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))),
         Err(_) => Err(format!(
             "{name}: {v:?} is not a time: use RFC 3339 (2026-12-01T00:00:00Z), unix seconds, or a duration ago (24h, 30d)"
         )),

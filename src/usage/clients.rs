@@ -418,6 +418,26 @@ impl Client {
         c.tokens_in_month = c.tokens_in_month.max(spent.tokens_in_month);
     }
 
+    /// What the fleet counted for it in its current windows (fleet mode; `None` when
+    /// Redis does not say).
+    pub async fn fleet_windows(&self, now_ms: i64) -> Option<Spent> {
+        let shared = self.shared.as_ref()?;
+        let [r, m, d, mo] = shared
+            .client_windows(
+                &self.name,
+                window::minute_of(now_ms),
+                now_ms.div_euclid(86_400_000),
+                month_of(now_ms),
+            )
+            .await?;
+        Some(Spent {
+            requests_in_minute: r,
+            tokens_in_minute: m,
+            tokens_in_day: d,
+            tokens_in_month: mo,
+        })
+    }
+
     /// What it spent in its current windows, and its limits (for `/admin/usage`).
     pub fn windows(&self, now_ms: i64) -> (Spent, &ClientConfig) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());

@@ -180,11 +180,15 @@ impl Ledger {
         let _one = self.writing.lock().await;
         let rows: Vec<(Key, Sums)> = {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if p.is_empty() {
-                return Ok(());
-            }
             p.drain().map(|(k, s)| (k.0, s)).collect()
         };
+        if rows.is_empty() {
+            // Nothing new; in a fleet, batches may still wait for Redis.
+            return match &self.backend {
+                Backend::Fleet(redis) if redis.has_queued().await => redis.add(rows).await,
+                _ => Ok(()),
+            };
+        }
         let written = match &self.backend {
             Backend::Db(db) => {
                 let db = Arc::clone(db);
@@ -193,7 +197,8 @@ impl Ledger {
                     Err(e) => (Err(format!("the writer stopped: {e}")), Vec::new()),
                 }
             }
-            Backend::Fleet(redis) => (redis.add(&rows).await, rows),
+            // The fleet's store keeps what it could not send (in batches applied once).
+            Backend::Fleet(redis) => (redis.add(rows).await, Vec::new()),
         };
         match written {
             (Ok(()), _) => Ok(()),

@@ -219,11 +219,63 @@ impl SharedCounts {
                 .expire(format!("{base}:mo:{month}"), 32 * 86_400)
                 .ignore();
             let _ = me
-                .run("a client's tokens", |mut conn| async move {
+                .aside("a client's tokens", |mut conn| async move {
                     pipe.query_async::<()>(&mut conn).await
                 })
                 .await;
         });
+    }
+
+    /// What client `name` spent in the fleet's windows: (requests this minute, tokens
+    /// this minute, today, this month), for the admin API; `None` when Redis does not say.
+    pub async fn client_windows(
+        self: &Arc<Self>,
+        name: &str,
+        minute: i64,
+        day: i64,
+        month: i64,
+    ) -> Option<[u64; 4]> {
+        let base = self.client_base(name);
+        let mut pipe = redis::pipe();
+        pipe.hget(format!("{base}:m:{minute}"), "r")
+            .hget(format!("{base}:m:{minute}"), "t")
+            .get(format!("{base}:d:{day}"))
+            .get(format!("{base}:mo:{month}"));
+        let read: (Option<u64>, Option<u64>, Option<u64>, Option<u64>) = self
+            .aside("a client's windows", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await
+            .ok()?;
+        Some([read.0, read.1, read.2, read.3].map(|n| n.unwrap_or(0)))
+    }
+
+    /// A call nobody on the request path waits for (spends, reads for the admin API):
+    /// bounded by `store.op_timeout`, and its failure does not quiet the counting.
+    async fn aside<T, F, Fut>(self: &Arc<Self>, what: &'static str, f: F) -> Result<T, ()>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let existing = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(conn) = existing else {
+            self.connect_in_background();
+            tracing::warn!(target: "tokenrelay::store", what, "no connection to the fleet store yet; not counted in the fleet");
+            return Err(());
+        };
+        match tokio::time::timeout(self.connect_timeout, f(conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                tracing::warn!(target: "tokenrelay::store", error = %e.category(), what,
+                    "the fleet store refused a call; this replica's own count has it");
+                Err(())
+            }
+            Err(_) => {
+                tracing::warn!(target: "tokenrelay::store", what,
+                    "the fleet store did not answer in time; this replica's own count has it");
+                Err(())
+            }
+        }
     }
 
     fn client_base(&self, name: &str) -> String {

@@ -76,3 +76,22 @@ redis.call('HINCRBY', KEYS[1], 'r', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 0
 "#;
+
+/// A batch of usage rows, applied once: KEYS = the batch's marker, then bucket hashes;
+/// ARGV = the marker's TTL, then per bucket its TTL, its number of fields and the
+/// field/increment pairs. A batch whose marker exists was applied (a retry after a lost
+/// answer): nothing is added again. Returns 1 applied, 0 already applied.
+pub(super) const USAGE_ADD: &str = r#"
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local i = 2
+for b = 2, #KEYS do
+  local ttl, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  i = i + 2
+  for _ = 1, n do
+    redis.call('HINCRBY', KEYS[b], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  redis.call('EXPIRE', KEYS[b], ttl)
+end
+return 1
+"#;

@@ -1,18 +1,37 @@
 //! Usage history for the fleet: every replica adds its rows to one hash per bucket,
 //! `{prefix}:m:{minute start}` (kept 48 hours) and `{prefix}:h:{hour start}` (kept 400
 //! days), field `client␟provider␟model␟credential␟kind` (kind: `a` answers, `u` without
-//! usage, `p` prompt, `c` completion, `k` cached, `t` thoughts, `n` tokens), by `HINCRBY`
-//! in one pipeline per write. Written by the ledger's task (never by a request) on a
-//! multiplexed connection of its own, each call bounded by `store.op_timeout`.
+//! usage, `p` prompt, `c` completion, `k` cached, `t` thoughts, `n` tokens). Written by the
+//! ledger's task (never by a request) on a multiplexed connection of its own, each call
+//! bounded by `store.op_timeout`.
+//!
+//! Rows go in batches of at most `BATCH_ROWS`, each with a random id, applied once by the
+//! `USAGE_ADD` script (its marker `{prefix}:batch:{id}` says it was): a batch whose answer
+//! was lost (a timeout after Redis applied it) is sent again and not counted twice.
+//! Batches wait here, in order, until Redis takes them (at most `MAX_QUEUED_ROWS` rows;
+//! then the oldest go, said in an error).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
+use redis::Script;
 
+use super::scripts::USAGE_ADD;
 use crate::store::usage::{Key, Stored, Sums, KEEP_HOURS_S, KEEP_MINUTES_S};
 
 const SEP: char = '\u{1f}';
+/// Rows per batch (one script call).
+const BATCH_ROWS: usize = 500;
+/// Rows waiting for Redis, at most.
+const MAX_QUEUED_ROWS: usize = 100_000;
+
+/// Rows sent together, applied once.
+struct Batch {
+    id: u64,
+    rows: Vec<(Key, Sums)>,
+}
 
 pub struct SharedUsage {
     client: redis::Client,
@@ -21,6 +40,9 @@ pub struct SharedUsage {
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     /// The last failure, for messages.
     last_error: Mutex<Option<String>>,
+    /// Batches not yet taken by Redis, oldest first.
+    queue: tokio::sync::Mutex<VecDeque<Batch>>,
+    script: Script,
 }
 
 impl SharedUsage {
@@ -31,6 +53,8 @@ impl SharedUsage {
             timeout,
             conn: tokio::sync::Mutex::new(None),
             last_error: Mutex::new(None),
+            queue: tokio::sync::Mutex::new(VecDeque::new()),
+            script: Script::new(USAGE_ADD),
         }
     }
 
@@ -58,20 +82,62 @@ impl SharedUsage {
         format!("{}:{kind}:{start}", self.prefix)
     }
 
-    /// Adds rows to their minute's and their hour's hash.
-    pub async fn add(&self, rows: &[(Key, Sums)]) -> Result<(), String> {
-        let mut pipe = redis::pipe();
-        let mut expire = std::collections::HashSet::new();
-        for (k, s) in rows {
+    /// Queues rows (in batches) and sends every queued batch, oldest first. On an error
+    /// the batches not taken stay queued for the next call (which may have no rows).
+    pub async fn add(&self, rows: Vec<(Key, Sums)>) -> Result<(), String> {
+        let mut queue = self.queue.lock().await;
+        let mut rows = rows;
+        while !rows.is_empty() {
+            let rest = rows.split_off(rows.len().min(BATCH_ROWS));
+            queue.push_back(Batch {
+                id: rand::random(),
+                rows,
+            });
+            rows = rest;
+        }
+        let mut queued: usize = queue.iter().map(|b| b.rows.len()).sum();
+        let mut dropped = 0;
+        while queued > MAX_QUEUED_ROWS {
+            let Some(old) = queue.pop_front() else { break };
+            queued -= old.rows.len();
+            dropped += old.rows.len();
+        }
+        if dropped > 0 {
+            tracing::error!(target: "tokenrelay::usage", dropped,
+                "usage rows waited too long for the fleet store; the oldest were dropped");
+        }
+        while let Some(batch) = queue.front() {
+            self.send(batch).await?;
+            queue.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Whether batches wait for Redis.
+    pub async fn has_queued(&self) -> bool {
+        !self.queue.lock().await.is_empty()
+    }
+
+    /// Sends one batch (applied once, however often it is sent).
+    async fn send(&self, batch: &Batch) -> Result<(), String> {
+        let now_s = crate::clock::now_ms() / 1000;
+        // bucket key -> (ttl, fields)
+        let mut buckets: std::collections::BTreeMap<String, (i64, Vec<(String, u64)>)> =
+            Default::default();
+        for (k, s) in &batch.rows {
+            let group = format!(
+                "{}{SEP}{}{SEP}{}{SEP}{}",
+                k.client, k.provider, k.model, k.credential
+            );
             for (span, start, keep) in [
                 (60, k.minute, KEEP_MINUTES_S),
                 (3600, k.minute.div_euclid(3600) * 3600, KEEP_HOURS_S),
             ] {
-                let bucket = self.bucket(span, start);
-                let group = format!(
-                    "{}{SEP}{}{SEP}{}{SEP}{}",
-                    k.client, k.provider, k.model, k.credential
-                );
+                // Rows that waited long still expire with their bucket, never at once.
+                let ttl = (start + keep + 3600 - now_s).max(3600);
+                let entry = buckets
+                    .entry(self.bucket(span, start))
+                    .or_insert_with(|| (ttl, Vec::new()));
                 for (kind, n) in [
                     ('a', s.answers),
                     ('u', s.unknown),
@@ -82,19 +148,25 @@ impl SharedUsage {
                     ('n', s.tokens),
                 ] {
                     if n > 0 {
-                        pipe.hincr(&bucket, format!("{group}{SEP}{kind}"), n)
-                            .ignore();
+                        entry
+                            .1
+                            .push((format!("{group}{SEP}{kind}"), n.min(i64::MAX as u64)));
                     }
-                }
-                if expire.insert(bucket.clone()) {
-                    pipe.expire(&bucket, start + keep + 3600 - crate::clock::now_ms() / 1000)
-                        .ignore();
                 }
             }
         }
+        let mut call = self.script.prepare_invoke();
+        call.key(format!("{}:batch:{:016x}", self.prefix, batch.id))
+            .arg(86_400);
+        for (bucket, (ttl, fields)) in &buckets {
+            call.key(bucket).arg(*ttl).arg(fields.len());
+            for (field, n) in fields {
+                call.arg(field).arg(*n);
+            }
+        }
         let mut conn = self.conn().await?;
-        match tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut conn)).await {
-            Ok(Ok(())) => Ok(()),
+        match tokio::time::timeout(self.timeout, call.invoke_async::<i64>(&mut conn)).await {
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self
                 .failed(format!("the fleet store refused usage: {}", e.category()))
                 .await),
