@@ -93,6 +93,7 @@ impl App {
         let reloader = Arc::new(Reloader {
             pool: Arc::clone(&pool),
             clients: Arc::clone(&clients),
+            ledger: Arc::clone(&ledger),
             config_path: config.path.clone(),
         });
 

@@ -180,3 +180,19 @@ fn clients_are_checked_and_name_what_is_wrong() {
         &["providers.gemini.limits", "above 0"],
     );
 }
+
+#[test]
+fn a_syntax_error_names_its_line_but_never_quotes_it() {
+    // The broken line holds a literal key: the error (logged, and answered by
+    // POST /admin/reload) says where, not what.
+    let env = |_: &str| None;
+    let e = tokenrelay::Config::from_toml(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[[clients]]\nname = \"bot\"\nkey = \"sk-live-secret-123\" oops\n",
+        "c.toml",
+        &env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("c.toml") && e.contains("line 5"), "{e}");
+    assert!(!e.contains("sk-live-secret-123"), "{e}");
+}

@@ -1170,5 +1170,7 @@ tokens_per_day = 100"#,
     assert_eq!(saver["counted_by"], "fleet", "{saver}");
     assert_eq!(saver["spent"]["tokens_today"], 104, "{saver}");
     // Usage went in batches applied once (their markers are in Redis).
-    assert!(!redis.cli(&["--scan", "--pattern", "*:use:batch:*"]).is_empty());
+    assert!(!redis
+        .cli(&["--scan", "--pattern", "*:use:batch:*"])
+        .is_empty());
 }

@@ -135,9 +135,24 @@ impl Config {
     pub fn from_toml(text: &str, file: &str, env: EnvLookup) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_string(),
-            message: e.to_string().trim_end().to_string(),
+            message: parse_message(&e, text),
         })?;
         Validator { file, env }.config(raw)
+    }
+}
+
+/// A TOML error as its position and message, without the source line toml quotes (the
+/// line may hold a literal secret: a key, a token, a URL with a password).
+fn parse_message(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message.to_string(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Reload without a restart (SIGHUP, `POST /admin/reload`): the configuration file is
 //! re-read for `[[clients]]` and `server.client_keys` (a client that keeps its name keeps
-//! its counts), then every provider's credentials are re-read (`Pool::reload`). A file
+//! its counts; one added back gets what it spent from the usage store), then every
+//! provider's credentials are re-read (`Pool::reload`). A file
 //! that no longer validates leaves the clients as they were and is reported. Other
 //! settings need a restart.
 
@@ -12,10 +13,13 @@ use arc_swap::ArcSwap;
 use crate::config::Config;
 use crate::lifecycle::pool::{Pool, ReloadReport};
 use crate::usage::clients::Clients;
+use crate::usage::ledger::Ledger;
 
 pub struct Reloader {
     pub pool: Arc<Pool>,
     pub clients: Arc<ArcSwap<Clients>>,
+    /// A client that joins (or comes back) gets what it spent from here.
+    pub ledger: Arc<Ledger>,
     /// The configuration file (`None`: started from built-in defaults).
     pub config_path: Option<PathBuf>,
 }
@@ -33,7 +37,11 @@ impl Reloader {
                         .reloaded(&cfg.clients, &cfg.server.client_keys);
                     tracing::info!(target: "tokenrelay::clients", clients = cfg.clients.len(),
                         client_keys = cfg.server.client_keys.len(), "clients reloaded");
-                    self.clients.store(Arc::new(next));
+                    let next = Arc::new(next);
+                    self.clients.store(Arc::clone(&next));
+                    // A client added back keeps what it spent (counts only ever rise).
+                    let _ = self.ledger.flush().await;
+                    self.ledger.restore(&next, crate::clock::now_ms()).await;
                 }
                 Err(e) => {
                     tracing::error!(target: "tokenrelay::clients", error = %e,

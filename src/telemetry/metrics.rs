@@ -395,7 +395,8 @@ impl Metrics {
                 .map(|k| self.tokens.with_label_values(&[provider, label, client, k])),
         });
         let mut hot = self.usage_hot.write().unwrap_or_else(|p| p.into_inner());
-        if hot.len() < MAX_USAGE_HOT {
+        // A name that is not a label (junk from a request) is resolved each time, never kept.
+        if hot.len() < MAX_USAGE_HOT && (label == model) {
             hot.entry(hash).or_default().push(Arc::clone(&counters));
         }
         counters
