@@ -597,3 +597,62 @@ async fn concurrent_requests_cannot_all_pass_a_nearly_spent_budget() {
     );
     assert_eq!(up.hits().len(), 2);
 }
+
+#[tokio::test]
+async fn a_metered_stream_for_a_limited_client_still_arrives_event_by_event() {
+    // The first event at once, the one with usage 1.5 s later: the client must get the
+    // first while the upstream waits, and the usage is counted at the end.
+    use axum::response::Response;
+    let app = axum::Router::new().fallback(|| async {
+        let stream = futures_util::stream::unfold(0, |i| async move {
+            let event = match i {
+                0 => r#"data: {"candidates":[{"content":{"parts":[{"text":"Hi"}]}}]}"#,
+                1 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+                    r#"data: {"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":7}}"#
+                }
+                _ => return None,
+            };
+            Some((Ok::<_, std::io::Error>(format!("{event}\n\n")), i + 1))
+        });
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(axum::body::Body::from_stream(stream))
+            .unwrap()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let t = relay(
+        "gemini",
+        &format!("http://{addr}"),
+        r#"api_keys = [{ key = "AIza-a", id = "a" }]"#,
+        "[[clients]]\nname = \"bot\"\nkey = \"ck-bot\"\ntpm = 100000\ntokens_per_day = 1000000",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let mut resp = t
+        .http
+        .post(format!(
+            "{}/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+            t.proxy
+        ))
+        .header("x-goog-api-key", "ck-bot")
+        .json(&gemini_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp.chunk().await.unwrap().unwrap();
+    let first_at = started.elapsed();
+    assert!(first.starts_with(b"data: {\"candidates\""), "{first:?}");
+    assert!(
+        first_at < std::time::Duration::from_millis(1000),
+        "the first event waited for the rest: {first_at:?}"
+    );
+    while resp.chunk().await.unwrap().is_some() {}
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1400));
+    t.assert_metric(r#"tokenrelay_tokens_total{client="bot",kind="prompt",model="gemini-2.5-flash",provider="gemini"} 5"#).await;
+    let (_, usage) = t.admin_json("/admin/usage").await;
+    assert_eq!(usage["clients"][0]["spent"]["tokens_today"], 12, "{usage}");
+}
