@@ -195,4 +195,14 @@ fn a_syntax_error_names_its_line_but_never_quotes_it() {
     .to_string();
     assert!(e.contains("c.toml") && e.contains("line 5"), "{e}");
     assert!(!e.contains("sk-live-secret-123"), "{e}");
+    // A value of the wrong type is named by its type, never quoted.
+    let e = tokenrelay::Config::from_toml(
+        "[server]\nclient_keys = \"sk-live-secret-456\"\n",
+        "c.toml",
+        &env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("line 2") && e.contains("invalid type"), "{e}");
+    assert!(!e.contains("sk-live-secret-456"), "{e}");
 }

@@ -1171,6 +1171,6 @@ tokens_per_day = 100"#,
     assert_eq!(saver["spent"]["tokens_today"], 104, "{saver}");
     // Usage went in batches applied once (their markers are in Redis).
     assert!(!redis
-        .cli(&["--scan", "--pattern", "*:use:batch:*"])
+        .cli(&["--scan", "--pattern", "*:use:{use}:batch:*"])
         .is_empty());
 }

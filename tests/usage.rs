@@ -656,3 +656,40 @@ async fn a_metered_stream_for_a_limited_client_still_arrives_event_by_event() {
     let (_, usage) = t.admin_json("/admin/usage").await;
     assert_eq!(usage["clients"][0]["spent"]["tokens_today"], 12, "{usage}");
 }
+
+#[tokio::test]
+async fn an_answer_without_usage_spends_its_estimate_only_for_generation() {
+    // The DashScope fake answers these without usage. Embeddings spend nothing; a
+    // generation whose usage cannot be read spends its request's estimate (and the row
+    // keeps it, for a restart to restore).
+    let up = KeyUpstream::start(true, &[("sk-a", Key::Good)]).await;
+    let t = relay(
+        "dashscope",
+        &up.url,
+        r#"api_keys = [{ key = "sk-a", id = "a" }]"#,
+        "[[clients]]\nname = \"bot\"\nkey = \"ck-bot\"\ntokens_per_day = 100000",
+    )
+    .await;
+    let body = serde_json::json!({"model": "qwen-max", "input": "x".repeat(360)});
+    let bytes = serde_json::to_vec(&body).unwrap().len() as u64;
+    for path in ["embeddings", "responses"] {
+        let r = t
+            .http
+            .post(format!("{}/dashscope/v1/{path}", t.proxy))
+            .bearer_auth("ck-bot")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await;
+    }
+    let estimate = bytes.div_ceil(4);
+    let (_, usage) = t.admin_json("/admin/usage").await;
+    assert_eq!(
+        usage["clients"][0]["spent"]["tokens_today"], estimate,
+        "{usage}"
+    );
+    assert_eq!(usage["total"]["tokens"], estimate, "{usage}");
+    assert_eq!(usage["total"]["unknown"], 2, "{usage}");
+}

@@ -144,16 +144,34 @@ impl Config {
 /// A TOML error as its position and message, without the source line toml quotes (the
 /// line may hold a literal secret: a key, a token, a URL with a password).
 fn parse_message(e: &toml::de::Error, text: &str) -> String {
-    let message = e.message().trim_end();
+    let message = without_quoted(e.message().trim_end());
     match e.span() {
         Some(span) => {
-            let before = &text[..span.start.min(text.len())];
+            let before = text.get(..span.start).unwrap_or(text);
             let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
             format!("line {line}, column {column}: {message}")
         }
-        None => message.to_string(),
+        None => message,
     }
+}
+
+/// A message with its double-quoted parts (values serde quotes: `invalid type: string
+/// "…"`) elided: a value may be a secret.
+fn without_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        if c == '"' {
+            if !quoted {
+                out.push_str("\"…\"");
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(c);
+        }
+    }
+    out
 }
 
 struct Validator<'a> {

@@ -37,11 +37,13 @@ impl Reloader {
                         .reloaded(&cfg.clients, &cfg.server.client_keys);
                     tracing::info!(target: "tokenrelay::clients", clients = cfg.clients.len(),
                         client_keys = cfg.server.client_keys.len(), "clients reloaded");
-                    let next = Arc::new(next);
-                    self.clients.store(Arc::clone(&next));
-                    // A client added back keeps what it spent (counts only ever rise).
-                    let _ = self.ledger.flush().await;
+                    // A client added back gets what it spent before it is admitted
+                    // (counts only ever rise); in a fleet, Redis holds its windows.
+                    if self.ledger.kind() != "redis" {
+                        let _ = self.ledger.flush().await;
+                    }
                     self.ledger.restore(&next, crate::clock::now_ms()).await;
+                    self.clients.store(Arc::new(next));
                 }
                 Err(e) => {
                     tracing::error!(target: "tokenrelay::clients", error = %e,

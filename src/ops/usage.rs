@@ -45,12 +45,14 @@ pub async fn usage(
     for r in &rows {
         total.add(&r.sums);
     }
-    let mut clients = Vec::new();
     let named: Vec<_> = s.reloader.clients.load().named().to_vec();
-    for c in &named {
+    // In a fleet, the fleet's counts (what limits hold to), asked all at once; else this
+    // process's.
+    let fleet = futures_util::future::join_all(named.iter().map(|c| c.fleet_windows(now_ms))).await;
+    let mut clients = Vec::new();
+    for (c, fleet) in named.iter().zip(fleet) {
         let (local, cfg) = c.windows(now_ms);
-        // In a fleet, the fleet's count (what limits hold to); else this process's.
-        let (spent, counted) = match c.fleet_windows(now_ms).await {
+        let (spent, counted) = match fleet {
             Some(fleet) => (fleet, "fleet"),
             None => (local, "this process"),
         };
@@ -74,7 +76,7 @@ pub async fn usage(
         "since": clock::rfc3339(q.since * 1000),
         "until": clock::rfc3339(q.until * 1000),
         "step_seconds": q.step,
-        "resolution_seconds": q.span(now_ms / 1000),
+        "resolution_seconds": q.span,
         "by": q.by.iter().map(|b| b.name()).collect::<Vec<_>>(),
         "rows": rows,
         "total": total,
@@ -130,16 +132,8 @@ pub fn parse(params: &[(String, String)], now_s: i64) -> Result<ledger::Query, S
             Some(secs)
         }
     };
-    let mut q = ledger::Query {
-        since,
-        until,
-        step,
-        by,
-    };
     // Rows are whole buckets: the range starts where the first one read does.
-    let span = q.span(now_s);
-    q.since = q.since.div_euclid(span) * span;
-    Ok(q)
+    Ok(ledger::Query::new(since, until, step, by, now_s))
 }
 
 /// A point in time: RFC 3339, unix seconds, or a duration before now.

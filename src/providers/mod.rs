@@ -255,6 +255,18 @@ impl ProviderKind {
     }
 }
 
+/// Whether a request asks for generation, whose answer carries usage (Gemini's and Code
+/// Assist's `generateContent`/`streamGenerateContent`, OpenAI-style chat, completions and
+/// responses); counting tokens, embeddings and the like do not.
+pub fn is_generation(path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or(path);
+    path.ends_with(":generateContent")
+        || path.ends_with(":streamGenerateContent")
+        || path.ends_with("/chat/completions")
+        || path.ends_with("/completions")
+        || path.ends_with("/responses")
+}
+
 /// The model a request is for: `…/models/{model}:verb` in the path (Gemini API and
 /// Vertex AI), else an OpenAI-style body's `"model"`.
 pub fn request_model(path: &str, body: &[u8]) -> Option<String> {

@@ -360,6 +360,16 @@ fn readable_encodings(value: &HeaderValue) -> HeaderValue {
     if all_readable {
         return value.clone();
     }
+    let listed: Vec<String> = text
+        .split(',')
+        .map(|c| {
+            c.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .collect();
     let mut kept: Vec<String> = Vec::new();
     for item in text.split(',') {
         let coding = item.split(';').next().unwrap_or("").trim();
@@ -367,11 +377,24 @@ fn readable_encodings(value: &HeaderValue) -> HeaderValue {
         if readable(coding) {
             kept.push(item.trim().to_string());
         } else if coding == "*" {
-            kept.push(format!("gzip{params}"));
-            kept.push(format!("deflate{params}"));
+            // `*` stands for what the client did not name: never for one it refused.
+            for c in ["gzip", "deflate"] {
+                if !listed.iter().any(|l| l == c) {
+                    kept.push(format!("{c}{params}"));
+                }
+            }
         }
     }
-    if kept.is_empty() {
+    // Nothing acceptable left (every coding kept is refused with q=0): no coding at all.
+    let refused = |item: &String| {
+        item.split(';').skip(1).any(|p| {
+            p.trim()
+                .strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q == 0.0)
+        })
+    };
+    if kept.iter().all(refused) {
         return HeaderValue::from_static("identity");
     }
     HeaderValue::from_str(&kept.join(", ")).unwrap_or(HeaderValue::from_static("identity"))
@@ -484,8 +507,10 @@ mod tests {
         assert_eq!(narrowed("gzip, deflate, br, zstd"), "gzip, deflate");
         assert_eq!(
             narrowed("br;q=1.0, gzip;q=0.8, *;q=0.1"),
-            "gzip;q=0.8, gzip;q=0.1, deflate;q=0.1"
+            "gzip;q=0.8, deflate;q=0.1"
         );
+        assert_eq!(narrowed("gzip;q=0, *"), "gzip;q=0, deflate");
+        assert_eq!(narrowed("br, identity;q=0"), "identity");
         assert_eq!(narrowed("br"), "identity");
         assert_eq!(narrowed("zstd, identity;q=0.5"), "identity;q=0.5");
     }

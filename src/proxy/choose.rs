@@ -57,6 +57,11 @@ impl<'a> LazyModel<'a> {
         }
     }
 
+    /// The request's path (after the provider segment).
+    pub(super) fn path(&self) -> &'a str {
+        self.path
+    }
+
     /// What the answer's meter needs to name the model: the model if it was worked out
     /// already (taken, no copy), else, when the request may name one (`/models/` in the
     /// path, `"model"` in the body), the way to work it out later — only if the answer

@@ -344,6 +344,7 @@ fn metered(
     if !resp.status().is_success() {
         return resp;
     }
+    let generation = crate::providers::is_generation(model.path());
     let Some(model) = model.for_meter(body) else {
         return resp;
     };
@@ -363,6 +364,7 @@ fn metered(
         model,
         hold,
         unknown,
+        generation,
     };
     // A compressed answer is inflated beside the stream for the scanner (gzip, deflate);
     // another encoding cannot be read: it is counted as one without usage.

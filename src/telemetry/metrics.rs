@@ -45,7 +45,7 @@ pub struct Metrics {
     /// The model labels in use: only models named in upstream answers or requests that
     /// were rate-limited, at most `MAX_MODEL_LABELS`, then `other`.
     model_labels: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// `tokenrelay_tokens_total`'s counters by provider, model (as requested) and client,
+    /// `tokenrelay_tokens_total`'s counters by provider, model label and client,
     /// resolved once each (`usage_counters`).
     usage_hot: std::sync::RwLock<std::collections::HashMap<u64, Vec<Arc<UsageCounters>>>>,
 }
@@ -54,15 +54,20 @@ pub struct Metrics {
 const MAX_MODEL_LABELS: usize = 64;
 
 pub const TOKEN_KINDS: [&str; 4] = ["prompt", "completion", "cached", "thoughts"];
-/// Token counters kept resolved (provider × requested model × client).
+/// Token counters kept resolved (provider × model label × client).
 const MAX_USAGE_HOT: usize = 4096;
 
-/// `tokenrelay_tokens_total`'s counters for one provider, requested model and client, in
+fn usage_hash(provider: &str, model: &str, client: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (provider, model, client).hash(&mut h);
+    h.finish()
+}
+
+/// `tokenrelay_tokens_total`'s counters for one provider, model label and client, in
 /// `TOKEN_KINDS` order, with the names the usage ledger keeps.
 pub struct UsageCounters {
     pub provider: Arc<str>,
-    /// The model as requested (the cache's key).
-    pub requested: Arc<str>,
     /// Its label: the model, or `other` (`model_label`).
     pub model: Arc<str>,
     pub client: Arc<str>,
@@ -351,9 +356,9 @@ impl Metrics {
     pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
         let sane = !model.is_empty()
             && model.len() <= 80
-            && model
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'@'));
+            && model.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'@' | b'/' | b':')
+            });
         let mut seen = self.model_labels.lock().unwrap_or_else(|p| p.into_inner());
         if sane && (seen.contains(model) || seen.len() < MAX_MODEL_LABELS) {
             if !seen.contains(model) {
@@ -369,37 +374,39 @@ impl Metrics {
     /// `model_label`'s) and client, resolved once: an answer costs one map lookup, not
     /// four label lookups. At most `MAX_USAGE_HOT` are kept; beyond, each is resolved.
     pub fn usage_counters(&self, provider: &str, model: &str, client: &str) -> Arc<UsageCounters> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (provider, model, client).hash(&mut h);
-        let hash = h.finish();
-        let same = |c: &&Arc<UsageCounters>| {
-            &*c.provider == provider && &*c.requested == model && &*c.client == client
-        };
-        if let Some(c) = self
-            .usage_hot
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&hash)
-            .and_then(|v| v.iter().find(same))
-        {
-            return Arc::clone(c);
+        if let Some(c) = self.hot_usage(provider, model, client) {
+            return c;
         }
+        // A name that is not its own label (junk from a request, or past the 64th) is not
+        // kept: its label's counters are, and are shared.
         let label = self.model_label(model);
+        if label != model {
+            if let Some(c) = self.hot_usage(provider, label, client) {
+                return c;
+            }
+        }
         let counters = Arc::new(UsageCounters {
             provider: Arc::from(provider),
-            requested: Arc::from(model),
             model: Arc::from(label),
             client: Arc::from(client),
             kinds: TOKEN_KINDS
                 .map(|k| self.tokens.with_label_values(&[provider, label, client, k])),
         });
         let mut hot = self.usage_hot.write().unwrap_or_else(|p| p.into_inner());
-        // A name that is not a label (junk from a request) is resolved each time, never kept.
-        if hot.len() < MAX_USAGE_HOT && (label == model) {
-            hot.entry(hash).or_default().push(Arc::clone(&counters));
+        if hot.len() < MAX_USAGE_HOT {
+            hot.entry(usage_hash(provider, label, client))
+                .or_default()
+                .push(Arc::clone(&counters));
         }
         counters
+    }
+
+    fn hot_usage(&self, provider: &str, model: &str, client: &str) -> Option<Arc<UsageCounters>> {
+        let hot = self.usage_hot.read().unwrap_or_else(|p| p.into_inner());
+        hot.get(&usage_hash(provider, model, client))?
+            .iter()
+            .find(|c| &*c.provider == provider && &*c.model == model && &*c.client == client)
+            .cloned()
     }
 
     /// A credential's token counters (`tokenrelay_credential_tokens_total`).

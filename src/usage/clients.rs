@@ -73,6 +73,11 @@ impl Hold {
         &self.client
     }
 
+    /// The tokens held (the request's estimate, within what was left).
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
     /// The answer ended having cost `tokens`: the estimate is given back, the tokens spent.
     pub fn settle(mut self, tokens: u64, now_ms: i64) {
         let client = Arc::clone(&self.client);
@@ -294,13 +299,19 @@ impl Client {
                 c.held_in_minute,
             ),
         ];
-        for (full, limit, spent, held) in windows {
-            let Some(limit) = limit else { continue };
-            if spent >= limit {
+        // Spent first (until the window turns), then rpm, then what answers on their way
+        // hold (a short wait: they may cost less).
+        for (full, limit, spent, _) in windows {
+            if limit.is_some_and(|l| spent >= l) {
                 return Err(self.refusal(full, now_ms));
             }
+        }
+        if self.cfg.rpm.is_some_and(|l| c.requests_in_minute >= l) {
+            return Err(self.refusal(ClientFull::Rpm, now_ms));
+        }
+        for (full, limit, spent, held) in windows {
+            let Some(limit) = limit else { continue };
             if spent.saturating_add(held) >= limit {
-                // Not spent: held by answers still on their way, which may cost less.
                 return Err(Refused::RateLimited(
                     format!(
                         "client {}'s answers on their way hold the rest of its {limit} tokens ({}); try again when they end",
@@ -314,9 +325,6 @@ impl Client {
                     Duration::from_secs(1),
                 ));
             }
-        }
-        if self.cfg.rpm.is_some_and(|l| c.requests_in_minute >= l) {
-            return Err(self.refusal(ClientFull::Rpm, now_ms));
         }
         c.requests_in_minute += 1;
         // Held: the estimate, within what is left in the fullest window (one large body

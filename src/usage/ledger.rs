@@ -80,27 +80,36 @@ impl By {
 }
 
 /// A question about usage: `[since, until)` in unix seconds, grouped by `by`, in buckets
-/// of `step` seconds (`None`: one bucket for the whole range).
+/// of `step` seconds (`None`: one bucket for the whole range), read from rows of `span`
+/// seconds (`Query::new` aligns `since` to it).
 #[derive(Debug, Clone)]
 pub struct Query {
     pub since: i64,
     pub until: i64,
     pub step: Option<i64>,
     pub by: Vec<By>,
+    pub span: i64,
 }
 
 impl Query {
-    /// The stored resolution the query reads: minutes when it needs them and they are
-    /// still kept, else hours.
-    pub fn span(&self, now_s: i64) -> i64 {
-        let fine = match self.step {
+    /// The query, reading minutes when it needs them and they are still kept, else hours;
+    /// `since` moves back to the start of the first row read.
+    pub fn new(since: i64, until: i64, step: Option<i64>, by: Vec<By>, now_s: i64) -> Query {
+        let fine = match step {
             Some(step) => step % 3600 != 0,
-            None => self.since % 3600 != 0 || self.until % 3600 != 0,
+            None => since % 3600 != 0 || until % 3600 != 0,
         };
-        if fine && self.since >= now_s - KEEP_MINUTES_S {
+        let span = if fine && since >= now_s - KEEP_MINUTES_S {
             60
         } else {
             3600
+        };
+        Query {
+            since: since.div_euclid(span) * span,
+            until,
+            step,
+            by,
+            span,
         }
     }
 }
@@ -183,9 +192,11 @@ impl Ledger {
             p.drain().map(|(k, s)| (k.0, s)).collect()
         };
         if rows.is_empty() {
-            // Nothing new; in a fleet, batches may still wait for Redis.
+            // Nothing new; in a fleet, a batch may still wait for Redis.
             return match &self.backend {
-                Backend::Fleet(redis) if redis.has_queued().await => redis.add(rows).await,
+                Backend::Fleet(redis) if redis.has_queued().await => {
+                    redis.add(rows).await.map_err(|(e, _)| e)
+                }
                 _ => Ok(()),
             };
         }
@@ -197,8 +208,11 @@ impl Ledger {
                     Err(e) => (Err(format!("the writer stopped: {e}")), Vec::new()),
                 }
             }
-            // The fleet's store keeps what it could not send (in batches applied once).
-            Backend::Fleet(redis) => (redis.add(rows).await, Vec::new()),
+            // The fleet's store keeps a batch it sent unconfirmed; the rest comes back.
+            Backend::Fleet(redis) => match redis.add(rows).await {
+                Ok(()) => (Ok(()), Vec::new()),
+                Err((e, rest)) => (Err(e), rest),
+            },
         };
         match written {
             (Ok(()), _) => Ok(()),
@@ -231,9 +245,7 @@ impl Ledger {
         if let Err(e) = self.flush().await {
             tracing::warn!(target: "tokenrelay::usage", error = %e, "usage not written before a query; the answer lacks the last second");
         }
-        let now_s = crate::clock::now_ms() / 1000;
-        let span = q.span(now_s);
-        let since = q.since.div_euclid(span) * span;
+        let (span, since) = (q.span, q.since);
         let stored = match &self.backend {
             Backend::Db(db) => {
                 let db = Arc::clone(db);

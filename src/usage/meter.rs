@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use super::clients::Hold;
-use super::ledger::{sums_of, Key, Ledger};
+use super::ledger::{sums_of, Key, Ledger, Sums};
 use super::scan::{Scanner, Usage};
 use crate::lifecycle::Credential;
 use crate::telemetry::metrics::Metrics;
@@ -55,6 +55,10 @@ pub struct Tally {
     pub hold: Option<Hold>,
     /// The provider's counter of answers without usage, resolved once.
     pub unknown: prometheus::IntCounter,
+    /// Whether the request asked for generation (its answer should carry usage): one
+    /// without readable usage then spends its estimate; another (count tokens, embed)
+    /// spends nothing.
+    pub generation: bool,
 }
 
 impl Tally {
@@ -62,6 +66,9 @@ impl Tally {
     /// the client's limits and the ledger.
     pub fn count(mut self, usage: Option<Usage>) {
         let now_ms = crate::clock::now_ms();
+        // Tokens spent on an estimate (no readable usage): kept in the row too, so that a
+        // restart restores them.
+        let mut estimated = 0;
         let cred = &self.credential;
         let provider = &cred.provider.name;
         let client = self.hold.as_ref().map_or("-", |h| &*h.client().name);
@@ -96,10 +103,16 @@ impl Tally {
             None => {
                 self.unknown.inc();
                 if let Some(h) = self.hold.take() {
-                    h.settle_unknown(now_ms);
+                    if self.generation {
+                        estimated = h.tokens();
+                        h.settle_unknown(now_ms);
+                    } else {
+                        h.settle(0, now_ms);
+                    }
                 }
             }
         }
+        let sums = sums_of(usage.as_ref());
         self.ledger.record(
             Key {
                 minute: now_ms.div_euclid(60_000) * 60,
@@ -109,7 +122,10 @@ impl Tally {
                 credential: resolved
                     .map_or_else(|| Arc::from(cred.id.as_str()), |(id, _)| Arc::clone(id)),
             },
-            sums_of(usage.as_ref()),
+            Sums {
+                tokens: sums.tokens.max(estimated),
+                ..sums
+            },
         );
     }
 }

@@ -75,6 +75,8 @@ pub struct SharedCounts {
     quiet_until: AtomicI64,
     script: Script,
     client_script: Script,
+    /// Unix ms of the last warning from a call nobody waits for (at most one a second).
+    warned_at: AtomicI64,
 }
 
 impl SharedCounts {
@@ -95,6 +97,7 @@ impl SharedCounts {
             quiet_until: AtomicI64::new(0),
             script: Script::new(TAKE),
             client_script: Script::new(CLIENT_TAKE),
+            warned_at: AtomicI64::new(0),
         });
         counts.connect_in_background();
         counts
@@ -260,21 +263,34 @@ impl SharedCounts {
         let existing = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(conn) = existing else {
             self.connect_in_background();
-            tracing::warn!(target: "tokenrelay::store", what, "no connection to the fleet store yet; not counted in the fleet");
+            self.warn_aside(what, "no connection to the fleet store yet");
             return Err(());
         };
         match tokio::time::timeout(self.connect_timeout, f(conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                tracing::warn!(target: "tokenrelay::store", error = %e.category(), what,
-                    "the fleet store refused a call; this replica's own count has it");
+                self.warn_aside(what, e.category());
                 Err(())
             }
             Err(_) => {
-                tracing::warn!(target: "tokenrelay::store", what,
-                    "the fleet store did not answer in time; this replica's own count has it");
+                self.warn_aside(what, "no answer within store.op_timeout");
                 Err(())
             }
+        }
+    }
+
+    /// A failure of a call nobody waits for: said at most once a second.
+    fn warn_aside(&self, what: &'static str, why: &str) {
+        let now = clock::now_ms();
+        let last = self.warned_at.load(Ordering::Relaxed);
+        if now - last >= 1000
+            && self
+                .warned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(target: "tokenrelay::store", what, error = why,
+                "the fleet store did not take a call; this replica's own count has it (said at most once a second)");
         }
     }
 

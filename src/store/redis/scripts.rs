@@ -1,5 +1,6 @@
-//! The Lua scripts: each reads and writes one credential's keys atomically, every key
-//! passed in `KEYS` (one hash tag, one Redis Cluster slot).
+//! The Lua scripts: each reads and writes keys under one hash tag atomically (one
+//! credential's, one declared limit's, one client's, or usage's `{use}`), every key passed
+//! in `KEYS` (one Redis Cluster slot).
 
 pub(super) const CAS: &str = r#"
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')

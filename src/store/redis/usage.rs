@@ -6,10 +6,11 @@
 //! bounded by `store.op_timeout`.
 //!
 //! Rows go in batches of at most `BATCH_ROWS`, each with a random id, applied once by the
-//! `USAGE_ADD` script (its marker `{prefix}:batch:{id}` says it was): a batch whose answer
-//! was lost (a timeout after Redis applied it) is sent again and not counted twice.
-//! Batches wait here, in order, until Redis takes them (at most `MAX_QUEUED_ROWS` rows;
-//! then the oldest go, said in an error).
+//! `USAGE_ADD` script (its marker `{prefix}:{use}:batch:{id}` says it was): a batch whose
+//! answer was lost (a timeout after Redis applied it) is kept and sent again first, and
+//! not counted twice. Rows not sent go back to the ledger, which merges them with newer
+//! ones. Every usage key is under the `{use}` hash tag: one script call's keys share a
+//! Redis Cluster slot.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -24,8 +25,6 @@ use crate::store::usage::{Key, Stored, Sums, KEEP_HOURS_S, KEEP_MINUTES_S};
 const SEP: char = '\u{1f}';
 /// Rows per batch (one script call).
 const BATCH_ROWS: usize = 500;
-/// Rows waiting for Redis, at most.
-const MAX_QUEUED_ROWS: usize = 100_000;
 
 /// Rows sent together, applied once.
 struct Batch {
@@ -40,7 +39,7 @@ pub struct SharedUsage {
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     /// The last failure, for messages.
     last_error: Mutex<Option<String>>,
-    /// Batches not yet taken by Redis, oldest first.
+    /// Batches sent but not confirmed (each may have been applied), oldest first.
     queue: tokio::sync::Mutex<VecDeque<Batch>>,
     script: Script,
 }
@@ -79,36 +78,32 @@ impl SharedUsage {
 
     fn bucket(&self, span: i64, start: i64) -> String {
         let kind = if span == 60 { "m" } else { "h" };
-        format!("{}:{kind}:{start}", self.prefix)
+        format!("{}:{{use}}:{kind}:{start}", self.prefix)
     }
 
-    /// Queues rows (in batches) and sends every queued batch, oldest first. On an error
-    /// the batches not taken stay queued for the next call (which may have no rows).
-    pub async fn add(&self, rows: Vec<(Key, Sums)>) -> Result<(), String> {
-        let mut queue = self.queue.lock().await;
+    /// Sends rows in batches. A batch that was sent and not confirmed may have been
+    /// applied: it is kept as it is and sent again first next time (its marker makes that
+    /// safe). Rows not sent yet are handed back, for the ledger to merge with newer ones.
+    pub async fn add(&self, rows: Vec<(Key, Sums)>) -> Result<(), (String, Vec<(Key, Sums)>)> {
+        let mut sent_before = self.queue.lock().await;
+        while let Some(batch) = sent_before.front() {
+            if let Err(e) = self.send(batch).await {
+                return Err((e, rows));
+            }
+            sent_before.pop_front();
+        }
         let mut rows = rows;
         while !rows.is_empty() {
             let rest = rows.split_off(rows.len().min(BATCH_ROWS));
-            queue.push_back(Batch {
+            let batch = Batch {
                 id: rand::random(),
                 rows,
-            });
+            };
+            if let Err(e) = self.send(&batch).await {
+                sent_before.push_back(batch);
+                return Err((e, rest));
+            }
             rows = rest;
-        }
-        let mut queued: usize = queue.iter().map(|b| b.rows.len()).sum();
-        let mut dropped = 0;
-        while queued > MAX_QUEUED_ROWS {
-            let Some(old) = queue.pop_front() else { break };
-            queued -= old.rows.len();
-            dropped += old.rows.len();
-        }
-        if dropped > 0 {
-            tracing::error!(target: "tokenrelay::usage", dropped,
-                "usage rows waited too long for the fleet store; the oldest were dropped");
-        }
-        while let Some(batch) = queue.front() {
-            self.send(batch).await?;
-            queue.pop_front();
         }
         Ok(())
     }
@@ -156,8 +151,9 @@ impl SharedUsage {
             }
         }
         let mut call = self.script.prepare_invoke();
-        call.key(format!("{}:batch:{:016x}", self.prefix, batch.id))
-            .arg(86_400);
+        // Retries come within seconds while Redis answers; an hour is ample.
+        call.key(format!("{}:{{use}}:batch:{:016x}", self.prefix, batch.id))
+            .arg(3600);
         for (bucket, (ttl, fields)) in &buckets {
             call.key(bucket).arg(*ttl).arg(fields.len());
             for (field, n) in fields {
