@@ -209,6 +209,11 @@ pub async fn generate_as(t: &crate::helpers::TestApp, key: &str, model: &str) ->
     }
 }
 
+/// The status of a whole `gemini-2.5-flash` request sent with `key`.
+async fn flash(t: &crate::helpers::TestApp, key: &str) -> u16 {
+    generate_as(t, key, "gemini-2.5-flash").await.status
+}
+
 pub struct Answer {
     pub status: u16,
     pub retry_after: Option<i64>,
@@ -246,16 +251,8 @@ rpm = 2"#,
     )
     .await;
     // No key, or a wrong one: 401. The unnamed server.client_keys still work.
-    assert_eq!(
-        generate_as(&t, "nope", "gemini-2.5-flash").await.status,
-        401
-    );
-    assert_eq!(
-        generate_as(&t, "old-shared-key", "gemini-2.5-flash")
-            .await
-            .status,
-        200
-    );
+    assert_eq!(flash(&t, "nope").await, 401);
+    assert_eq!(flash(&t, "old-shared-key").await, 200);
     // Scopes.
     let r = generate_as(&t, "ck-bot", "gemini-3.1-pro").await;
     assert_eq!(r.status, 403);
@@ -267,14 +264,8 @@ rpm = 2"#,
     assert_eq!(up.hits().len(), 1, "refused without an upstream call");
     // Budget: each answer reports 12 + 34 (+ 6 thoughts, billed output) = 52 tokens. The
     // one that crosses 100 is served, the next refused until midnight UTC.
-    assert_eq!(
-        generate_as(&t, "ck-bot", "gemini-2.5-flash").await.status,
-        200
-    );
-    assert_eq!(
-        generate_as(&t, "ck-bot", "gemini-2.5-flash").await.status,
-        200
-    );
+    assert_eq!(flash(&t, "ck-bot").await, 200);
+    assert_eq!(flash(&t, "ck-bot").await, 200);
     let r = generate_as(&t, "ck-bot", "gemini-2.5-flash").await;
     assert_eq!(r.status, 429);
     let retry = r.retry_after.unwrap();
@@ -354,15 +345,9 @@ async fn usage_and_budgets_survive_a_restart() {
     let toml = budget_toml(&up.url, &db);
     t.launch(&toml).await;
     for _ in 0..2 {
-        assert_eq!(
-            generate_as(&t, "ck-bot", "gemini-2.5-flash").await.status,
-            200
-        );
+        assert_eq!(flash(&t, "ck-bot").await, 200);
     }
-    assert_eq!(
-        generate_as(&t, "ck-bot", "gemini-2.5-flash").await.status,
-        429
-    );
+    assert_eq!(flash(&t, "ck-bot").await, 429);
     t.app.take().unwrap().shutdown().await;
     // A new process on the same file: the day's budget is still spent.
     t.launch(&toml).await;
@@ -414,14 +399,8 @@ api_keys = [{{ key = "AIza-a", id = "a" }}]
     t.admin = format!("http://{}", app.admin_addr);
     t.app = Some(app);
     crate::quota::early_in_a_minute(15).await;
-    assert_eq!(
-        generate_as(&t, "ck-one", "gemini-2.5-flash").await.status,
-        200
-    );
-    assert_eq!(
-        generate_as(&t, "ck-new", "gemini-2.5-flash").await.status,
-        401
-    );
+    assert_eq!(flash(&t, "ck-one").await, 200);
+    assert_eq!(flash(&t, "ck-new").await, 401);
     // The key changes, a client joins.
     std::fs::write(
         &file,
@@ -430,23 +409,11 @@ api_keys = [{{ key = "AIza-a", id = "a" }}]
     .unwrap();
     let (status, report) = t.admin_post("/admin/reload").await;
     assert_eq!(status, 200, "{report}");
-    assert_eq!(
-        generate_as(&t, "ck-one", "gemini-2.5-flash").await.status,
-        401
-    );
-    assert_eq!(
-        generate_as(&t, "ck-new", "gemini-2.5-flash").await.status,
-        200
-    );
+    assert_eq!(flash(&t, "ck-one").await, 401);
+    assert_eq!(flash(&t, "ck-new").await, 200);
     // bot kept its count: one request before the reload, one now, the third refused.
-    assert_eq!(
-        generate_as(&t, "ck-two", "gemini-2.5-flash").await.status,
-        200
-    );
-    assert_eq!(
-        generate_as(&t, "ck-two", "gemini-2.5-flash").await.status,
-        429
-    );
+    assert_eq!(flash(&t, "ck-two").await, 200);
+    assert_eq!(flash(&t, "ck-two").await, 429);
     // A file that no longer validates: reported, and the clients stay as they were.
     std::fs::write(
         &file,
@@ -460,10 +427,7 @@ api_keys = [{{ key = "AIza-a", id = "a" }}]
         errors.contains("clients[0].rpm") && errors.contains("clients not reloaded"),
         "{errors}"
     );
-    assert_eq!(
-        generate_as(&t, "ck-new", "gemini-2.5-flash").await.status,
-        200
-    );
+    assert_eq!(flash(&t, "ck-new").await, 200);
 }
 
 #[tokio::test]

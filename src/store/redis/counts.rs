@@ -295,8 +295,14 @@ impl SharedCounts {
     }
 
     fn client_base(&self, name: &str) -> String {
+        self.tagged(&format!("client/{name}"))
+    }
+
+    /// `{prefix}:{name}`: every key of one count under one hash tag (braces in the name
+    /// would move it to another slot, so they are left out).
+    fn tagged(&self, name: &str) -> String {
         let tag: String = name.chars().filter(|c| !matches!(c, '{' | '}')).collect();
-        format!("{}:{{client/{tag}}}", self.prefix)
+        format!("{}:{{{tag}}}", self.prefix)
     }
 
     /// Runs one call on the counting connection within `timeout`; on failure, this
@@ -345,9 +351,7 @@ impl SharedCounts {
         name: &str,
         t: Take,
     ) -> redis::RedisResult<i64> {
-        // Braces would move the key to another hash slot.
-        let tag: String = name.chars().filter(|c| !matches!(c, '{' | '}')).collect();
-        let base = format!("{}:{{{tag}}}", self.prefix);
+        let base = self.tagged(name);
         self.script
             .key(format!("{base}:m:{}", t.minute))
             .key(format!("{base}:d:{}", t.day))
