@@ -344,14 +344,31 @@ pub(super) fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
 /// unreadable because of its encoding: the client still gets a coding it asked for (or
 /// none, which every client accepts).
 fn readable_encodings(value: &HeaderValue) -> HeaderValue {
+    // A client sends the same value on every request: the last answer is kept per thread.
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(HeaderValue, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    if let Some(hit) = LAST.with_borrow(|last| {
+        last.as_ref()
+            .filter(|(seen, _)| seen == value)
+            .map(|(_, narrowed)| narrowed.clone())
+    }) {
+        return hit;
+    }
+    let narrowed = narrow_encodings(value);
+    LAST.set(Some((value.clone(), narrowed.clone())));
+    narrowed
+}
+
+fn narrow_encodings(value: &HeaderValue) -> HeaderValue {
     let Ok(text) = value.to_str() else {
         return HeaderValue::from_static("identity");
     };
     let readable = |coding: &str| {
-        matches!(
-            coding.to_ascii_lowercase().as_str(),
-            "gzip" | "x-gzip" | "deflate" | "identity"
-        )
+        ["gzip", "x-gzip", "deflate", "identity"]
+            .iter()
+            .any(|r| coding.eq_ignore_ascii_case(r))
     };
     let all_readable = text
         .split(',')
@@ -503,6 +520,8 @@ mod tests {
     #[test]
     fn accept_encoding_keeps_only_codings_whose_usage_can_be_read() {
         let narrowed = |v: &str| readable_encodings(&HeaderValue::from_str(v).unwrap());
+        assert_eq!(narrowed("GZIP, Br"), "GZIP");
+        assert_eq!(narrowed("GZIP, Br"), "GZIP", "the kept answer");
         assert_eq!(narrowed("gzip, deflate"), "gzip, deflate");
         assert_eq!(narrowed("gzip, deflate, br, zstd"), "gzip, deflate");
         assert_eq!(
