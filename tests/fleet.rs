@@ -468,6 +468,8 @@ fn a_stale_release_or_renew_after_a_takeover_is_a_no_op() {
             pubsub: false,
             op_timeout: Duration::from_secs(1),
             limit_timeout: Duration::from_millis(100),
+            encryption_key: None,
+            previous_keys: Vec::new(),
         },
         Arc::new(NoMetrics),
     )
@@ -1173,4 +1175,103 @@ tokens_per_day = 100"#,
     assert!(!redis
         .cli(&["--scan", "--pattern", "*:use:{use}:batch:*"])
         .is_empty());
+}
+
+/// Every value in Redis, as text (hashes field by field).
+fn everything(redis: &Redis) -> String {
+    let mut all = String::new();
+    for key in redis.cli(&["--scan"]).lines() {
+        let value = match redis.cli(&["TYPE", key]).as_str() {
+            "hash" => redis.cli(&["HGETALL", key]),
+            "string" => redis.cli(&["GET", key]),
+            _ => continue,
+        };
+        all.push_str(key);
+        all.push('\n');
+        all.push_str(&value);
+        all.push('\n');
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_records_hold_no_token_rotate_to_a_new_key_and_refuse_a_wrong_one_clearly() {
+    use base64::Engine as _;
+    let b64 = |b: u8| base64::engine::general_purpose::STANDARD.encode([b; 32]);
+    let (k1, k2, k3) = (b64(1), b64(2), b64(3));
+    let redis = Redis::start();
+    let f = fleet(2, &redis, 3600, &format!("encryption_key = \"{k1}\"")).await;
+    assert_eq!(chat(&f.apps[0]).await, 200);
+    both_on_one_token(&f).await;
+    let (_, ready) = f.apps[0].admin_json("/readyz").await;
+    assert_eq!(ready["store"]["sealed"], true, "{ready}");
+    // After a refresh, nothing in Redis reads as a token.
+    let access = f.apps[0].credential("shared").await;
+    let all = everything(&redis);
+    assert!(all.contains("tr1."), "{all}");
+    for secret in ["rt-", "refresh_token", "access_token", "stale"] {
+        assert!(!all.contains(secret), "{secret} readable in Redis: {all}");
+    }
+    let rec_key = redis
+        .cli(&["--scan", "--pattern", "*qwen/shared*:rec"])
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let doc = |r: &Redis| r.cli(&["HGET", &rec_key, "doc"]);
+    let sealed_k1 = doc(&redis);
+    let id1 = sealed_k1.split('.').nth(1).unwrap().to_string();
+    let cred = f.apps[0].cred_path("shared.json");
+    let (up, token_url) = (f.apps[0].upstream.url.clone(), f.tokens.url.clone());
+    let mut f = f;
+    for a in &mut f.apps {
+        a.app.take().unwrap().shutdown().await;
+    }
+    let toml = |extra: String| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\n{extra}\n[providers.qwen]\nupstream = \"{up}\"\ntoken_url = \"{token_url}\"\ncredentials = [\"{}\"]",
+            redis.port,
+            cred.display()
+        )
+    };
+    let refused = |extra: String| {
+        let config = TestApp::config(&toml(extra));
+        async move {
+            match tokenrelay::App::start(config).await {
+                Ok(_) => panic!("started with a key that does not open the record"),
+                Err(e) => format!("{e:#}"),
+            }
+        }
+    };
+    // A wrong key: start-up says what is wrong and what to do; Redis is unchanged.
+    let error = refused(format!("encryption_key = \"{k3}\"")).await;
+    assert!(
+        error.contains(&id1) && error.contains("previous_keys") && error.contains("qwen/shared"),
+        "{error}"
+    );
+    assert_eq!(doc(&redis), sealed_k1, "nothing overwritten");
+    // A record moved to another name (here: under another key prefix) does not open.
+    let moved_key = rec_key.replacen("tokenrelay:", "moved:", 1);
+    let fields = redis.cli(&["HGETALL", &rec_key]);
+    let mut args = vec!["HSET", moved_key.as_str()];
+    args.extend(fields.lines());
+    redis.cli(&args);
+    let error = refused(format!("key_prefix = \"moved\"\nencryption_key = \"{k1}\"")).await;
+    assert!(error.contains("does not open"), "{error}");
+    let mut rotated = TestApp::empty().await;
+    // Rotation: the new key with the old one as previous: read, and sealed again.
+    rotated
+        .launch(&toml(format!(
+            "encryption_key = \"{k2}\"\nprevious_keys = [\"{k1}\"]"
+        )))
+        .await;
+    let c = rotated.credential("shared").await;
+    assert_eq!(c["state"], "ready", "{c}");
+    let resealed = doc(&redis);
+    assert!(
+        resealed.starts_with("tr1.") && !resealed.contains(&id1),
+        "{resealed}"
+    );
+    assert_eq!(chat(&rotated).await, 200);
+    let _ = access;
 }

@@ -51,6 +51,8 @@ pub(super) struct RawStore {
     pub(super) pubsub: Option<bool>,
     pub(super) op_timeout: Option<String>,
     pub(super) limit_timeout: Option<String>,
+    pub(super) encryption_key: Option<String>,
+    pub(super) previous_keys: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

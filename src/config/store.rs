@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use secrecy::SecretString;
+
 use super::raw::RawStore;
 use super::{ConfigError, RefreshConfig, Validator};
 
@@ -48,6 +50,27 @@ impl Validator<'_> {
                     Some(g) => self.duration("store.grace", Some(g), "15s")?,
                     None => refresh.timeout,
                 };
+                let key = |name: &str, text: &str| -> Result<SecretString, ConfigError> {
+                    let secret = self.secret(name, text)?;
+                    crate::store::redis::seal::parse_key(&secret).map_err(|p| self.err(name, p))?;
+                    Ok(secret)
+                };
+                let encryption_key = match raw.encryption_key.as_deref() {
+                    None | Some("") => None,
+                    Some(k) => Some(key("store.encryption_key", k)?),
+                };
+                let previous_keys = raw
+                    .previous_keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| key(&format!("store.previous_keys[{i}]"), k))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if encryption_key.is_none() && !previous_keys.is_empty() {
+                    return Err(self.err(
+                        "store.previous_keys",
+                        "needs store.encryption_key: records are sealed again with it",
+                    ));
+                }
                 Ok(StoreConfig::Redis(crate::store::redis::RedisConfig {
                     url,
                     key_prefix: raw.key_prefix.unwrap_or_else(|| "tokenrelay".into()),
@@ -61,6 +84,8 @@ impl Validator<'_> {
                         raw.limit_timeout,
                         "100ms",
                     )?,
+                    encryption_key,
+                    previous_keys,
                 }))
             }
             other => Err(self.err(

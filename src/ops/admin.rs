@@ -270,6 +270,15 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
         Some(f) => json!({"kind": "redis", "up": false, "replica": f.replica,
             "message": "Redis is unreachable: rotating credentials do not refresh (they serve until expiry), cool-downs are local; nothing is lost when it is back"}),
     };
+    // Fleet mode: whether credential records are sealed, and with which key.
+    if let Some(f) = &s.fleet {
+        store["sealed"] = json!(f.sealed_with().is_some());
+        if let Some(id) = f.sealed_with() {
+            store["key_id"] = json!(id);
+        } else {
+            store["sealing"] = json!("records are not sealed: set store.encryption_key");
+        }
+    }
     // Declared and client limits in fleet mode: counted fleet-wide only while their
     // connection is up.
     if let Some(f) = &s.fleet {

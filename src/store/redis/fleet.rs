@@ -36,6 +36,8 @@ pub struct Fleet {
     pub(super) verdicts: Mutex<HashMap<String, String>>,
     /// The connection that counts limits, opened on first need.
     counts: std::sync::OnceLock<Arc<super::SharedCounts>>,
+    /// Seals credential records (`store.encryption_key`); `None`: stored plain.
+    pub(super) sealer: Option<super::seal::Sealer>,
 }
 
 #[derive(Clone)]
@@ -82,6 +84,24 @@ impl Fleet {
             rand::random::<u16>()
         );
         let (events, _) = tokio::sync::broadcast::channel(1024);
+        let key = |k: &SecretString| {
+            super::seal::parse_key(k).map_err(|p| format!("store.encryption_key {p}"))
+        };
+        let sealer = match &cfg.encryption_key {
+            Some(current) => {
+                let previous = cfg
+                    .previous_keys
+                    .iter()
+                    .map(key)
+                    .collect::<Result<Vec<_>, _>>()?;
+                Some(super::seal::Sealer::new(&key(current)?, &previous))
+            }
+            None => {
+                tracing::warn!(target: "tokenrelay::store",
+                    "fleet mode without store.encryption_key: credential records (refresh tokens included) are stored in Redis unsealed; set one (openssl rand -base64 32)");
+                None
+            }
+        };
         Ok(Arc::new(Fleet {
             client,
             conn: Mutex::new(None),
@@ -93,6 +113,7 @@ impl Fleet {
             members: Mutex::default(),
             verdicts: Mutex::default(),
             counts: std::sync::OnceLock::new(),
+            sealer,
         }))
     }
 
@@ -119,6 +140,11 @@ impl Fleet {
 
     pub fn config(&self) -> &RedisConfig {
         &self.cfg
+    }
+
+    /// The current sealing key's id, if records are sealed (for `/readyz`).
+    pub fn sealed_with(&self) -> Option<&str> {
+        self.sealer.as_ref().map(|s| s.key_id())
     }
 
     pub fn is_up(&self) -> bool {
@@ -384,6 +410,30 @@ impl RedisStore {
         })
     }
 
+    /// The document as it goes to Redis: sealed for this record when a key is set.
+    fn sealed(&self, json: String) -> Result<String, StoreError> {
+        match &self.fleet.sealer {
+            Some(s) => s
+                .seal(&json, &self.rec_key())
+                .map_err(|e| store_error("seal", e)),
+            None => Ok(json),
+        }
+    }
+
+    /// The document a record holds, opened; `true` when it must be sealed again (plain,
+    /// or sealed with a previous key). An error names the record and what to do.
+    pub(super) fn opened(&self, stored: &str) -> Result<(String, bool), StoreError> {
+        match super::seal::open(self.fleet.sealer.as_ref(), stored, &self.rec_key()) {
+            Ok(super::seal::Opened::Current(json)) => Ok((json, false)),
+            Ok(super::seal::Opened::Stale(json)) => Ok((json, true)),
+            Err(e) => Err(StoreError::Io {
+                path: format!("redis record {} ({})", self.name(), self.rec_key()),
+                op: "open",
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
+    }
+
     /// Compare-and-set from version `from`; `Ok(Some(v))` the new version, `Ok(None)`
     /// someone else wrote first.
     pub(super) fn cas(
@@ -393,6 +443,7 @@ impl RedisStore {
         src: &str,
     ) -> Result<Option<u64>, StoreError> {
         let json = serde_json::to_string(doc).map_err(|e| store_error("encode", e))?;
+        let json = self.sealed(json)?;
         let (ok, v): (i64, u64) = self.fleet.run("write", |c| {
             Script::new(CAS)
                 .key(self.rec_key())
@@ -415,6 +466,9 @@ impl RedisStore {
         };
         let v = self.seen.load(Ordering::Acquire);
         let Ok(json) = serde_json::to_string(&doc) else {
+            return;
+        };
+        let Ok(json) = self.sealed(json) else {
             return;
         };
         let src = self.src.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -36,6 +36,7 @@ mod fleet;
 mod poll;
 mod record;
 mod scripts;
+pub mod seal;
 mod usage;
 
 use std::time::Duration;
@@ -68,6 +69,10 @@ pub struct RedisConfig {
     /// The one Redis call a request may wait for: counting it against a declared limit
     /// (`[providers.NAME.limits]`). Past this, the replica's own count decides.
     pub limit_timeout: Duration,
+    /// Seals every credential record (32 bytes, base64; validated): `seal.rs`.
+    pub encryption_key: Option<SecretString>,
+    /// Keys records may still be sealed with; they are sealed again with the current one.
+    pub previous_keys: Vec<SecretString>,
 }
 
 /// What changed in the fleet, for the lifecycle to act on.

@@ -118,9 +118,20 @@ impl CredentialStore for RedisStore {
             .get("updated_at")
             .and_then(|t| t.parse().ok())
             .unwrap_or_else(clock::now_ms);
-        let doc_json = rec.get("doc").cloned().unwrap_or_default();
+        let stored = rec.get("doc").cloned().unwrap_or_default();
+        let (doc_json, stale) = self.opened(&stored)?;
         let (file, doc) = self.parse_doc(&doc_json, updated)?;
-        *self.src.lock().unwrap_or_else(|p| p.into_inner()) = recorded_src;
+        *self.src.lock().unwrap_or_else(|p| p.into_inner()) = recorded_src.clone();
+        if stale {
+            // Plain, or sealed with a previous key: sealed again with the current one
+            // (a compare-and-set: a newer write by another replica wins).
+            if let Ok(Some(new_v)) = self.cas(v, &doc, &recorded_src) {
+                tracing::info!(target: "tokenrelay::store", credential = %self.name(), version = new_v,
+                    "sealed the credential's record with the current store.encryption_key");
+                self.remember(new_v, doc);
+                return Ok(file);
+            }
+        }
         self.remember(v, doc);
         Ok(file)
     }
