@@ -470,6 +470,7 @@ fn a_stale_release_or_renew_after_a_takeover_is_a_no_op() {
             limit_timeout: Duration::from_millis(100),
             encryption_key: None,
             previous_keys: Vec::new(),
+            tls_ca: None,
         },
         Arc::new(NoMetrics),
     )
@@ -1274,4 +1275,160 @@ async fn sealed_records_hold_no_token_rotate_to_a_new_key_and_refuse_a_wrong_one
     );
     assert_eq!(chat(&rotated).await, 200);
     let _ = access;
+}
+
+/// A `redis-server` speaking only TLS (a throwaway CA from `scripts/test-ca.sh`), whose
+/// default user is off and whose one ACL user is `tr` / `s3cret`.
+struct TlsRedis {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TlsRedis {
+    fn start() -> TlsRedis {
+        let dir = tempfile::tempdir().unwrap();
+        let made = Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-ca.sh"))
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let port = free_port();
+        let file = |n: &str| dir.path().join(n).display().to_string();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--tls-cert-file",
+                &file("leaf.pem"),
+                "--tls-key-file",
+                &file("leaf.key"),
+            ])
+            .args([
+                "--tls-ca-cert-file",
+                &file("ca.pem"),
+                "--tls-auth-clients",
+                "no",
+            ])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--user", "default", "off"])
+            .args(["--user", "tr", "on", ">s3cret", "~*", "&*", "+@all"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (.ci/run installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        TlsRedis { child, port, dir }
+    }
+
+    fn ca(&self) -> String {
+        self.dir.path().join("ca.pem").display().to_string()
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "--tls",
+                "--cacert",
+                &self.ca(),
+            ])
+            .args(["--user", "tr", "--pass", "s3cret", "--no-auth-warning"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+/// `tokenrelay check` on `config` (the real binary): its exit code and what it printed.
+fn check(dir: &std::path::Path, config: &str) -> (i32, String) {
+    let path = dir.join("check.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenrelay"))
+        .args(["check", "--config", &path.display().to_string()])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_with_an_acl_user_and_a_private_ca_works_and_check_says_what_is_wrong() {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+    let redis = TlsRedis::start();
+    let store = |url: &str, ca: bool| {
+        format!(
+            "[store]\nkind = \"redis\"\nurl = \"{url}\"\n{}encryption_key = \"{key}\"\n",
+            if ca {
+                format!("tls_ca = \"{}\"\n", redis.ca())
+            } else {
+                String::new()
+            }
+        )
+    };
+    let good = format!("rediss://tr:s3cret@127.0.0.1:{}", redis.port);
+    let t = spawn_app(Flavor::Qwen)
+        .cred("shared.json", json!({"access_token": "stale", "refresh_token": "rt-0", "expiry_date": now_ms() - 1000}))
+        .refresh_token("rt-0")
+        .toml(&store(&good, true))
+        .start()
+        .await;
+    assert_eq!(chat(&t).await, 200);
+    let (_, ready) = t.admin_json("/readyz").await;
+    assert_eq!(ready["store"]["up"], true, "{ready}");
+    let doc = redis.cli(&["HGET", "tokenrelay:{qwen/shared}:rec", "doc"]);
+    assert!(doc.starts_with("tr1."), "sealed over TLS: {doc}");
+    let creds = t.cred_path("shared.json");
+    let provider = format!(
+        "[providers.qwen]\nupstream = \"{}\"\ntoken_url = \"{}\"\ncredentials = [\"{}\"]\n",
+        t.upstream.url,
+        t.tokens.url,
+        creds.display()
+    );
+    // check: reachable, sealed, every record opens.
+    let (code, out) = check(t.dir.path(), &format!("{}{provider}", store(&good, true)));
+    assert!(out.contains("fleet store: reachable"), "{out}");
+    assert!(out.contains("records: sealed with key"), "{out}");
+    assert!(!out.contains("CANNOT OPEN"), "{out}");
+    assert_eq!(code, 0, "{out}");
+    // Without the CA: the server's certificate is not trusted, and check says where to look.
+    let (code, out) = check(t.dir.path(), &format!("{}{provider}", store(&good, false)));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("NOT REACHABLE") && out.contains("tls_ca"),
+        "{out}"
+    );
+    // A wrong ACL password: refused, said clearly, and the password is not printed.
+    let wrong = format!("rediss://tr:n0pe-wrong@127.0.0.1:{}", redis.port);
+    let (code, out) = check(t.dir.path(), &format!("{}{provider}", store(&wrong, true)));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("user or password"), "{out}");
+    assert!(
+        !out.contains("n0pe-wrong") && !out.contains("s3cret"),
+        "{out}"
+    );
 }

@@ -53,6 +53,7 @@ pub(super) struct RawStore {
     pub(super) limit_timeout: Option<String>,
     pub(super) encryption_key: Option<String>,
     pub(super) previous_keys: Vec<String>,
+    pub(super) tls_ca: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

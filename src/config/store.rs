@@ -71,6 +71,26 @@ impl Validator<'_> {
                         "needs store.encryption_key: records are sealed again with it",
                     ));
                 }
+                let tls_ca = match raw.tls_ca.as_deref() {
+                    None | Some("") => None,
+                    Some(p) => {
+                        use secrecy::ExposeSecret;
+                        if !url.expose_secret().starts_with("rediss://") {
+                            return Err(
+                                self.err("store.tls_ca", "is for TLS: use a rediss:// store.url")
+                            );
+                        }
+                        let path = super::values::expand_tilde(p, self.env)
+                            .map_err(|e| self.err("store.tls_ca", e))?;
+                        if !path.is_file() {
+                            return Err(self.err(
+                                "store.tls_ca",
+                                format!("{} does not exist: the CA certificate (PEM) that signed the Redis server's", path.display()),
+                            ));
+                        }
+                        Some(path)
+                    }
+                };
                 Ok(StoreConfig::Redis(crate::store::redis::RedisConfig {
                     url,
                     key_prefix: raw.key_prefix.unwrap_or_else(|| "tokenrelay".into()),
@@ -86,6 +106,7 @@ impl Validator<'_> {
                     )?,
                     encryption_key,
                     previous_keys,
+                    tls_ca,
                 }))
             }
             other => Err(self.err(

@@ -359,10 +359,69 @@ pub fn check(config: &Config) -> anyhow::Result<i32> {
             &rows
         )
     );
+    problems += check_store(config);
     if problems > 0 {
         println!("{problems} problem(s) found");
     }
     Ok(i32::from(problems > 0))
+}
+
+/// Fleet mode: whether the store answers (TLS, the ACL user), whether records are sealed,
+/// and whether every record opens with the configured keys. The problems found.
+fn check_store(config: &Config) -> usize {
+    let crate::config::StoreConfig::Redis(cfg) = &config.store else {
+        return 0;
+    };
+    struct Quiet;
+    impl crate::store::redis::FleetMetrics for Quiet {
+        fn operation(&self, _: &str, _: bool) {}
+        fn up(&self, _: bool) {}
+    }
+    let fleet = match crate::store::redis::Fleet::new(cfg.clone(), Arc::new(Quiet)) {
+        Ok(f) => f,
+        Err(e) => {
+            println!("fleet store: NO: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) = fleet.ping() {
+        println!("fleet store: NOT REACHABLE: {e}");
+        return 1;
+    }
+    println!("fleet store: reachable");
+    let mut problems = 0;
+    match fleet.sealed_with() {
+        Some(id) => println!("records: sealed with key {id}"),
+        None => {
+            problems += 1;
+            println!("records: NOT SEALED (set store.encryption_key: openssl rand -base64 32)");
+        }
+    }
+    match fleet.check_records() {
+        Ok(records) => {
+            let mut stale = 0;
+            for (key, opened) in &records {
+                match opened {
+                    Ok(true) => {}
+                    Ok(false) => stale += 1,
+                    Err(e) => {
+                        problems += 1;
+                        println!("record {key}: CANNOT OPEN: {e}");
+                    }
+                }
+            }
+            println!(
+                "{} record(s) read; {} to be sealed again with the current key (on their next read)",
+                records.len(),
+                if fleet.sealed_with().is_some() { stale } else { 0 }
+            );
+        }
+        Err(e) => {
+            problems += 1;
+            println!("records: cannot list them: {e}");
+        }
+    }
+    problems
 }
 
 fn human_secs(s: i64) -> String {

@@ -73,8 +73,21 @@ impl Live {
 impl Fleet {
     /// Connects lazily: a Redis that is down at start-up is reported, not fatal.
     pub fn new(cfg: RedisConfig, metrics: Arc<dyn FleetMetrics>) -> Result<Arc<Fleet>, String> {
-        let client = redis::Client::open(cfg.url.expose_secret())
-            .map_err(|e| format!("store.url is not a Redis URL: {}", e.category()))?;
+        let client = match &cfg.tls_ca {
+            None => redis::Client::open(cfg.url.expose_secret()),
+            Some(ca) => {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| format!("store.tls_ca {}: cannot read: {e}", ca.display()))?;
+                redis::Client::build_with_tls(
+                    cfg.url.expose_secret(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+            }
+        }
+        .map_err(|e| format!("store.url or store.tls_ca cannot be used: {}", e.category()))?;
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "replica".into());
@@ -140,6 +153,46 @@ impl Fleet {
 
     pub fn config(&self) -> &RedisConfig {
         &self.cfg
+    }
+
+    /// Connects and pings (for `tokenrelay check`): what is wrong, if anything.
+    pub fn ping(&self) -> Result<(), String> {
+        let mut conn = self
+            .client
+            .get_connection_with_timeout(self.cfg.op_timeout)
+            .map_err(|e| super::explain(&e))?;
+        redis::cmd("PING")
+            .query::<String>(&mut conn)
+            .map(|_| ())
+            .map_err(|e| super::explain(&e))
+    }
+
+    /// Every credential record's key and what it holds, opened with the configured keys
+    /// (for `tokenrelay check`): (record, Ok(sealed with the current key) or the error).
+    pub fn check_records(&self) -> Result<Vec<(String, Result<bool, String>)>, String> {
+        let mut conn = self
+            .client
+            .get_connection_with_timeout(self.cfg.op_timeout)
+            .map_err(|e| super::explain(&e))?;
+        let pattern = format!("{}:*:rec", self.cfg.key_prefix);
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query(&mut conn)
+            .map_err(|e| super::explain(&e))?;
+        let mut out = Vec::new();
+        for key in keys {
+            let doc: Option<String> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("doc")
+                .query(&mut conn)
+                .map_err(|e| super::explain(&e))?;
+            let Some(doc) = doc else { continue };
+            let opened = super::seal::open(self.sealer.as_ref(), &doc, &key)
+                .map(|o| matches!(o, super::seal::Opened::Current(_)) && self.sealer.is_some())
+                .map_err(|e| e.to_string());
+            out.push((key, opened));
+        }
+        Ok(out)
     }
 
     /// The current sealing key's id, if records are sealed (for `/readyz`).
@@ -258,7 +311,7 @@ impl Fleet {
                     self.metrics.operation(op, false);
                     drop(guard);
                     self.set_up(false);
-                    return Err(store_error("connect", e.category()));
+                    return Err(store_error("connect", super::explain(&e)));
                 }
             }
         }

@@ -73,6 +73,9 @@ pub struct RedisConfig {
     pub encryption_key: Option<SecretString>,
     /// Keys records may still be sealed with; they are sealed again with the current one.
     pub previous_keys: Vec<SecretString>,
+    /// The CA (PEM) that signed a `rediss://` server's certificate, instead of the public
+    /// roots (a private CA).
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// What changed in the fleet, for the lifecycle to act on.
@@ -111,6 +114,24 @@ pub enum FleetEvent {
 pub trait FleetMetrics: Send + Sync {
     fn operation(&self, op: &str, ok: bool);
     fn up(&self, up: bool);
+}
+
+/// A Redis error as an operator reads it: its kind, the server's code, and what to check.
+/// Never the URL (its password).
+pub fn explain(e: &redis::RedisError) -> String {
+    let what = match e.kind() {
+        redis::ErrorKind::AuthenticationFailed => {
+            "the user or password in store.url was refused: check the ACL user (redis://user:password@host)"
+        }
+        redis::ErrorKind::Io => {
+            "cannot reach it (with rediss://, a TLS failure is one: check store.tls_ca is the CA that signed the server's certificate)"
+        }
+        _ => e.category(),
+    };
+    match e.code() {
+        Some(code) => format!("{what} ({code})"),
+        None => what.to_string(),
+    }
 }
 
 fn store_error(what: &str, e: impl std::fmt::Display) -> StoreError {
