@@ -19,6 +19,9 @@ use crate::common::state::{CoolReason, CoolScope};
 use crate::store::shape::{self, CredentialFile};
 use crate::store::{FileStore, Shares, StoreError};
 
+/// A record's key, and whether it opened sealed with the current key (or why it did not).
+pub type RecordCheck = (String, Result<bool, String>);
+
 /// One process's connection to the fleet: shared by every `RedisStore`.
 pub struct Fleet {
     pub(super) client: redis::Client,
@@ -169,7 +172,7 @@ impl Fleet {
 
     /// Every credential record's key and what it holds, opened with the configured keys
     /// (for `tokenrelay check`): (record, Ok(sealed with the current key) or the error).
-    pub fn check_records(&self) -> Result<Vec<(String, Result<bool, String>)>, String> {
+    pub fn check_records(&self) -> Result<Vec<RecordCheck>, String> {
         let mut conn = self
             .client
             .get_connection_with_timeout(self.cfg.op_timeout)
