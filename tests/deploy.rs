@@ -316,10 +316,13 @@ fn fleet_deploy_files_parse_and_agree() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/fleet");
     let env = |k: &str| match k {
         "TOKENRELAY_CLIENT_KEY" | "TOKENRELAY_ADMIN_TOKEN" => Some("x".to_string()),
-        "TOKENRELAY_REDIS_URL" => Some("redis://:pw@redis:6379".to_string()),
+        "TOKENRELAY_REDIS_URL" => Some("rediss://tokenrelay:pw@redis:6380".to_string()),
+        "TOKENRELAY_STORE_KEY" => Some("AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=".to_string()),
         _ => None,
     };
     let compose = tokenrelay::Config::from_file(&root.join("config.toml"), &env).unwrap();
+    let sealed = |c: &tokenrelay::Config| matches!(&c.store, tokenrelay::config::StoreConfig::Redis(r) if r.encryption_key.is_some());
+    assert!(sealed(&compose), "the compose fleet seals its records");
     assert!(matches!(
         compose.store,
         tokenrelay::config::StoreConfig::Redis(_)
@@ -341,10 +344,20 @@ fn fleet_deploy_files_parse_and_agree() {
         "credentials = [\"/nonexistent/oauth_creds.json\"]",
         "credentials = [{ path = \"/nonexistent/oauth_creds.json\", optional = true }]",
     );
+    // The Redis CA is a mounted file: here, a stand-in where the manifest mounts it.
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca = ca_dir.path().join("ca.pem");
+    std::fs::write(&ca, "stand-in").unwrap();
+    assert!(k8s_text.contains("mountPath: /var/run/tokenrelay/redis-ca"));
+    let toml = toml.replace(
+        "/var/run/tokenrelay/redis-ca/ca.pem",
+        &ca.display().to_string(),
+    );
     let k8s = tokenrelay::Config::from_toml(&toml, "kubernetes.yaml", &env).unwrap();
+    assert!(sealed(&k8s), "the Kubernetes fleet seals its records");
     assert!(matches!(
-        k8s.store,
-        tokenrelay::config::StoreConfig::Redis(_)
+        &k8s.store,
+        tokenrelay::config::StoreConfig::Redis(r) if r.tls_ca.as_deref() == Some(ca.as_path())
     ));
     assert!(k8s.server.listen.ip().is_loopback());
     // promtool, with the rules where the compose file mounts them.
@@ -374,5 +387,48 @@ fn fleet_deploy_files_parse_and_agree() {
     for replica in ["tokenrelay-a", "tokenrelay-b"] {
         assert!(compose_text.contains(&format!("  {replica}:")));
         assert!(prom.contains(&format!("{replica}:{}", compose.server.admin_listen.port())));
+    }
+}
+
+/// Every Kubernetes manifest is valid against the Kubernetes API schemas, offline
+/// (`kubernetes-validate`, which carries them; `.ci/run` installs it), strictly: an unknown
+/// or misplaced field fails. The Prometheus Operator's kinds (PodMonitor, PrometheusRule)
+/// have no schema there; `scripts/check_deploy.py` and promtool check those.
+#[test]
+fn kubernetes_manifests_validate_against_the_api_schemas() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin = root.join("target/ci/venv/bin/kubernetes-validate");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run .ci/run (it installs kubernetes-validate)",
+        bin.display()
+    );
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(root.join("deploy/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.push(root.join("deploy/fleet/kubernetes.yaml"));
+    files.sort();
+    let out = Command::new(&bin)
+        .arg("--strict")
+        .args(&files)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("ERROR"), "{text}");
+    for kind in ["deployment/", "configmap/", "secret/"] {
+        assert!(
+            text.contains(&format!("passed for resource {kind}")),
+            "{kind}: {text}"
+        );
+    }
+    for line in text.lines().filter(|l| l.contains("Couldn't find schema")) {
+        assert!(
+            line.contains("monitoring.coreos.com"),
+            "only the Prometheus Operator's kinds may lack a schema: {line}"
+        );
     }
 }
