@@ -1105,6 +1105,9 @@ tokens_per_day = 100"#,
         )
         .await;
     }
+    // No store.encryption_key: /readyz says the records are not sealed.
+    let (_, ready) = apps[0].admin_json("/readyz").await;
+    assert_eq!(ready["store"]["sealed"], false, "{ready}");
     crate::quota::early_in_a_minute(15).await;
     let minute = now_ms() / 60_000;
     let burst = apps
