@@ -1210,7 +1210,6 @@ async fn sealed_records_hold_no_token_rotate_to_a_new_key_and_refuse_a_wrong_one
     let (_, ready) = f.apps[0].admin_json("/readyz").await;
     assert_eq!(ready["store"]["sealed"], true, "{ready}");
     // After a refresh, nothing in Redis reads as a token.
-    let access = f.apps[0].credential("shared").await;
     let all = everything(&redis);
     assert!(all.contains("tr1."), "{all}");
     for secret in ["rt-", "refresh_token", "access_token", "stale"] {
@@ -1254,6 +1253,16 @@ async fn sealed_records_hold_no_token_rotate_to_a_new_key_and_refuse_a_wrong_one
         "{error}"
     );
     assert_eq!(doc(&redis), sealed_k1, "nothing overwritten");
+    // No key at all, with the credential file changed (which would import it): refused,
+    // and the sealed record is not replaced by the file.
+    let original = std::fs::read(&cred).unwrap();
+    let mut changed: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    changed["note"] = json!("edited");
+    std::fs::write(&cred, serde_json::to_vec(&changed).unwrap()).unwrap();
+    let error = refused(String::new()).await;
+    assert!(error.contains("no store.encryption_key"), "{error}");
+    assert_eq!(doc(&redis), sealed_k1, "not imported over a sealed record");
+    std::fs::write(&cred, &original).unwrap();
     // A record moved to another name (here: under another key prefix) does not open.
     let moved_key = rec_key.replacen("tokenrelay:", "moved:", 1);
     let fields = redis.cli(&["HGETALL", &rec_key]);
@@ -1262,6 +1271,7 @@ async fn sealed_records_hold_no_token_rotate_to_a_new_key_and_refuse_a_wrong_one
     redis.cli(&args);
     let error = refused(format!("key_prefix = \"moved\"\nencryption_key = \"{k1}\"")).await;
     assert!(error.contains("does not open"), "{error}");
+    let version = redis.cli(&["HGET", &rec_key, "v"]);
     let mut rotated = TestApp::empty().await;
     // Rotation: the new key with the old one as previous: read, and sealed again.
     rotated
@@ -1277,7 +1287,6 @@ async fn sealed_records_hold_no_token_rotate_to_a_new_key_and_refuse_a_wrong_one
         "{resealed}"
     );
     assert_eq!(chat(&rotated).await, 200);
-    let _ = access;
 }
 
 /// A `redis-server` speaking only TLS (a throwaway CA from `scripts/test-ca.sh`), whose

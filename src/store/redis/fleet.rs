@@ -12,7 +12,7 @@ use redis::Script;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 
-use super::scripts::{CAS, COOL, REASSERT};
+use super::scripts::{CAS, COOL, REASSERT, RESEAL};
 use super::{store_error, FleetEvent, FleetMetrics, RedisConfig};
 use crate::clock;
 use crate::common::state::{CoolReason, CoolScope};
@@ -337,7 +337,7 @@ impl Fleet {
                     drop(guard);
                     self.set_up(false);
                 }
-                Err(store_error(op, e.category()))
+                Err(store_error(op, super::explain(&e)))
             }
         }
     }
@@ -488,6 +488,26 @@ impl RedisStore {
                 source: std::io::Error::other(e.to_string()),
             }),
         }
+    }
+
+    /// Seals the record again with the current key, in place, if it is still version `v`
+    /// holding `stored` (see `RESEAL`: no new version, nothing published).
+    pub(super) fn reseal(&self, v: u64, stored: &str, doc: &Map<String, Value>) -> bool {
+        let Ok(json) = serde_json::to_string(doc) else {
+            return false;
+        };
+        let Ok(sealed) = self.sealed(json) else {
+            return false;
+        };
+        let put: Result<i64, _> = self.fleet.run("reseal", |c| {
+            Script::new(RESEAL)
+                .key(self.rec_key())
+                .arg(v)
+                .arg(stored)
+                .arg(&sealed)
+                .invoke(c)
+        });
+        matches!(put, Ok(1))
     }
 
     /// Compare-and-set from version `from`; `Ok(Some(v))` the new version, `Ok(None)`

@@ -119,11 +119,14 @@ pub trait FleetMetrics: Send + Sync {
 /// A Redis error as an operator reads it: its kind, the server's code, and what to check.
 /// Never the URL (its password).
 pub fn explain(e: &redis::RedisError) -> String {
-    let what = match e.kind() {
-        redis::ErrorKind::AuthenticationFailed => {
+    let what = match (e.kind(), e.code()) {
+        (redis::ErrorKind::AuthenticationFailed, _) | (_, Some("WRONGPASS" | "NOAUTH")) => {
             "the user or password in store.url was refused: check the ACL user (redis://user:password@host)"
         }
-        redis::ErrorKind::Io => {
+        (_, Some("NOPERM")) => {
+            "the ACL user may not do this: grant it the rule README gives (its keys, its channel, scripts)"
+        }
+        (redis::ErrorKind::Io, _) => {
             "cannot reach it (with rediss://, a TLS failure is one: check store.tls_ca is the CA that signed the server's certificate)"
         }
         _ => e.category(),

@@ -86,6 +86,31 @@ impl CredentialStore for RedisStore {
         }
         let recorded_src = rec.get("src").cloned().unwrap_or_default();
         let import = v == 0 || (!src_fp.is_empty() && recorded_src != src_fp);
+        if import && v > 0 {
+            // A changed file replaces the record, but never one sealed with a key this
+            // replica lacks (its peers' record would be lost to a replica misconfigured).
+            // A record that is corrupt or bound to another name may be replaced: that is
+            // the remedy its error names.
+            let stored = rec.get("doc").cloned().unwrap_or_default();
+            match super::seal::open(self.fleet.sealer.as_ref(), &stored, &self.rec_key()) {
+                Err(
+                    e @ (super::seal::SealError::NoKey | super::seal::SealError::UnknownKey(_)),
+                ) => {
+                    return Err(StoreError::Io {
+                        path: format!("redis record {} ({})", self.name(), self.rec_key()),
+                        op: "open",
+                        source: std::io::Error::other(format!(
+                            "{e}; the changed credential file was not imported over it"
+                        )),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(target: "tokenrelay::store", credential = %self.name(), error = %e,
+                        "the record does not open; the changed credential file replaces it");
+                }
+                Ok(_) => {}
+            }
+        }
         if import {
             let Some(bytes) = source else {
                 return Err(StoreError::Io {
@@ -122,15 +147,11 @@ impl CredentialStore for RedisStore {
         let (doc_json, stale) = self.opened(&stored)?;
         let (file, doc) = self.parse_doc(&doc_json, updated)?;
         *self.src.lock().unwrap_or_else(|p| p.into_inner()) = recorded_src.clone();
-        if stale {
-            // Plain, or sealed with a previous key: sealed again with the current one
-            // (a compare-and-set: a newer write by another replica wins).
-            if let Ok(Some(new_v)) = self.cas(v, &doc, &recorded_src) {
-                tracing::info!(target: "tokenrelay::store", credential = %self.name(), version = new_v,
-                    "sealed the credential's record with the current store.encryption_key");
-                self.remember(new_v, doc);
-                return Ok(file);
-            }
+        if stale && self.reseal(v, &stored, &doc) {
+            // Plain, or sealed with a previous key: sealed again with the current one, in
+            // place (the same version: a refresh in flight commits as it would have).
+            tracing::info!(target: "tokenrelay::store", credential = %self.name(), version = v,
+                "sealed the credential's record with the current store.encryption_key");
         }
         self.remember(v, doc);
         Ok(file)

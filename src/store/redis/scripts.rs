@@ -96,3 +96,14 @@ for b = 2, #KEYS do
 end
 return 1
 "#;
+
+/// Seals a record again in place: KEYS[1] the record; ARGV = the version and the stored
+/// document that were read, and the document sealed with the current key. Replaced only if
+/// both are still what was read; the version is not raised and nothing is published (it
+/// is the same document: no lease, attempt or verdict depends on its form). 1 replaced.
+pub(super) const RESEAL: &str = r#"
+local r = redis.call('HMGET', KEYS[1], 'v', 'doc')
+if tonumber(r[1] or '0') ~= tonumber(ARGV[1]) or r[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'doc', ARGV[3])
+return 1
+"#;
