@@ -1286,6 +1286,9 @@ async fn sealed_records_hold_no_token_rotate_to_a_new_key_and_refuse_a_wrong_one
         resealed.starts_with("tr1.") && !resealed.contains(&id1),
         "{resealed}"
     );
+    // Sealed again in place: the same version (a refresh in flight on a peer, its attempt
+    // marker and the verdicts, all keyed by version, are untouched).
+    assert_eq!(redis.cli(&["HGET", &rec_key, "v"]), version);
     assert_eq!(chat(&rotated).await, 200);
 }
 
