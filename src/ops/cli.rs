@@ -1,5 +1,6 @@
 //! The operator commands: `status`, `refresh` and `usage` talk to a running instance's
-//! admin listener; `check` validates the configuration and credential files offline.
+//! admin listener; `check` validates the configuration and credential files offline (in
+//! fleet mode it also asks Redis whether it answers and whether every record opens).
 //!
 //! Output is for people (aligned tables, one line per credential); exit codes are for
 //! scripts: 0 all good, 1 something needs attention, 2 could not run at all.
