@@ -15,7 +15,7 @@ use crate::helpers::*;
 pub struct Redis {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Redis {
@@ -31,18 +31,19 @@ impl Redis {
     }
 
     fn on(port: u16) -> Redis {
-        let dir = tempfile::tempdir().unwrap();
+        Redis::spawn(
+            tempfile::tempdir().unwrap(),
+            port,
+            &["--port", &port.to_string()],
+        )
+    }
+
+    /// A `redis-server` on 127.0.0.1 in `dir` (nothing saved) with `args`, once `port`
+    /// accepts connections.
+    fn spawn(dir: tempfile::TempDir, port: u16, args: &[&str]) -> Redis {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(args)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -53,11 +54,7 @@ impl Redis {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Redis {
-            child,
-            port,
-            _dir: dir,
-        }
+        Redis { child, port, dir }
     }
 
     /// Kills it (SIGKILL) and starts an empty one on the same port.
@@ -1064,20 +1061,9 @@ async fn three_replicas_hold_one_declared_limit_through_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_hold_one_client_limit_and_share_its_usage_through_redis() {
-    use crate::keys::{Key, KeyUpstream};
     use crate::usage::generate_as;
     let redis = Redis::start();
-    let up = KeyUpstream::start(
-        false,
-        &[(
-            "AIza-a",
-            Key::Stream {
-                file: "gemini_generate_content_usage.json",
-                content_type: "application/json",
-            },
-        )],
-    )
-    .await;
+    let up = crate::usage::usage_upstream().await;
     // Each answer reports 52 tokens (12 prompt, 34 completion, 6 thoughts).
     let top = format!(
         r#"{}
@@ -1295,16 +1281,7 @@ async fn sealed_records_hold_no_token_rotate_to_a_new_key_and_refuse_a_wrong_one
 /// A `redis-server` speaking only TLS (a throwaway CA from `scripts/test-ca.sh`), whose
 /// default user is off and whose one ACL user is `tr` / `s3cret`.
 struct TlsRedis {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    server: Redis,
 }
 
 impl TlsRedis {
@@ -1318,52 +1295,46 @@ impl TlsRedis {
         assert!(made.success());
         let port = free_port();
         let file = |n: &str| dir.path().join(n).display().to_string();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--tls-port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .args([
-                "--tls-cert-file",
-                &file("leaf.pem"),
-                "--tls-key-file",
-                &file("leaf.key"),
-            ])
-            .args([
-                "--tls-ca-cert-file",
-                &file("ca.pem"),
-                "--tls-auth-clients",
-                "no",
-            ])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--user", "default", "off"])
-            .args(["--user", "tr", "on", ">s3cret", "~*", "&*", "+@all"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (.ci/run installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
+        let (cert, key, ca) = (file("leaf.pem"), file("leaf.key"), file("ca.pem"));
+        let tls_port = port.to_string();
+        let args = [
+            "--port",
+            "0",
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "tr",
+            "on",
+            ">s3cret",
+            "~*",
+            "&*",
+            "+@all",
+        ];
+        TlsRedis {
+            server: Redis::spawn(dir, port, &args),
         }
-        TlsRedis { child, port, dir }
     }
 
     fn ca(&self) -> String {
-        self.dir.path().join("ca.pem").display().to_string()
+        self.server.dir.path().join("ca.pem").display().to_string()
     }
 
     fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args([
                 "-p",
-                &self.port.to_string(),
+                &self.server.port.to_string(),
                 "--tls",
                 "--cacert",
                 &self.ca(),
@@ -1405,7 +1376,7 @@ async fn a_tls_redis_with_an_acl_user_and_a_private_ca_works_and_check_says_what
             }
         )
     };
-    let good = format!("rediss://tr:s3cret@127.0.0.1:{}", redis.port);
+    let good = format!("rediss://tr:s3cret@127.0.0.1:{}", redis.server.port);
     let t = spawn_app(Flavor::Qwen)
         .cred("shared.json", json!({"access_token": "stale", "refresh_token": "rt-0", "expiry_date": now_ms() - 1000}))
         .refresh_token("rt-0")
@@ -1438,7 +1409,7 @@ async fn a_tls_redis_with_an_acl_user_and_a_private_ca_works_and_check_says_what
         "{out}"
     );
     // A wrong ACL password: refused, said clearly, and the password is not printed.
-    let wrong = format!("rediss://tr:n0pe-wrong@127.0.0.1:{}", redis.port);
+    let wrong = format!("rediss://tr:n0pe-wrong@127.0.0.1:{}", redis.server.port);
     let (code, out) = check(t.dir.path(), &format!("{}{provider}", store(&wrong, true)));
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("user or password"), "{out}");

@@ -209,6 +209,22 @@ pub async fn generate_as(t: &crate::helpers::TestApp, key: &str, model: &str) ->
     }
 }
 
+/// A Gemini key `AIza-a` whose answers carry usage: 12 prompt, 34 completion, 6 thoughts
+/// (52 tokens as limits count them), sent in 7-byte pieces.
+pub async fn usage_upstream() -> KeyUpstream {
+    KeyUpstream::start(
+        false,
+        &[(
+            "AIza-a",
+            Key::Stream {
+                file: "gemini_generate_content_usage.json",
+                content_type: "application/json",
+            },
+        )],
+    )
+    .await
+}
+
 /// The status of a whole `gemini-2.5-flash` request sent with `key`.
 async fn flash(t: &crate::helpers::TestApp, key: &str) -> u16 {
     generate_as(t, key, "gemini-2.5-flash").await.status
@@ -222,17 +238,7 @@ pub struct Answer {
 
 #[tokio::test]
 async fn clients_are_held_to_their_scopes_limits_and_budgets() {
-    let up = KeyUpstream::start(
-        false,
-        &[(
-            "AIza-a",
-            Key::Stream {
-                file: "gemini_generate_content_usage.json",
-                content_type: "application/json",
-            },
-        )],
-    )
-    .await;
+    let up = usage_upstream().await;
     let t = relay(
         "gemini",
         &up.url,
@@ -329,17 +335,7 @@ api_keys = [{{ key = "AIza-a", id = "a" }}]"#,
 
 #[tokio::test]
 async fn usage_and_budgets_survive_a_restart() {
-    let up = KeyUpstream::start(
-        false,
-        &[(
-            "AIza-a",
-            Key::Stream {
-                file: "gemini_generate_content_usage.json",
-                content_type: "application/json",
-            },
-        )],
-    )
-    .await;
+    let up = usage_upstream().await;
     let mut t = crate::helpers::TestApp::empty().await;
     let db = t.dir.path().join("state/usage.db");
     let toml = budget_toml(&up.url, &db);
@@ -517,17 +513,7 @@ async fn a_compressed_answer_reaches_the_client_as_sent_and_its_usage_is_counted
 async fn concurrent_requests_cannot_all_pass_a_nearly_spent_budget() {
     // Each request's body is ~240 bytes: an estimate of ~60 tokens is held while its
     // (slow, streamed) answer is on its way; the day's budget is 100.
-    let up = KeyUpstream::start(
-        false,
-        &[(
-            "AIza-a",
-            Key::Stream {
-                file: "gemini_generate_content_usage.json",
-                content_type: "application/json",
-            },
-        )],
-    )
-    .await;
+    let up = usage_upstream().await;
     let t = relay(
         "gemini",
         &up.url,
